@@ -1,0 +1,41 @@
+"""Shared test fixtures.
+
+`shared_data` points at the real data beside the checkout (`../shared/data`, or `NANOCHAT_SHARED_DATA`);
+tests that use it skip cleanly when it is absent. `base_dir` isolates the artifact directory.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _shared_data_dir() -> Path:
+    env = os.environ.get("NANOCHAT_SHARED_DATA")
+    return Path(env) if env else REPO_ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    path = _shared_data_dir()
+    if not path.is_dir():
+        pytest.skip(f"shared data not found at {path} (set NANOCHAT_SHARED_DATA)")
+    return path
+
+
+@pytest.fixture
+def base_dir(tmp_path, monkeypatch) -> Path:
+    """A fresh NANOCHAT_BASE_DIR for one test."""
+    d = tmp_path / "nanochat_base"
+    d.mkdir()
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(d))
+    return d
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    torch.manual_seed(0)
+    yield
