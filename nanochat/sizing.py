@@ -1,0 +1,140 @@
+"""The one dial: everything a run's size follows from, as small pure functions.
+
+depth -> width, heads, parameter counts, FLOPs per token; horizon -> total batch, learning rates,
+weight decay; step -> learning-rate, momentum and weight-decay multipliers. Used by training, the
+planner and the scaling-law tools alike. Rules and constants are those of REFERENCE.md section 2
+(the reference nanochat's Jan-Mar 2026 recipe) unless a comment says otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+
+from nanochat.gpt import VE_GATE_CHANNELS, GPTConfig
+
+# Compute-optimal tokens per *scaling* parameter (block matrices + LM head). The reference's Jan 2026
+# IsoFLOP sweep of this exact architecture fitted ~10.5 (its default is a slightly longer 12); with
+# Chinchilla's all-parameter counting the same optimum reads ~20 because the embeddings are large at
+# these sizes. We have not yet run our own sweep at GPU scale (scripts/scaling_sweep.py can), so we
+# adopt the fitted value rather than the rounded default.
+COMPUTE_OPTIMAL_RATIO = 10.5
+
+REF_DEPTH = 12  # the batch-size and weight-decay rules are anchored at depth 12
+REF_BATCH = 2 ** 19  # tokens per step at the anchor (Power Lines, arXiv 2505.13738)
+BATCH_EXPONENT = 0.383  # B* grows as D^0.383
+BASE_WEIGHT_DECAY = 0.28  # Muon, at the anchor batch and horizon
+
+
+def model_config(depth: int, aspect_ratio: int = 64, head_dim: int = 128, max_seq_len: int = 2048,
+                 vocab_size: int = 32768, n_kv_head: int | None = None, window_pattern: str = "L",
+                 value_embeds: bool = False, resid_scalars: bool = False, **overrides) -> GPTConfig:
+    """GPTConfig from the depth dial: width = depth * aspect_ratio rounded up to a multiple of head_dim."""
+    if depth < 1:
+        raise ValueError(f"depth must be >= 1, got {depth}")
+    width = math.ceil(depth * aspect_ratio / head_dim) * head_dim
+    n_head = width // head_dim
+    n_kv_head = n_head if n_kv_head is None else n_kv_head
+    if n_kv_head < 1 or n_head % n_kv_head:
+        raise ValueError(f"--n-kv-head={n_kv_head} must divide the number of heads ({n_head} at depth {depth})")
+    return GPTConfig(sequence_len=max_seq_len, vocab_size=vocab_size, n_layer=depth, n_head=n_head,
+                     n_kv_head=n_kv_head, n_embd=width, window_pattern=window_pattern,
+                     value_embeds=value_embeds, resid_scalars=resid_scalars, **overrides)
+
+
+def count_params(config: GPTConfig) -> dict[str, int]:
+    """Closed-form parameter counts; must equal `GPT(config).num_params()` (tested)."""
+    C, L, V = config.n_embd, config.n_layer, config.padded_vocab_size
+    q_dim, kv_dim = config.n_head * config.head_dim, config.n_kv_head * config.head_dim
+    per_layer = C * q_dim + 2 * C * kv_dim + q_dim * C + 8 * C * C  # q, k, v, proj, mlp fc + proj
+    ve_layers = sum(config.has_value_embed(i) for i in range(L))
+    matrix, head = L * per_layer, V * C
+    embedding = V * C + ve_layers * V * kv_dim
+    scalar = ve_layers * VE_GATE_CHANNELS * config.n_kv_head + (2 * L if config.resid_scalars else 0)
+    return {"total": matrix + head + embedding + scalar, "scaling": matrix + head,
+            "embedding": embedding, "scalar": scalar}
+
+
+def flops_per_token(config: GPTConfig) -> float:
+    """6 x scaling params (matmul fwd+bwd) + 12 * H * D * attended context per layer (scores and values)."""
+    attn = sum(12 * config.n_head * config.head_dim * min(w, config.sequence_len) for w in config.window_sizes())
+    return 6.0 * count_params(config)["scaling"] + attn
+
+
+# ---------------------------------------------------------------------------------------------
+# horizon, batch, learning rates, weight decay
+
+
+def reference_tokens(config: GPTConfig, ratio: float) -> float:
+    """Token budget of the depth-12 model of the same shape family at `ratio` tokens per scaling param."""
+    ref = model_config(REF_DEPTH, aspect_ratio=64, head_dim=config.head_dim, max_seq_len=config.sequence_len,
+                       vocab_size=config.vocab_size)
+    return ratio * count_params(ref)["scaling"]
+
+
+def auto_total_batch_size(tokens: float, ref_tokens: float) -> int:
+    """B = 2^round(log2(2^19 * (D / D_ref)^0.383)): d8 -> 2^18, d12 -> 2^19, d20 -> 2^20 (REFERENCE s2)."""
+    return 2 ** round(math.log2(REF_BATCH * (tokens / ref_tokens) ** BATCH_EXPONENT))
+
+
+def learning_rates(total_batch_size: int, n_embd: int, matrix_lr: float = 0.02, embedding_lr: float = 0.3,
+                   unembedding_lr: float = 0.008, scalar_lr: float = 0.5) -> dict[str, float]:
+    """All LRs scale with sqrt(B / 2^19); the AdamW groups also with (width / 768)^-0.5."""
+    batch = math.sqrt(total_batch_size / REF_BATCH)
+    width = (n_embd / 768) ** -0.5
+    return {"matrix_lr": matrix_lr * batch, "embedding_lr": embedding_lr * batch * width,
+            "unembedding_lr": unembedding_lr * batch * width, "scalar_lr": scalar_lr * batch}
+
+
+def weight_decay(total_batch_size: int, tokens: float, ref_tokens: float, base: float = BASE_WEIGHT_DECAY) -> float:
+    """Muon weight decay 0.28 * sqrt(B / 2^19) * (D_ref / D): longer runs need less decay per step."""
+    return base * math.sqrt(total_batch_size / REF_BATCH) * (ref_tokens / tokens)
+
+
+def resolve_horizon(tokens_per_step: int, scaling_params: int, flops_per_tok: float, num_iterations: int = -1,
+                    target_flops: float = -1.0, target_param_data_ratio: float = -1.0) -> tuple[int, str]:
+    """Number of optimizer steps, with the reference's precedence: iterations > FLOPs > tokens:params ratio."""
+    if num_iterations > 0:
+        return num_iterations, f"--num-iterations={num_iterations}"
+    if target_flops > 0:
+        steps = round(target_flops / (flops_per_tok * tokens_per_step))
+        return max(1, steps), f"--target-flops={target_flops:.3g}"
+    ratio = target_param_data_ratio if target_param_data_ratio > 0 else COMPUTE_OPTIMAL_RATIO
+    steps = round(ratio * scaling_params / tokens_per_step)
+    return max(1, steps), f"tokens:scaling-params ratio {ratio:g}"
+
+
+def grad_accum_steps(total_batch_size: int, device_batch_size: int, seq_len: int, world_size: int) -> int:
+    per_pass = device_batch_size * seq_len * world_size
+    if total_batch_size % per_pass:
+        raise ValueError(
+            f"--total-batch-size={total_batch_size} is not a multiple of device_batch_size x max_seq_len x world_size "
+            f"= {device_batch_size} x {seq_len} x {world_size} = {per_pass}: change one of them "
+            f"(e.g. --total-batch-size={max(1, round(total_batch_size / per_pass)) * per_pass})")
+    return total_batch_size // per_pass
+
+
+# ---------------------------------------------------------------------------------------------
+# schedules (multipliers on the base values; functions of the step only, so resume is exact)
+
+
+def lr_multiplier(step: int, num_iterations: int, warmup_steps: int = 40, warmdown_ratio: float = 0.65,
+                  final_lr_frac: float = 0.05) -> float:
+    """Linear warmup, constant, then linear warmdown over the last `warmdown_ratio` of steps to final_lr_frac."""
+    warmup_steps = min(warmup_steps, max(0, num_iterations - 1))
+    warmdown_steps = round(warmdown_ratio * num_iterations)
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if step <= num_iterations - warmdown_steps:
+        return 1.0
+    progress = (num_iterations - step) / max(1, warmdown_steps)
+    return progress * 1.0 + (1 - progress) * final_lr_frac
+
+
+def muon_momentum(step: int, start: float = 0.85, end: float = 0.97, ramp_steps: int = 300) -> float:
+    frac = min(step / ramp_steps, 1.0) if ramp_steps > 0 else 1.0
+    return (1 - frac) * start + frac * end
+
+
+def weight_decay_multiplier(step: int, num_iterations: int) -> float:
+    """Cosine decay of the weight decay to zero over training."""
+    return 0.5 * (1 + math.cos(math.pi * min(step, num_iterations) / max(1, num_iterations)))
