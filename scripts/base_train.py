@@ -1,0 +1,100 @@
+"""Pretrain a base GPT. Everything is sized from --depth unless a flag says otherwise.
+
+    python -m scripts.base_train --depth 12                      # one GPU or CPU
+    torchrun --nproc_per_node=8 -m scripts.base_train --depth 20  # one node, 8 GPUs
+    python -m scripts.base_train --depth 12 --resume latest      # continue the last checkpoint
+
+See docs/multinode.md for several nodes. The loop itself lives in nanochat/train_loop.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python scripts/base_train.py`: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nanochat import sizing  # noqa: E402
+
+
+def resume_step(value: str):
+    if value == "latest":
+        return value
+    try:
+        step = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a step number or 'latest', got {value!r}") from None
+    if step < 0:
+        raise argparse.ArgumentTypeError(f"step must be >= 0, got {step}")
+    return step
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Pretrain a base model", allow_abbrev=False,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--depth", type=int, default=20, help="number of transformer layers (the one dial)")
+    g.add_argument("--aspect-ratio", type=int, default=64, help="width = depth x aspect ratio, rounded up to --head-dim")
+    g.add_argument("--head-dim", type=int, default=128)
+    g.add_argument("--max-seq-len", type=int, default=2048)
+    g.add_argument("--n-kv-head", type=int, default=None, help="kv heads for GQA (default: = heads)")
+    g.add_argument("--window-pattern", type=str, default="L", help="sliding-window pattern, e.g. SSSL")
+    g.add_argument("--value-embeds", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--resid-scalars", action=argparse.BooleanOptionalAction, default=False)
+    g = p.add_argument_group("batch and horizon")
+    g.add_argument("--device-batch-size", type=int, default=32, help="sequences per micro-batch per device")
+    g.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1: auto from horizon)")
+    g.add_argument("--target-param-data-ratio", type=float, default=sizing.COMPUTE_OPTIMAL_RATIO,
+                   help="training tokens per scaling parameter (used when neither steps nor FLOPs are given)")
+    g.add_argument("--target-flops", type=float, default=-1.0, help="training FLOPs budget (-1: off)")
+    g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: from FLOPs or ratio)")
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR at 2^19 tokens per step")
+    g.add_argument("--embedding-lr", type=float, default=0.3, help="AdamW LR at 2^19 tokens, width 768")
+    g.add_argument("--unembedding-lr", type=float, default=0.008)
+    g.add_argument("--scalar-lr", type=float, default=0.5)
+    g.add_argument("--weight-decay", type=float, default=-1.0, help="Muon weight decay (-1: auto from batch, horizon)")
+    g.add_argument("--warmup-steps", type=int, default=40)
+    g.add_argument("--warmdown-ratio", type=float, default=0.65)
+    g.add_argument("--final-lr-frac", type=float, default=0.05)
+    g = p.add_argument_group("evaluation and output")
+    g.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (-1: only at the end)")
+    g.add_argument("--eval-tokens", type=int, default=10 * 2**19)
+    g.add_argument("--core-metric-every", type=int, default=2000, help="-1: only at the end")
+    g.add_argument("--core-metric-max-per-task", type=int, default=500)
+    g.add_argument("--sample-every", type=int, default=2000, help="-1: only at the end")
+    g.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1: only at the end)")
+    g.add_argument("--keep-last", type=int, default=-1, help="keep only the newest N checkpoints (-1: all)")
+    g.add_argument("--resume-from-step", "--resume", dest="resume_from_step", type=resume_step, default=None,
+                   help="a checkpoint step of this model tag, or 'latest'")
+    g.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy': no wandb)")
+    g.add_argument("--model-tag", type=str, default=None, help="run folder name (default d<depth>)")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device-type", type=str, default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
+    g.add_argument("--dtype", type=str, default=None, help="float32 | bfloat16 | float16 (default: bf16 on SM80+)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on for CUDA, off elsewhere)")
+    g.add_argument("--seed", type=int, default=42)
+    g.add_argument("--data-dir", type=str, default=None, help="prepared shards (default <base dir>/base_data)")
+    g.add_argument("--synthetic-data", action="store_true",
+                   help="random tokens instead of the dataset (benchmarks; no tokenizer needed; evals off)")
+    g.add_argument("--vocab-size", type=int, default=32768, help="vocab for --synthetic-data (else the tokenizer's)")
+    return p
+
+
+def main(argv=None) -> int:
+    from nanochat.train_loop import ConfigError, EXIT_CONFIG, train
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return train(args)
+    except ConfigError as e:
+        print(f"base_train: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+
+
+if __name__ == "__main__":
+    sys.exit(main())
