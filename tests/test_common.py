@@ -1,0 +1,98 @@
+"""Runtime context: device and dtype policy, base dir, peak FLOPs, and a real 2-process gloo group."""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from nanochat import common
+
+
+def test_import_has_no_side_effects(tmp_path):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path / "never"), HOME=str(tmp_path / "home"))
+    code = "import nanochat, nanochat.common, nanochat.gpt, nanochat.sizing, nanochat.engine"
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=common.__file__.rsplit("/nanochat/", 1)[0])
+    assert not (tmp_path / "never").exists() and not (tmp_path / "home").exists()
+
+
+def test_base_dir_override(base_dir):
+    assert common.get_base_dir() == base_dir
+
+
+def test_base_dir_default(monkeypatch, tmp_path):
+    monkeypatch.delenv("NANOCHAT_BASE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert common.get_base_dir() == tmp_path / ".cache" / "nanochat"
+    assert (tmp_path / ".cache" / "nanochat").is_dir()
+
+
+def test_device_and_dtype_policy(monkeypatch):
+    monkeypatch.delenv("NANOCHAT_DTYPE", raising=False)
+    monkeypatch.delenv("NANOCHAT_DEVICE", raising=False)
+    assert common.autodetect_device_type() == ("cuda" if torch.cuda.is_available() else
+                                               "mps" if torch.backends.mps.is_available() else "cpu")
+    assert common.resolve_dtype("cpu") == torch.float32
+    assert common.resolve_dtype("cpu", "bf16") == torch.bfloat16
+    monkeypatch.setenv("NANOCHAT_DTYPE", "float16")
+    assert common.resolve_dtype("cpu") == torch.float16
+    with pytest.raises(ValueError, match="unknown dtype"):
+        common.resolve_dtype("cpu", "fp8")
+    with pytest.raises(ValueError, match="unknown device"):
+        common.autodetect_device_type("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="cuda"):
+            common.autodetect_device_type("cuda")
+
+
+def test_context_single_process(monkeypatch):
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(k, raising=False)
+    ctx = common.init_runtime("cpu", "fp16", seed=5)
+    assert (ctx.rank, ctx.world_size, ctx.ddp, ctx.is_master) == (0, 1, False, True)
+    assert ctx.needs_grad_scaler and ctx.peak_flops is None
+    a = torch.rand(3)
+    common.set_seed(5)
+    assert torch.equal(a, torch.rand(3))
+    ctx.teardown()
+
+
+def test_peak_flops_table():
+    assert common.get_peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert common.get_peak_flops("NVIDIA H100 PCIe") == 756e12
+    assert common.get_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert common.get_peak_flops("NVIDIA H200") == 989e12
+    assert common.get_peak_flops("Some Future GPU") is None  # unknown, not 0
+    assert common.get_peak_flops(None) is None
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_group(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(textwrap.dedent("""
+        import sys, torch, torch.distributed as dist
+        from nanochat.common import init_runtime
+        ctx = init_runtime("cpu")
+        assert ctx.ddp and ctx.backend == "gloo" and ctx.world_size == 2
+        t = torch.tensor([ctx.rank + 1.0])
+        dist.all_reduce(t)
+        ctx.barrier()
+        print(f"rank={ctx.rank} local={ctx.local_rank} sum={t.item()}")
+        ctx.teardown()
+        assert not dist.is_initialized()
+    """))
+    repo = common.__file__.rsplit("/nanochat/", 1)[0]
+    env = dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                          f"--master_port={_free_port()}", str(script)],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "rank=0 local=0 sum=3.0" in out.stdout and "rank=1 local=1 sum=3.0" in out.stdout
