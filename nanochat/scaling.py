@@ -417,6 +417,25 @@ def breakeven_inference_tokens(law: LossLaw, C: float, saving: float = 0.10) -> 
 
 
 # ---------------------------------------------------------------------------------------------
+# from a parameter count to nanochat's depth dial
+
+
+def depth_for_params(N: float, count: str = "scaling", depths=range(2, 65), **shape) -> tuple[int, int]:
+    """The depth whose `count` ("scaling" or "total") parameter count is closest to N in log space.
+
+    `shape` goes to sizing.model_config (aspect_ratio, head_dim, max_seq_len, vocab_size, ...).
+    Returns (depth, that depth's count).
+    """
+    from nanochat.sizing import count_params, model_config
+
+    if count not in ("scaling", "total"):
+        raise ValueError(f"count must be 'scaling' or 'total', got {count!r}")
+    best = min(((abs(math.log(count_params(model_config(d, **shape))[count] / N)), d) for d in depths))
+    d = best[1]
+    return d, int(count_params(model_config(d, **shape))[count])
+
+
+# ---------------------------------------------------------------------------------------------
 # plots
 
 

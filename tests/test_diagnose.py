@@ -1,0 +1,174 @@
+"""The run doctor: every check fires on a run crafted to have its problem and stays quiet on a healthy one."""
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nanochat import diagnose as dg
+from nanochat.sizing import count_params, lr_multiplier, model_config
+
+REPO = Path(__file__).resolve().parents[1]
+H100 = "NVIDIA H100 80GB HBM3"
+BYTES_PER_TOKEN = 4.2
+
+
+def make_run(root: Path, name="d4", *, n_iter=460, tokens_per_step=2**18, params_scale=1.0, mfu=0.45, device=H100,
+             val_ratio=1.01, spikes=(), plateau=False, lr_fn=None, stop_at=None, tag=None, dropout=None, seed=0):
+    """Write a synthetic run folder: loss = 2 + 40 D^-0.25 with 0.5% noise, the sizing schedule, evals
+    every 50 steps (val loss `val_ratio` x train loss, logged as bpb), H100 MFU."""
+    cfg = model_config(4, max_seq_len=256)
+    counts = count_params(cfg)
+    warm, wd, final = 40, 0.65, 0.05
+    run_dir = root / name
+    run_dir.mkdir(parents=True)
+    info = {"args": {"depth": 4, "model_tag": tag or name, "max_seq_len": 256, **({"dropout": dropout} if dropout else {})},
+            "model_config": {**cfg.__dict__},
+            "sizing": {"num_params": int(counts["total"] * params_scale), "scaling_params": int(counts["scaling"] * params_scale),
+                       "embedding_params": counts["embedding"], "tokens_per_step": tokens_per_step,
+                       "num_iterations": n_iter, "total_tokens": n_iter * tokens_per_step, "warmup_steps": warm,
+                       "warmdown_ratio": wd, "final_lr_frac": final, "bytes_per_token": BYTES_PER_TOKEN},
+            "env": {"device_name": device, "peak_flops": None if device.startswith("cpu") else 989e12, "dtype": "bfloat16"}}
+    (run_dir / "run.json").write_text(json.dumps(info))
+    rng = np.random.default_rng(seed)
+    lines = []
+    last = n_iter if stop_at is None else stop_at
+    for s in range(last):
+        D = (s + 1) * tokens_per_step
+        clean = 3.05 if plateau and s > 60 else 2 + 40 * D**-0.25
+        raw = clean * (1 + 0.005 * rng.standard_normal())
+        if s in spikes:
+            raw *= 1.3
+        lr = lr_fn(s) if lr_fn else lr_multiplier(s, n_iter, warm, wd, final)
+        m = dict(step=s, loss=raw, raw_loss=raw, lr=lr, dt=0.5, tok_per_sec=tokens_per_step / 0.5,
+                 mfu=None if device.startswith("cpu") else mfu * (1 + 0.01 * rng.standard_normal()),
+                 tokens=D, flops=6.0 * counts["scaling"] * D, peak_mem_mb=1000)
+        if s % 50 == 49 or s == n_iter - 1:
+            m["val_bpb"] = clean * val_ratio / (math.log(2) * BYTES_PER_TOKEN)
+        lines.append(json.dumps(m))
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return run_dir
+
+
+def findings(run_dir) -> dict:
+    return {f.check: f for f in dg.diagnose(dg.load_run(run_dir))}
+
+
+@pytest.fixture(scope="module")
+def healthy(tmp_path_factory):
+    return findings(make_run(tmp_path_factory.mktemp("runs")))
+
+
+def test_healthy_run_is_quiet(healthy):
+    bad = {k: (f.status, f.summary) for k, f in healthy.items() if f.status not in ("ok",)}
+    assert bad == {}
+    # the numbers behind the verdicts are the ones we put in
+    cfg = model_config(4, max_seq_len=256)
+    assert healthy["param_count"].numbers["declared_total"] == count_params(cfg)["total"]
+    assert healthy["mfu"].numbers["median_mfu"] == pytest.approx(0.45, rel=0.02)
+    assert healthy["val_vs_train"].numbers["relative_gap"] == pytest.approx(0.01, abs=0.005)
+    assert healthy["schedule"].numbers["phase"] == "warmdown"
+
+
+def test_param_count_mismatch_fires(tmp_path):
+    f = findings(make_run(tmp_path, params_scale=3.5))["param_count"]
+    assert f.status == "warn" and "3.50x" in f.summary
+    # a tag that declares a size far from what was built
+    f = findings(make_run(tmp_path, name="gpt-124m"))["param_count"]
+    assert f.status == "warn" and f.numbers["tag_declared"] == 124e6
+
+
+def test_tokens_ratio_fires_past_chinchilla(tmp_path):
+    # 45x past the compute-optimal ratio: ~10.5 * 45 tokens per scaling parameter
+    n_scaling = count_params(model_config(4, max_seq_len=256))["scaling"]
+    steps = round(10.5 * 45 * n_scaling / 2**22)
+    f = findings(make_run(tmp_path, n_iter=steps, tokens_per_step=2**22))["tokens_ratio"]
+    assert f.status == "warn"
+    assert f.numbers["multiple_of_optimal"] == pytest.approx(45, rel=0.01)
+    # the compute-optimal model for the same FLOPs is sqrt(45) ~ 6.7x larger
+    assert f.numbers["optimal_scaling_params"] == pytest.approx(n_scaling * math.sqrt(45), rel=0.01)
+    assert f.numbers["optimal_depth"] > 4
+
+
+def test_low_mfu_fires_and_cpu_skips(tmp_path):
+    assert findings(make_run(tmp_path, mfu=0.12))["mfu"].status == "warn"
+    f = findings(make_run(tmp_path, name="cpu", device="cpu: Intel Xeon"))["mfu"]
+    assert f.status == "skip" and "CPU" in f.summary
+
+
+def test_val_below_train_fires(tmp_path):
+    f = findings(make_run(tmp_path, val_ratio=0.9))["val_vs_train"]
+    assert f.status == "warn"
+    assert f.numbers["relative_gap"] == pytest.approx(-0.10, abs=0.01)
+    assert findings(make_run(tmp_path, name="drop", dropout=0.1))["val_vs_train"].status == "warn"
+
+
+def test_spikes_fire(tmp_path):
+    f = findings(make_run(tmp_path, spikes=(120, 121, 300)))["spikes"]
+    assert f.status == "warn" and f.numbers["count"] == 2 and f.numbers["steps"] == [120, 300]
+
+
+def test_find_spikes_matches_brute_force_definition():
+    rng = np.random.default_rng(1)
+    x = 3 - np.linspace(0, 1, 400) + 0.01 * rng.standard_normal(400)  # falling, noisy
+    x[[50, 150, 151]] += 0.5
+    x[300] += 0.03  # ~3 sigma-of-noise: not a spike at k=6
+    expected = []
+    for i in range(10, len(x)):  # the definition, one step at a time
+        w = x[max(0, i - 50):i]
+        med = np.median(w)
+        mad = 1.4826 * np.median(np.abs(w - med))
+        if x[i] > med + max(6 * mad, 0.02 * med):
+            expected.append(i)
+    assert dg.find_spikes(x) == expected
+    assert expected == [50, 150, 151]
+
+
+def test_plateau_fires_and_predicts(tmp_path, healthy):
+    f = findings(make_run(tmp_path, plateau=True))["plateau"]
+    assert f.status == "warn" and f.summary.startswith("plateau")
+    # healthy: the fit recovers the generating curve 2 + 40 D^-0.25 well enough to extrapolate
+    n = healthy["plateau"].numbers
+    planned = n["planned_tokens"]
+    for mult, key in ((1, "loss_at_planned"), (2, "loss_at_2x"), (10, "loss_at_10x")):
+        assert n[key] == pytest.approx(2 + 40 * (mult * planned) ** -0.25, rel=0.01)
+
+
+def test_schedule_fires(tmp_path):
+    f = findings(make_run(tmp_path, lr_fn=lambda s: 1.0))["schedule"]  # no warmup/warmdown applied
+    assert f.status == "warn" and f.numbers["max_lr_deviation"] > 0.5
+    f = findings(make_run(tmp_path, name="early", stop_at=100))["schedule"]
+    assert f.status == "info" and f.numbers["phase"] == "constant LR"
+
+
+def test_missing_files_tolerated(tmp_path):
+    run_dir = make_run(tmp_path)
+    (run_dir / "run.json").unlink()
+    with open(run_dir / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 9999, "loss": \n')  # a line cut short by a crash
+    run = dg.load_run(run_dir)
+    assert any("not JSON" in p for p in run.problems) and any("run.json" in p for p in run.problems)
+    out = {f.check: f.status for f in dg.diagnose(run)}
+    assert out["param_count"] == "skip" and out["spikes"] == "ok"
+    with pytest.raises(FileNotFoundError, match="run folder"):
+        dg.load_run(tmp_path / "nope")
+
+
+def test_run_summary_row(tmp_path):
+    row = dg.run_summary(dg.load_run(make_run(tmp_path)))
+    counts = count_params(model_config(4, max_seq_len=256))
+    assert row["scaling_params"] == counts["scaling"] and row["total_params"] == counts["total"]
+    assert row["tokens"] == 460 * 2**18 and row["complete"] and row["depth"] == 4
+    assert row["val_bpb"] == pytest.approx((2 + 40 * (460 * 2**18) ** -0.25) * 1.01 / (math.log(2) * BYTES_PER_TOKEN))
+
+
+def test_cli_json(tmp_path, capsys):
+    from scripts.diagnose import main
+
+    run_dir = make_run(tmp_path, val_ratio=0.9)
+    assert main([str(run_dir), "--json"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    status = {f["check"]: f["status"] for f in obj["findings"]}
+    assert status["val_vs_train"] == "warn" and status["mfu"] == "ok"
