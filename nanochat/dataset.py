@@ -26,7 +26,7 @@ Sources:
   last is validation; `karpathy/fineweb-edu-100b-shuffle`, 1,823 shards, the last is validation).
   Parallel, resumable (finished files are kept, partial ones resumed), retried with exponential
   backoff, each file checked by reading its parquet footer and moved into place atomically. Before
-  anything else the hub endpoint (`HF_ENDPOINT` or huggingface.co) is probed with a 3 s connect, so
+  anything else the hub endpoint (`HF_ENDPOINT` or huggingface.co) is probed (a HEAD request for the validation shard, 3 s timeout), so
   an offline machine gets an actionable error within seconds instead of a hang.
 - `python -m nanochat.dataset prepare --input PATH [--val-fraction F]`: a file or folder of
   txt/jsonl/parquet, or any name `datasets.load_dataset` accepts, shuffled deterministically
@@ -44,7 +44,6 @@ import concurrent.futures as cf
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -52,7 +51,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
-from urllib.parse import urlparse
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -249,7 +247,8 @@ class ShardReader:
 
     def num_units(self, path: Path) -> int:
         if path.suffix == ".parquet":
-            n = open_parquet(path).metadata.num_row_groups
+            meta = open_parquet(path).metadata
+            n = meta.num_row_groups if meta.num_rows > 0 else 0
         else:
             n = -(-len(self._file_docs(path)) // ROWS_PER_GROUP)
         if n == 0:
@@ -474,27 +473,31 @@ def offline_advice(endpoint: str, why: str) -> str:
             f"or build the offline corpus with `python -m nanochat.dataset embedded`.")
 
 
-def probe_hub(timeout: float = 3.0) -> None:
-    """Fail fast (<= ~timeout s) when the hub endpoint cannot be connected to. DNS runs in a thread
-    because getaddrinfo has no timeout of its own."""
+def probe_hub(repo_id: str | None = None, filename: str | None = None, timeout: float = 3.0) -> None:
+    """Fail fast (within ~timeout s) unless the hub endpoint answers. With a repo and file, ask for that
+    file (HEAD) so a mirror that lacks it is caught too. The request runs in a thread because DNS
+    look-ups have no timeout of their own."""
+    import urllib.error
+    import urllib.request
+
     endpoint = hub_endpoint()
-    url = urlparse(endpoint)
-    host = url.hostname or ""
-    port = url.port or (443 if url.scheme == "https" else 80)
+    url = f"{endpoint}/datasets/{repo_id}/resolve/main/{filename}" if repo_id and filename else endpoint
     result: dict = {}
 
-    def connect():
+    def request():
         try:
-            socket.create_connection((host, port), timeout=timeout).close()
+            urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout).close()
             result["ok"] = True
-        except OSError as e:
-            result["error"] = f"{type(e).__name__}: {e}"
+        except urllib.error.HTTPError as e:
+            result["error"] = f"HTTP {e.code} for {url}"
+        except (OSError, ValueError) as e:
+            result["error"] = f"{type(e).__name__}: {getattr(e, 'reason', e)}"
 
-    t = threading.Thread(target=connect, daemon=True)
+    t = threading.Thread(target=request, daemon=True)
     t.start()
-    t.join(timeout + 0.5)
+    t.join(timeout + 1.0)
     if not result.get("ok"):
-        raise DataError(offline_advice(endpoint, result.get("error", f"no connection within {timeout:.0f} s")))
+        raise DataError(offline_advice(endpoint, result.get("error", f"no answer within {timeout:.0f} s")))
 
 
 def verify_parquet(path: Path) -> bool:
@@ -547,7 +550,7 @@ def download(num_shards: int, source: str = "climbmix", data_dir: str | Path | N
     # keep hub calls from hanging: short timeouts, then our own retries
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", "10")
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", "30")
-    probe_hub()
+    probe_hub(src.repo_id, src.val_name)
     names = [src.val_name] + [src.shard_name(i) for i in range(num_shards)]
     done = 0
     with cf.ThreadPoolExecutor(max_workers=workers) as pool:
