@@ -1,0 +1,284 @@
+"""The whole pipeline in one command: data -> tokenizer -> pretraining -> evaluation -> report card.
+
+    python -m scripts.speedrun                 # preset chosen by the hardware (gpu if CUDA, else cpu)
+    python -m scripts.speedrun --preset ci     # the few-minute CPU smoke run CI executes
+
+`speedrun.sh` sets up the virtual environment and calls this. Every stage checks what is already on
+disk and skips or resumes: re-running after a crash or a kill continues where it stopped.
+Environment variables (each also a flag): NANOCHAT_PRESET, NANOCHAT_DEPTH, NANOCHAT_DATA
+(climbmix | fineweb-edu | embedded | a path to prepare), WANDB_RUN, NANOCHAT_BASE_DIR, NANOCHAT_EVAL_BUNDLE.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+if not __package__:  # `python scripts/speedrun.py`: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from nanochat import report as rc  # noqa: E402
+from nanochat.common import get_base_dir  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass
+class Preset:
+    name: str
+    data: str  # climbmix | fineweb-edu | embedded | path
+    num_shards: int  # train shards to download (hub sources)
+    tok_first_shards: int  # shards fetched before the tokenizer trains (the rest download meanwhile)
+    vocab_size: int
+    tok_max_chars: int
+    depth: int
+    max_seq_len: int
+    device_batch_size: int
+    train_args: list[str] = field(default_factory=list)  # horizon, evals, model options
+    core_max_per_task: int = -1  # -1 = all examples
+    eval_split_tokens: int = 2 ** 20
+
+
+PRESETS = {
+    # GPT-2 grade (REFERENCE section 9): d24, tokens:params 8, bf16 + compile, SSSL windows, value embeds
+    "gpu": Preset("gpu", data="climbmix", num_shards=170, tok_first_shards=8, vocab_size=32768,
+                  tok_max_chars=2_000_000_000, depth=24, max_seq_len=2048, device_batch_size=16,
+                  train_args=["--target-param-data-ratio=8", "--window-pattern=SSSL", "--value-embeds",
+                              "--resid-scalars", "--eval-every=250", "--core-metric-every=2000",
+                              "--sample-every=2000", "--save-every=1000", "--keep-last=2"],
+                  core_max_per_task=-1, eval_split_tokens=40 * 2 ** 19),
+    # ~10 minutes on 2 CPU cores, offline: the embedded corpus, a 4K tokenizer, a depth-4 model
+    "cpu": Preset("cpu", data="embedded", num_shards=0, tok_first_shards=0, vocab_size=4096,
+                  tok_max_chars=100_000_000, depth=4, max_seq_len=256, device_batch_size=8,
+                  train_args=["--num-iterations=400", "--total-batch-size=4096", "--warmup-steps=20",
+                              "--eval-every=100", "--eval-tokens=65536", "--core-metric-every=-1",
+                              "--core-metric-max-per-task=8", "--sample-every=-1", "--save-every=100",
+                              "--keep-last=2", "--embedding-lr=0.1"],
+                  core_max_per_task=8, eval_split_tokens=65536),
+    # CI smoke test: every stage for real, in a couple of minutes
+    "ci": Preset("ci", data="embedded", num_shards=0, tok_first_shards=0, vocab_size=512,
+                 tok_max_chars=2_000_000, depth=2, max_seq_len=128, device_batch_size=4,
+                 train_args=["--num-iterations=30", "--total-batch-size=1024", "--warmup-steps=5",
+                             "--eval-every=15", "--eval-tokens=8192", "--core-metric-every=-1",
+                             "--core-metric-max-per-task=2", "--sample-every=-1", "--save-every=15",
+                             "--aspect-ratio=64", "--head-dim=64"],
+                 core_max_per_task=2, eval_split_tokens=8192),
+}
+
+
+def log(msg: str) -> None:
+    print(f"[speedrun {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def run(cmd: list[str], env: dict | None = None) -> None:
+    log("$ " + " ".join(cmd))
+    proc = subprocess.run(cmd, cwd=REPO, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"speedrun: stage command failed with exit code {proc.returncode}: {' '.join(cmd)}\n"
+                         "Fix the cause above and re-run: finished stages are skipped, training resumes.")
+
+
+def num_cuda_gpus() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except ImportError:
+        return 0
+
+
+def launcher(nproc: int, module: str) -> list[str]:
+    if nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                "-m", module]
+    return [sys.executable, "-m", module]
+
+
+# ---------------------------------------------------------------------------------------------
+# stages
+
+
+def stage_data(p: Preset, base: Path) -> subprocess.Popen | None:
+    """Make sure train + validation shards exist. Returns a background download still running, if any."""
+    from nanochat import dataset
+
+    def have_data() -> bool:
+        try:
+            return bool(dataset.list_shards("train")) and bool(dataset.list_shards("val"))
+        except Exception:
+            return False
+
+    if p.data == "embedded":
+        if not have_data():
+            run([sys.executable, "-m", "nanochat.dataset", "embedded"])
+        return None
+    if p.data in ("climbmix", "fineweb-edu"):
+        # enough shards for the tokenizer now, the rest in the background while it trains
+        run([sys.executable, "-m", "nanochat.dataset", "-n", str(p.tok_first_shards), "--source", p.data])
+        log(f"downloading the remaining shards (up to {p.num_shards}) in the background")
+        return subprocess.Popen([sys.executable, "-m", "nanochat.dataset", "-n", str(p.num_shards),
+                                 "--source", p.data], cwd=REPO)
+    # a local path or a `datasets` name
+    if not have_data():
+        run([sys.executable, "-m", "nanochat.dataset", "prepare", "--input", p.data])
+    return None
+
+
+def stage_tokenizer(p: Preset, base: Path, report: rc.Report) -> None:
+    tok_dir = base / "tokenizer"
+    if (tok_dir / "token_bytes.pt").exists():
+        from nanochat.tokenizer import get_tokenizer
+
+        vocab = get_tokenizer().get_vocab_size()
+        if vocab != p.vocab_size:
+            raise SystemExit(f"speedrun: {tok_dir} holds a tokenizer of vocab {vocab}, the {p.name} preset wants "
+                             f"{p.vocab_size}. Use another NANOCHAT_BASE_DIR, or delete {tok_dir} to retrain.")
+        log(f"tokenizer exists ({tok_dir}), skipping training")
+    else:
+        run([sys.executable, "-m", "scripts.tok_train", f"--vocab-size={p.vocab_size}",
+             f"--max-chars={p.tok_max_chars}"])
+    report.set("tokenizer", tokenizer_section(p))
+
+
+def tokenizer_section(p: Preset) -> str:
+    from nanochat import dataset
+    from nanochat.tokenizer import get_tokenizer
+
+    tok = get_tokenizer()
+    n_bytes = n_tokens = 0
+    for i, doc in enumerate(dataset.iter_documents("val")):
+        n_bytes += len(doc.encode("utf-8"))
+        n_tokens += len(tok.encode(doc))
+        if i >= 300:
+            break
+    ratio = n_bytes / max(1, n_tokens)
+    rows = [["vocab size", tok.get_vocab_size()], ["training text (max chars)", p.tok_max_chars],
+            ["compression on validation docs", f"{ratio:.3f} bytes/token ({n_bytes:,} bytes in {n_tokens:,} tokens)"]]
+    return "## Tokenizer\n\n" + rc.md_table(["", ""], rows) + "\n"
+
+
+def run_dir_for(base: Path, tag: str) -> Path:
+    return base / "base_checkpoints" / tag
+
+
+def training_done(run_dir: Path) -> bool:
+    from nanochat.checkpoint_manager import list_steps
+
+    run_json = run_dir / "run.json"
+    if not run_json.exists():
+        return False
+    target = json.loads(run_json.read_text()).get("sizing", {}).get("num_iterations")
+    steps = list_steps(run_dir) if run_dir.exists() else []
+    return bool(target) and bool(steps) and max(steps) >= target
+
+
+def stage_train(p: Preset, tag: str, nproc: int, run_name: str, report: rc.Report) -> None:
+    from nanochat.checkpoint_manager import list_steps
+
+    run_dir = run_dir_for(get_base_dir(), tag)
+    if training_done(run_dir):
+        log(f"training finished earlier ({run_dir}), skipping")
+    else:
+        cmd = launcher(nproc, "scripts.base_train") + [
+            f"--depth={p.depth}", f"--max-seq-len={p.max_seq_len}", f"--device-batch-size={p.device_batch_size}",
+            f"--model-tag={tag}", f"--run={run_name}"] + p.train_args
+        if run_dir.exists() and list_steps(run_dir):
+            log(f"resuming training from the latest checkpoint in {run_dir}")
+            cmd.append("--resume-from-step=latest")
+        run(cmd)
+    run_json = json.loads((run_dir / "run.json").read_text())
+    report.set("sizing", rc.sizing_section(run_json))
+    metrics = rc.read_metrics(run_dir / "metrics.jsonl")
+    plots = rc.plot_training(metrics, report.dir) if metrics else []
+    report.set("training", rc.training_section(metrics, plots))
+
+
+def stage_eval(p: Preset, tag: str, nproc: int, report: rc.Report) -> dict:
+    from nanochat.checkpoint_manager import find_last_step
+
+    run_dir = run_dir_for(get_base_dir(), tag)
+    step = find_last_step(run_dir)
+    out = run_dir / f"base_eval_{step:06d}.json"
+    if out.exists():
+        log(f"evaluation of step {step} exists ({out}), skipping")
+    else:
+        cmd = launcher(nproc, "scripts.base_eval") + [f"--model-tag={tag}", f"--step={step}", f"--out={out}",
+                                                       f"--split-tokens={p.eval_split_tokens}"]
+        if p.core_max_per_task > 0:
+            cmd.append(f"--max-per-task={p.core_max_per_task}")
+        run(cmd)
+    result = json.loads(out.read_text())
+    note = None
+    if result.get("core") is None:
+        note = ("CORE was not computed: " + str(result.get("core_error") or "no eval bundle available")
+                + ". Provide the DCLM eval bundle with `--eval-bundle PATH` / `NANOCHAT_EVAL_BUNDLE`, "
+                  "or run once on a networked machine (it downloads itself).")
+    elif p.core_max_per_task > 0:
+        note = f"CORE on at most {p.core_max_per_task} examples per task (a smoke figure, not comparable to full CORE)."
+    report.set("evaluation", rc.evaluation_section(result, note))
+    samples = [(s["prompt"], s["completion"]) for s in result.get("samples", [])]
+    if samples:
+        report.set("samples", rc.samples_section(samples))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default=os.environ.get("NANOCHAT_PRESET", "auto"), choices=["auto", *PRESETS])
+    ap.add_argument("--depth", type=int, default=int(os.environ.get("NANOCHAT_DEPTH", "0")) or None)
+    ap.add_argument("--data", default=os.environ.get("NANOCHAT_DATA"),
+                    help="climbmix | fineweb-edu | embedded | a file/folder/`datasets` name to prepare")
+    ap.add_argument("--run", default=os.environ.get("WANDB_RUN", "dummy"), help="wandb run name (dummy = off)")
+    ap.add_argument("--model-tag", default=None, help="run folder name (default <preset>_d<depth>)")
+    ap.add_argument("--nproc", type=int, default=None, help="processes for torchrun (default: all local GPUs)")
+    args = ap.parse_args(argv)
+
+    gpus = num_cuda_gpus()
+    name = args.preset if args.preset != "auto" else ("gpu" if gpus else "cpu")
+    p = PRESETS[name]
+    if args.depth:
+        p = replace(p, depth=args.depth)
+    if args.data:
+        p = replace(p, data=args.data)
+    nproc = args.nproc or max(1, gpus)
+    tag = args.model_tag or f"{name}_d{p.depth}"
+    base = get_base_dir()
+    run_dir = run_dir_for(base, tag)
+    report = rc.Report(run_dir / "report", title=f"nanochat report card: {tag} ({name} preset)")
+    log(f"preset {name}: depth {p.depth}, data {p.data}, {nproc} process(es), base dir {base}, run {run_dir}")
+    report.set("environment", rc.environment_section(REPO))
+
+    times = {}
+
+    def timed(stage, fn, *a):
+        t0 = time.time()
+        out = fn(*a)
+        times[stage] = time.time() - t0
+        report.record_time(stage, times[stage])
+        return out
+
+    background = timed("data", stage_data, p, base)
+    timed("tokenizer", stage_tokenizer, p, base, report)
+    if background is not None:
+        log("waiting for the background shard download to finish")
+        if background.wait() != 0:
+            raise SystemExit("speedrun: the shard download failed; re-run to resume it")
+    timed("train", stage_train, p, tag, nproc, args.run, report)
+    result = timed("eval", stage_eval, p, tag, nproc, report)
+    report.set("timing", rc.timing_section(report.state.get("stage_seconds", {}), gpus))
+    log(f"done. report: {report.path}")
+    if result.get("val_bpb") is not None:
+        log(f"val bpb {result['val_bpb']:.4f}" + (f", CORE {result['core']:.4f}" if result.get("core") is not None else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
