@@ -1,0 +1,341 @@
+"""Pretraining batches: tokenise on the fly, pack documents into rows with best-fit, resume exactly.
+
+Stream. Rank r of W reads units (parquet row groups) r, r+W, ... of the split's shard list
+(`nanochat.dataset.list_units`), looping over epochs. Units are numbered by a monotonic counter
+`c` (epoch = c // units_per_rank), documents by their row `k` inside the unit, so `(c, k)` names
+every document this rank will ever read.
+
+Packing (REFERENCE section 4). Every document is tokenised with BOS prepended. A buffer holds
+`buffer_size` documents; each row of T+1 tokens is filled by repeatedly taking the largest buffered
+document that fits whole (ties: the earliest read); when none fits, the shortest buffered document is
+cropped to fill the row and its remainder is discarded (counted in `stats()["cropped_tokens"]`).
+Rows are therefore 100% full, every document starts with BOS, and no padding or cross-document mask
+is needed. A document longer than a row is never skipped: it waits in the buffer until it is the
+shortest one and is then cropped (counted in `long_docs`). Empty documents are skipped and counted.
+
+Exact resume. The packer is deterministic given the stream, so its state is: the next document to
+read `(c, k)`, the ids of the documents in the buffer (stored as ranges `[c, k0, k1)`), and the
+counters. `load_state_dict` re-reads and re-tokenises those documents. The background thread works
+ahead, but every batch travels with the state *after* it, and `state_dict()` returns the state of
+the last batch the consumer received, so read-ahead never leaks into a checkpoint. The state is a
+small JSON-able dict (a few KB).
+
+Threads. One producer thread packs batches into a bounded queue; a lookahead thread reads and
+tokenises the next unit while the current one is packed; the tokenizer's batch encode uses
+`tokenizer_threads` threads of its own (tiktoken releases the GIL). On CUDA the batch is pinned in
+the producer and copied with `non_blocking=True`.
+
+The tokenizer is duck-typed: `encode(list[str], prepend=bos_id, num_threads=N) -> list[list[int]]`
+and `get_bos_token_id()`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import concurrent.futures as cf
+import queue
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nanochat.dataset import DataError, ShardReader, Unit, list_units
+
+STATE_VERSION = 1
+_STOP = object()
+
+
+class Packer:
+    """Synchronous, deterministic best-fit packer over one rank's unit stream. `next_batch()` returns
+    an int64 array (B, T+1); `state_dict()` describes the position after the last batch returned."""
+
+    def __init__(self, tokenizer, units: list[Unit], batch_size: int, seq_len: int, buffer_size: int = 1000,
+                 reader: ShardReader | None = None, tokenizer_threads: int = 4, skip_corrupt: bool = False):
+        if not units:
+            raise DataError("no units to read")
+        self.tokenizer, self.units = tokenizer, units
+        self.B, self.T, self.buffer_size = batch_size, seq_len, buffer_size
+        self.reader = reader or ShardReader()
+        self.tokenizer_threads, self.skip_corrupt = tokenizer_threads, skip_corrupt
+        self.bos = tokenizer.get_bos_token_id()
+        self._lookahead = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="nanochat-tokenize")
+        self._futures: dict[int, cf.Future] = {}
+        self._reset(0, 0, {})
+
+    def _reset(self, c: int, k: int, stats: dict) -> None:
+        self.next_c, self.next_k = c, k  # next document to pull into the buffer
+        self.keys: list[tuple[int, int, int]] = []  # sorted (length, c, k) of buffered docs
+        self.docs: dict[tuple[int, int], np.ndarray] = {}
+        self.pending: list[np.ndarray | None] = []  # tokens of unit next_c (None = empty doc)
+        self.pending_c = None
+        self.stats = dict(batches=0, rows=0, docs_read=0, docs_packed=0, placed_tokens=0, cropped_tokens=0,
+                          long_docs=0, empty_docs=0, corrupt_units=0, units_read=0)
+        self.stats.update(stats)
+        self._futures.clear()
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _tokenize_unit(self, c: int) -> list[np.ndarray | None] | DataError:
+        """Tokens of every document of unit c (None for empty ones), or the read error."""
+        try:
+            texts = self.reader.read(self.units[c % len(self.units)])
+        except DataError as e:
+            return e
+        keep = [i for i, t in enumerate(texts) if t.strip()]
+        ids = self.tokenizer.encode([texts[i] for i in keep], prepend=self.bos, num_threads=self.tokenizer_threads)
+        out: list[np.ndarray | None] = [None] * len(texts)
+        for i, toks in zip(keep, ids):
+            out[i] = np.asarray(toks, dtype=np.int32)
+        return out
+
+    def _unit_tokens(self, c: int):
+        fut = self._futures.pop(c, None)
+        result = fut.result() if fut is not None else self._tokenize_unit(c)
+        for ahead in (c + 1,):  # read and tokenise the next unit while this one is packed
+            if ahead not in self._futures:
+                self._futures[ahead] = self._lookahead.submit(self._tokenize_unit, ahead)
+        for stale in [x for x in self._futures if x < c]:
+            self._futures.pop(stale).cancel()
+        return result
+
+    def _pull(self) -> None:
+        """Move the next non-empty document of the stream into the buffer."""
+        while True:
+            if self.pending_c != self.next_c:
+                result = self._unit_tokens(self.next_c)
+                if isinstance(result, DataError):
+                    if not self.skip_corrupt:
+                        raise result
+                    self.stats["corrupt_units"] += 1
+                    self.next_c, self.next_k = self.next_c + 1, 0
+                    continue
+                self.pending, self.pending_c = result, self.next_c
+                self.stats["units_read"] += 1
+            if self.next_k >= len(self.pending):
+                self.next_c, self.next_k = self.next_c + 1, 0
+                continue
+            c, k = self.next_c, self.next_k
+            toks = self.pending[k]
+            self.next_k += 1
+            self.stats["docs_read"] += 1
+            if toks is None:
+                self.stats["empty_docs"] += 1
+                continue
+            if len(toks) > self.T + 1:
+                self.stats["long_docs"] += 1
+            self._insert(c, k, toks)
+            return
+
+    def _insert(self, c: int, k: int, toks: np.ndarray) -> None:
+        bisect.insort(self.keys, (len(toks), c, k))
+        self.docs[(c, k)] = toks
+
+    def _take(self, index: int) -> np.ndarray:
+        _, c, k = self.keys.pop(index)
+        return self.docs.pop((c, k))
+
+    # -- packing ------------------------------------------------------------------------------
+
+    def next_batch(self) -> np.ndarray:
+        row_len = self.T + 1
+        batch = np.empty((self.B, row_len), dtype=np.int64)
+        for row in batch:
+            pos = 0
+            while pos < row_len:
+                while len(self.keys) < self.buffer_size:
+                    self._pull()
+                remaining = row_len - pos
+                i = bisect.bisect_right(self.keys, (remaining, float("inf"), 0)) - 1
+                if i >= 0:  # largest doc that fits whole; the earliest read among equals
+                    i = bisect.bisect_left(self.keys, (self.keys[i][0], -1, -1))
+                    doc = self._take(i)
+                    row[pos:pos + len(doc)] = doc
+                    pos += len(doc)
+                else:  # none fits: crop the shortest (least waste) to fill the row
+                    doc = self._take(0)
+                    row[pos:] = doc[:remaining]
+                    self.stats["cropped_tokens"] += len(doc) - remaining
+                    pos = row_len
+                self.stats["docs_packed"] += 1
+            self.stats["rows"] += 1
+        self.stats["placed_tokens"] += batch.size
+        self.stats["batches"] += 1
+        return batch
+
+    # -- state ----------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        ranges: list[list[int]] = []
+        for c, k in sorted(self.docs):
+            if ranges and ranges[-1][0] == c and ranges[-1][2] == k:
+                ranges[-1][2] = k + 1
+            else:
+                ranges.append([c, k, k + 1])
+        return {"version": STATE_VERSION, "num_units": len(self.units), "batch_size": self.B, "seq_len": self.T,
+                "buffer_size": self.buffer_size, "next_doc": [self.next_c, self.next_k], "buffer": ranges,
+                "stats": dict(self.stats)}
+
+    def load_state_dict(self, state: dict) -> None:
+        expect = {"version": STATE_VERSION, "num_units": len(self.units), "batch_size": self.B, "seq_len": self.T,
+                  "buffer_size": self.buffer_size}
+        wrong = {k: (state.get(k), v) for k, v in expect.items() if state.get(k) != v}
+        if wrong:
+            raise ValueError(f"data-loader state does not match this loader (saved, now): {wrong}; resume with the "
+                             f"same data, batch size, sequence length, buffer size and world size")
+        c, k = state["next_doc"]
+        self._reset(c, k, state["stats"])
+        by_unit: dict[int, list[int]] = {}
+        for uc, k0, k1 in state["buffer"]:
+            by_unit.setdefault(uc, []).extend(range(k0, k1))
+        for uc, ks in by_unit.items():
+            result = self._tokenize_unit(uc)
+            if isinstance(result, DataError):
+                raise result
+            for dk in ks:
+                self._insert(uc, dk, result[dk])
+
+    def close(self) -> None:
+        for fut in self._futures.values():
+            fut.cancel()
+        self._lookahead.shutdown(wait=False, cancel_futures=True)
+
+    def derived_stats(self) -> dict:
+        s = dict(self.stats)
+        s["epoch"] = self.next_c // len(self.units)
+        s["utilisation"] = s["placed_tokens"] / max(1, s["rows"] * (self.T + 1))
+        s["crop_fraction"] = s["cropped_tokens"] / max(1, s["placed_tokens"] + s["cropped_tokens"])
+        return s
+
+
+def _produce(packer: Packer, out: queue.Queue, stop: threading.Event, pin: bool) -> None:
+    """Producer thread: pack batches, split into (inputs, targets), attach the state after each."""
+    try:
+        while not stop.is_set():
+            batch = packer.next_batch()  # (B, T+1)
+            xy = np.stack([batch[:, :-1], batch[:, 1:]])  # (2, B, T), each half contiguous
+            tensor = torch.from_numpy(xy)
+            if pin:
+                tensor = tensor.pin_memory()
+            item = (tensor, packer.state_dict(), packer.derived_stats())
+            while not stop.is_set():
+                try:
+                    out.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+    except BaseException as e:  # noqa: BLE001  (handed to the consumer, which re-raises it)
+        out.put(e)
+
+
+class DataLoader:
+    """Iterator of `(inputs, targets)` (B, T) int64 on `device`; see the module docstring.
+
+    `split="val"` reads the pinned validation shard from its beginning every time a loader is built;
+    `max_batches` ends the iteration after that many batches (the stream itself loops over epochs).
+    """
+
+    def __init__(self, tokenizer, batch_size: int, seq_len: int, split: str = "train", device="cpu", rank: int = 0,
+                 world_size: int = 1, data_dir: str | Path | None = None, buffer_size: int = 1000,
+                 tokenizer_threads: int = 4, prefetch: int = 4, skip_corrupt: bool = False,
+                 max_batches: int | None = None, state: dict | None = None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        reader = ShardReader()
+        units, self.skipped_files = list_units(split, data_dir, reader, skip_corrupt)
+        if world_size > len(units):
+            raise DataError(f"{world_size} ranks but the {split} split has only {len(units)} row groups, so some ranks "
+                            f"would get no data: use fewer ranks, or re-shard with smaller row groups "
+                            f"(`python -m nanochat.dataset prepare --rows-per-group N`)")
+        self.split, self.rank, self.world_size = split, rank, world_size
+        self.device = torch.device(device)
+        self.prefetch, self.max_batches = prefetch, max_batches
+        self.packer = Packer(tokenizer, units[rank::world_size], batch_size, seq_len, buffer_size, reader,
+                             tokenizer_threads, skip_corrupt)
+        self._state = self.packer.state_dict()
+        self._stats = self.packer.derived_stats()
+        self._thread: threading.Thread | None = None
+        self._queue: queue.Queue | None = None
+        self._stop = threading.Event()
+        self._yielded = 0
+        if state is not None:
+            self.load_state_dict(state)
+
+    # -- iteration --------------------------------------------------------------------------------
+
+    def _start(self) -> None:
+        self._stop = threading.Event()
+        self._queue = queue.Queue(maxsize=self.prefetch)
+        pin = self.device.type == "cuda"
+        self._thread = threading.Thread(target=_produce, args=(self.packer, self._queue, self._stop, pin),
+                                        name=f"nanochat-dataloader-{self.split}-r{self.rank}", daemon=True)
+        self._thread.start()
+
+    def _halt(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        while self._thread.is_alive():
+            try:  # unblock a producer waiting on a full queue
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread.join()
+        self._thread, self._queue = None, None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.max_batches is not None and self._yielded >= self.max_batches:
+            raise StopIteration
+        if self._thread is None:
+            self._start()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._thread.join()
+            self._thread = None
+            raise item
+        tensor, self._state, self._stats = item
+        self._yielded += 1
+        if self.device.type != "cpu":
+            tensor = tensor.to(self.device, non_blocking=True)
+        return tensor[0], tensor[1]
+
+    # -- state --------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """State after the last batch handed out (not after what the producer has read ahead)."""
+        return {**self._state, "split": self.split, "rank": self.rank, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        got = (state.get("split"), state.get("rank"), state.get("world_size"))
+        if got != (self.split, self.rank, self.world_size):
+            raise ValueError(f"data-loader state is for split/rank/world_size {got}, this loader is "
+                             f"{(self.split, self.rank, self.world_size)}")
+        self._halt()
+        self.packer.load_state_dict(state)
+        self._state = self.packer.state_dict()
+        self._stats = self.packer.derived_stats()
+
+    def stats(self) -> dict:
+        """Packing statistics as of the last batch handed out: epoch, batches, docs_read, docs_packed,
+        utilisation (non-padding fraction of row tokens), crop_fraction (tokens discarded by crops over
+        tokens consumed), cropped_tokens, long_docs, empty_docs, corrupt_units, skipped_files."""
+        return {**self._stats, "skipped_files": len(self.skipped_files)}
+
+    def close(self) -> None:
+        self._halt()
+        self.packer.close()
+
+    def __enter__(self) -> "DataLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001  (interpreter shutdown)
+            pass

@@ -1,0 +1,277 @@
+"""The packing data loader against an independent, unoptimised best-fit packer; exact resume; ranks;
+validation determinism; bad input. Uses a byte-level tiktoken tokenizer built offline (BOS = 256)."""
+
+import json
+import random
+import re
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import tiktoken
+import torch
+
+from nanochat import dataset
+from nanochat.dataloader import DataLoader
+from nanochat.dataset import DataError
+
+BOS = 256
+
+
+class ByteTokenizer:
+    """The duck-typed tokenizer interface the loader relies on, over bytes (token id = byte value)."""
+
+    def __init__(self):
+        self.enc = tiktoken.Encoding("bytes", pat_str=r"[\s\S]{1,64}",
+                                     mergeable_ranks={bytes([i]): i for i in range(256)},
+                                     special_tokens={"<|bos|>": BOS})
+
+    def get_bos_token_id(self):
+        return BOS
+
+    def encode(self, texts, prepend=None, num_threads=4):
+        out = self.enc.encode_ordinary_batch(texts, num_threads=num_threads)
+        return [([prepend] if prepend is not None else []) + ids for ids in out]
+
+
+def make_docs(n, seed=0, max_words=40):
+    rng = random.Random(seed)
+    return [f"#{i:05d}#" + "".join(rng.choice("abcdefgh ") for _ in range(rng.randint(1, max_words) * 3))
+            for i in range(n)]
+
+
+@pytest.fixture
+def data(tmp_path):
+    """400 documents of 9..128 bytes, train shards of 100 docs in row groups of 13 (8 per shard)."""
+    docs = make_docs(400)
+    dataset.prepare(docs, tmp_path, val_fraction=0.1, rows_per_group=13, docs_per_shard=100, verbose=False)
+    return tmp_path
+
+
+def reference_batches(tok, data_dir, B, T, buffer_size, n_batches, rank=0, world_size=1, split="train"):
+    """Best-fit packing written the plain way: a list in read order, linear scans, `max`/`min` taking the
+    first (earliest read) among equals. The stream is `iter_documents` looped over epochs."""
+    def stream():
+        while True:
+            for text in dataset.iter_documents(split, data_dir, rank, world_size):
+                if text.strip():
+                    yield tok.encode([text], prepend=BOS)[0]
+
+    docs, buf, out = stream(), [], []
+    for _ in range(n_batches):
+        rows = []
+        for _ in range(B):
+            row = []
+            while len(row) < T + 1:
+                while len(buf) < buffer_size:
+                    buf.append(next(docs))
+                room = T + 1 - len(row)
+                fits = [i for i, d in enumerate(buf) if len(d) <= room]
+                if fits:
+                    best = max(fits, key=lambda i: len(buf[i]))
+                    row += buf.pop(best)
+                else:
+                    shortest = min(range(len(buf)), key=lambda i: len(buf[i]))
+                    row += buf.pop(shortest)[:room]
+            rows.append(row)
+        t = torch.tensor(rows, dtype=torch.long)
+        out.append((t[:, :-1], t[:, 1:]))
+    return out
+
+
+def take(loader, n):
+    batches = []
+    for x, y in loader:
+        batches.append((x.clone(), y.clone()))
+        if len(batches) == n:
+            break
+    return batches
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for i, ((xa, ya), (xb, yb)) in enumerate(zip(a, b)):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb), f"batch {i} differs"
+
+
+# ---------------------------------------------------------------------------------------------
+# packing
+
+
+@pytest.mark.parametrize("rank,world_size", [(0, 1), (0, 2), (1, 2)])
+def test_matches_reference_best_fit_packer(data, rank, world_size):
+    tok = ByteTokenizer()
+    B, T, buf, n = 3, 96, 8, 60  # 60 batches of ~3 docs/row cross the 360-doc epoch at least once
+    with DataLoader(tok, B, T, data_dir=data, buffer_size=buf, rank=rank, world_size=world_size) as dl:
+        got = take(dl, n)
+        assert dl.stats()["epoch"] >= 1
+    want = reference_batches(tok, data, B, T, buf, n, rank, world_size)
+    assert_same(got, want)
+    x, y = got[0]
+    assert x.shape == (B, T) and y.shape == (B, T) and x.dtype == torch.int64
+    assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_rows_are_full_and_every_document_starts_with_bos(data):
+    tok = ByteTokenizer()
+    docs = set(dataset.iter_documents("train", data))
+    with DataLoader(tok, 4, 128, data_dir=data, buffer_size=16) as dl:
+        batches = take(dl, 20)
+        stats = dl.stats()
+    n_bos = 0
+    for x, y in batches:
+        rows = torch.cat([x, y[:, -1:]], dim=1)
+        assert (rows[:, 0] == BOS).all()  # every row starts with a (possibly cropped) document
+        for row in rows.tolist():
+            n_bos += row.count(BOS)
+            pieces = bytes(t if t != BOS else 0 for t in row).split(b"\x00")[1:]
+            for piece in pieces:  # each piece is a whole document or its beginning
+                text = piece.decode()
+                assert any(d.startswith(text) for d in docs) if len(text) < 7 else \
+                    next(d for d in docs if d.startswith(text[:7])).startswith(text)
+    assert n_bos == stats["docs_packed"]
+    assert stats["utilisation"] == 1.0 and stats["rows"] == 80
+    assert 0 < stats["crop_fraction"] < 0.2 and stats["cropped_tokens"] > 0
+
+
+def test_ranks_see_disjoint_documents(data):
+    tok = ByteTokenizer()
+    seen = []
+    for rank in range(2):
+        with DataLoader(tok, 2, 128, data_dir=data, buffer_size=8, rank=rank, world_size=2) as dl:
+            ids = set()
+            for x, y in take(dl, 30):
+                text = bytes(t if t != BOS else ord("\n") for t in torch.cat([x, y[:, -1:]], 1).flatten().tolist())
+                ids |= set(re.findall(rb"\n#(\d{5})#", text))
+            seen.append(ids)
+    assert seen[0] and seen[1] and not seen[0] & seen[1]
+    mine = [{d[1:6].encode() for d in dataset.iter_documents("train", data, r, 2)} for r in range(2)]
+    assert seen[0] <= mine[0] and seen[1] <= mine[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# exact resume
+
+
+def test_exact_resume_mid_epoch_and_across_epoch_boundary(data):
+    tok = ByteTokenizer()
+    B, T, buf, n = 4, 128, 8, 60  # ~31k tokens: an epoch of train data is ~25k
+    states, epochs, full = [], [], []
+    with DataLoader(tok, B, T, data_dir=data, buffer_size=buf, prefetch=6) as dl:
+        states.append(json.loads(json.dumps(dl.state_dict())))
+        for x, y in dl:
+            full.append((x.clone(), y.clone()))
+            time.sleep(0.002 if len(full) % 10 else 0.2)  # let the producer run ahead of the consumer
+            states.append(json.loads(json.dumps(dl.state_dict())))  # JSON round trip
+            epochs.append(dl.stats()["epoch"])
+            if len(full) == n:
+                break
+    boundary = epochs.index(1)  # first batch after which the stream is in epoch 1
+    assert len(json.dumps(states[-1])) < 4000
+    for cut in sorted({0, 1, 7, 23, boundary - 1, boundary, boundary + 1, n - 2}):
+        with DataLoader(tok, B, T, data_dir=data, buffer_size=buf, state=states[cut]) as resumed:
+            assert_same(take(resumed, n - cut), full[cut:])
+            assert resumed.stats()["batches"] == n
+
+
+def test_load_state_dict_on_a_running_loader(data):
+    tok = ByteTokenizer()
+    with DataLoader(tok, 2, 64, data_dir=data, buffer_size=8) as dl:
+        take(dl, 5)
+        state = dl.state_dict()
+        after = take(dl, 5)
+        take(dl, 7)  # producer now far ahead
+        dl.load_state_dict(state)
+        assert_same(take(dl, 5), after)
+
+
+def test_state_mismatch_is_refused(data):
+    tok = ByteTokenizer()
+    with DataLoader(tok, 2, 64, data_dir=data, buffer_size=8) as dl:
+        take(dl, 2)
+        state = dl.state_dict()
+    with pytest.raises(ValueError, match="seq_len"):
+        DataLoader(tok, 2, 32, data_dir=data, buffer_size=8, state=state)
+    with pytest.raises(ValueError, match="split/rank/world_size"):
+        DataLoader(tok, 2, 64, data_dir=data, buffer_size=8, rank=1, world_size=2, state=state)
+
+
+# ---------------------------------------------------------------------------------------------
+# validation
+
+
+def test_validation_loader_is_deterministic_and_bounded(data):
+    tok = ByteTokenizer()
+    with DataLoader(tok, 2, 64, split="val", data_dir=data, buffer_size=4, max_batches=6) as a:
+        first = list((x.clone(), y.clone()) for x, y in a)
+    assert len(first) == 6
+    with DataLoader(tok, 2, 64, split="train", data_dir=data, buffer_size=4) as train:
+        take(train, 3)
+    with DataLoader(tok, 2, 64, split="val", data_dir=data, buffer_size=4, max_batches=6) as b:
+        assert_same(list(b), first)
+    assert_same(first, reference_batches(tok, data, 2, 64, 4, 6, split="val"))
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+
+def test_more_ranks_than_row_groups_is_an_error(data):
+    n_groups = len(dataset.list_units("val", data)[0])
+    with pytest.raises(DataError, match=f"{n_groups + 1} ranks but the val split has only {n_groups} row groups"):
+        DataLoader(ByteTokenizer(), 2, 64, split="val", data_dir=data, rank=0, world_size=n_groups + 1)
+
+
+def test_corrupt_shard_named_or_skipped_and_counted(data):
+    tok = ByteTokenizer()
+    bad = data / "shard_00002.parquet"
+    bad.write_bytes(bad.read_bytes()[:100])
+    with pytest.raises(DataError, match="shard_00002.parquet"):
+        DataLoader(tok, 2, 64, data_dir=data)
+    with DataLoader(tok, 2, 64, data_dir=data, buffer_size=8, skip_corrupt=True) as dl:
+        take(dl, 3)
+        assert dl.stats()["skipped_files"] == 1
+
+
+def test_corrupt_row_group_raises_in_consumer_or_is_counted(tmp_path):
+    tok = ByteTokenizer()
+    dataset.prepare(make_docs(100), tmp_path, rows_per_group=8, verbose=False)
+    shard = tmp_path / "shard_00000.parquet"
+    col = pq.ParquetFile(shard).metadata.row_group(1).column(0)
+    start = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+    raw = bytearray(shard.read_bytes())
+    raw[start:start + col.total_compressed_size] = b"\xff" * col.total_compressed_size
+    shard.write_bytes(bytes(raw))
+    with DataLoader(tok, 2, 64, data_dir=tmp_path, buffer_size=8) as dl:
+        with pytest.raises(DataError, match="shard_00000.parquet row group 1 cannot be read"):
+            take(dl, 50)
+    with DataLoader(tok, 2, 64, data_dir=tmp_path, buffer_size=8, skip_corrupt=True) as dl:
+        take(dl, 50)
+        assert dl.stats()["corrupt_units"] >= 1
+
+
+def test_empty_and_overlong_documents_are_counted(tmp_path):
+    docs = ["", "short one", "   ", "x" * 500, "another short", "y" * 300, ""] * 4
+    pq.write_table(pa.table({"text": docs}), tmp_path / "train.parquet", row_group_size=7)
+    pq.write_table(pa.table({"text": ["val doc"]}), tmp_path / "val.parquet")
+    with DataLoader(ByteTokenizer(), 1, 64, data_dir=tmp_path, buffer_size=3) as dl:
+        take(dl, 10)
+        s = dl.stats()
+    assert s["empty_docs"] > 0 and s["long_docs"] > 0 and s["cropped_tokens"] > 0
+    # every document read is skipped as empty, packed, or still buffered (buffer_size - 1 after a batch)
+    assert s["docs_read"] == s["empty_docs"] + s["docs_packed"] + 2
+
+
+def test_tokenizer_error_reaches_the_consumer():
+    class Broken(ByteTokenizer):
+        def encode(self, texts, prepend=None, num_threads=4):
+            raise RuntimeError("tokenizer exploded")
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        dataset.prepare(make_docs(20), d, verbose=False)
+        with DataLoader(Broken(), 2, 64, data_dir=d) as dl:
+            with pytest.raises(RuntimeError, match="tokenizer exploded"):
+                next(dl)
