@@ -26,6 +26,8 @@ import json
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
+# GPT-4's pre-split with numbers in groups of 1-2 digits instead of 1-3: 0.965 vs 0.972 val bpb at
+# 32K vocab (REFERENCE section 7). BPE never merges across the chunks this regex cuts.
 SPLIT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,2}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"""
 )

@@ -390,3 +390,44 @@ def test_cli_without_shards_says_how_to_get_them(base_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "nanochat.dataset", None)  # the module missing altogether
     with pytest.raises(SystemExit, match=r"no pretraining shards found.*--input PATH"):
         main(["--vocab-size", "300"])
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation script
+
+
+def test_tok_eval_table(tok, base_dir, tmp_path, capsys):
+    from scripts.tok_eval import SAMPLES as EVAL_SAMPLES, main
+
+    tok.save(base_dir / "tokenizer")
+    small = Tokenizer.train_from_iterator(build_corpus(100), vocab_size=512)
+    small.save(tmp_path / "small")
+    (tmp_path / "texts").mkdir()
+    mine = "hello world, hello tokens\n"
+    (tmp_path / "texts" / "mine.txt").write_text(mine)
+    main(["--compare", str(tmp_path / "small"), "--text-dir", str(tmp_path / "texts"), "--no-baselines"])
+    out = capsys.readouterr().out
+    assert "| text | bytes | ours 1K B/tok | ours 512 B/tok |" in out
+    for name, text in [*EVAL_SAMPLES.items(), ("mine.txt", mine)]:
+        row = next(line for line in out.splitlines() if line.startswith(f"| {name} |"))
+        n = len(text.encode())
+        assert row == f"| {name} | {n:,} | {n / len(tok.encode(text)):.2f} | {n / len(small.encode(text)):.2f} |"
+
+
+def test_tiktoken_baseline_fails_fast(monkeypatch):
+    import time
+
+    import tiktoken
+
+    from scripts.tok_eval import load_tiktoken_baseline
+
+    monkeypatch.setattr(tiktoken, "get_encoding", lambda name: time.sleep(30))  # a network that hangs
+    t0 = time.time()
+    enc, why = load_tiktoken_baseline("gpt2", timeout_s=0.3)
+    assert enc is None and "timed out" in why and time.time() - t0 < 5
+
+    def offline(name):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tiktoken, "get_encoding", offline)
+    assert load_tiktoken_baseline("gpt2") == (None, "ConnectionError: no network")
