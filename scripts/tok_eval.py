@@ -13,7 +13,7 @@ from pathlib import Path
 if not __package__:  # `python scripts/tok_eval.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nanochat.common import print0  # noqa: E402
+from nanochat.common import env_rank, print0  # noqa: E402
 from nanochat.tokenizer import Tokenizer, TokenizerError, get_tokenizer_dir, iter_text_files  # noqa: E402
 
 # Small samples written for this evaluation (not taken from any corpus).
@@ -123,6 +123,8 @@ def main(argv=None) -> None:
     p.add_argument("--val-docs", type=int, default=500, help="validation-split documents to use")
     p.add_argument("--no-baselines", action="store_true", help="skip GPT-2 / GPT-4 even if tiktoken has them")
     args = p.parse_args(argv)
+    if env_rank() != 0:  # under torchrun, one process does the (single-machine) work
+        return
 
     try:
         ours_dir = Path(args.tokenizer_dir) if args.tokenizer_dir else get_tokenizer_dir()

@@ -12,7 +12,7 @@ from pathlib import Path
 if not __package__:  # `python scripts/tok_train.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nanochat.common import print0  # noqa: E402
+from nanochat.common import env_rank, print0  # noqa: E402
 from nanochat.tokenizer import (DEFAULT_DOC_CAP, DEFAULT_MAX_CHARS, DEFAULT_VOCAB_SIZE, TRAINERS,  # noqa: E402
                                 TextStats, Tokenizer, TokenizerError, describe, get_tokenizer_dir,
                                 iter_text_files)
@@ -80,6 +80,8 @@ def main(argv=None) -> None:
                    help="BPE trainer (rustbpe: faster here, see benchmarks/results/tokenizer.md)")
     p.add_argument("--out-dir", default=None, help="where to save (default <base dir>/tokenizer)")
     args = p.parse_args(argv)
+    if env_rank() != 0:  # under torchrun, one process does the (single-machine) work
+        return
     if args.max_chars <= 0 or args.doc_cap <= 0:
         p.error("--max-chars and --doc-cap must be positive")
     try:
