@@ -185,15 +185,16 @@ class Packer:
                              f"same data, batch size, sequence length, buffer size and world size")
         c, k = state["next_doc"]
         self._reset(c, k, state["stats"])
-        by_unit: dict[int, list[int]] = {}
+        # re-read and re-tokenise only the buffered documents, one read per distinct unit
+        by_unit: dict[int, list[tuple[int, int]]] = {}
         for uc, k0, k1 in state["buffer"]:
-            by_unit.setdefault(uc, []).extend(range(k0, k1))
-        for uc, ks in by_unit.items():
-            result = self._tokenize_unit(uc)
-            if isinstance(result, DataError):
-                raise result
-            for dk in ks:
-                self._insert(uc, dk, result[dk])
+            by_unit.setdefault(uc % len(self.units), []).extend((uc, k) for k in range(k0, k1))
+        for u, ids in by_unit.items():
+            texts = self.reader.read(self.units[u])
+            toks = self.tokenizer.encode([texts[k] for _, k in ids], prepend=self.bos,
+                                         num_threads=self.tokenizer_threads)
+            for (uc, k), t in zip(ids, toks):
+                self._insert(uc, k, np.asarray(t, dtype=np.int32))
 
     def close(self) -> None:
         for fut in self._futures.values():
@@ -258,6 +259,7 @@ class DataLoader:
         self._queue: queue.Queue | None = None
         self._stop = threading.Event()
         self._yielded = 0
+        self._error: BaseException | None = None
         if state is not None:
             self.load_state_dict(state)
 
@@ -289,12 +291,14 @@ class DataLoader:
     def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.max_batches is not None and self._yielded >= self.max_batches:
             raise StopIteration
+        if self._error is not None:  # the packer stopped mid-batch: only load_state_dict can restart it
+            raise self._error
         if self._thread is None:
             self._start()
         item = self._queue.get()
         if isinstance(item, BaseException):
             self._thread.join()
-            self._thread = None
+            self._thread, self._error = None, item
             raise item
         tensor, self._state, self._stats = item
         self._yielded += 1
@@ -314,6 +318,7 @@ class DataLoader:
             raise ValueError(f"data-loader state is for split/rank/world_size {got}, this loader is "
                              f"{(self.split, self.rank, self.world_size)}")
         self._halt()
+        self._error = None
         self.packer.load_state_dict(state)
         self._state = self.packer.state_dict()
         self._stats = self.packer.derived_stats()

@@ -318,7 +318,8 @@ def write_parquet(path: Path, docs: list[str], rows_per_group: int) -> None:
 
 def load_documents(source: str | Path, text_field: str = "text", encoding_errors: str = "strict",
                    hf_config: str | None = None, hf_split: str = "train") -> list[str]:
-    """Documents from a txt/jsonl/parquet file, a folder of them (sorted), or a `datasets` source."""
+    """Documents from a txt/jsonl/parquet file, a folder of them (sorted), or a `datasets` source.
+    Everything is held in memory: meant for up to a few GB of text (hub sources come sharded already)."""
     path = Path(source)
     if path.exists():
         files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES) \
@@ -337,6 +338,9 @@ def load_documents(source: str | Path, text_field: str = "text", encoding_errors
             else:
                 raise DataError(f"{f}: unsupported file type (use .txt, .jsonl or .parquet)")
         return docs
+    if source_looks_like_path(str(source)):
+        raise DataError(f"{source}: no such file or folder (for a Hugging Face dataset give its name, e.g. "
+                        f"HuggingFaceFW/fineweb-edu)")
     # not a path: a Hugging Face `datasets` source (needs the network)
     probe_hub()
     import datasets
@@ -345,6 +349,10 @@ def load_documents(source: str | Path, text_field: str = "text", encoding_errors
     if text_field not in ds.column_names:
         raise DataError(f"dataset {source} has no column {text_field!r} (columns {ds.column_names}); pass --text-field")
     return list(ds[text_field])
+
+
+def source_looks_like_path(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or source.endswith(TEXT_SUFFIXES) or source.count("/") > 1
 
 
 def prepare(source: str | Path | Iterable[str], data_dir: str | Path | None = None, val_fraction: float = 0.05,

@@ -193,6 +193,13 @@ def test_empty_and_undecodable_inputs(tmp_path):
         list(dataset.iter_documents("train", d))
 
 
+def test_missing_input_path_is_not_sent_to_the_hub(tmp_path):
+    t0 = time.time()
+    with pytest.raises(DataError, match="no such file or folder"):
+        dataset.prepare(tmp_path / "nope.jsonl", tmp_path / "out", verbose=False)
+    assert time.time() - t0 < 2
+
+
 def test_more_ranks_than_row_groups(tmp_path):
     dataset.prepare(make_docs(20), tmp_path, rows_per_group=1024, verbose=False)  # 8 groups of <= 3 docs
     n_groups = pq.ParquetFile(tmp_path / "shard_00000.parquet").metadata.num_row_groups
