@@ -88,7 +88,8 @@ def load_tiktoken_baseline(name: str, timeout_s: float = 15.0):
         try:
             result["enc"] = tiktoken.get_encoding(name)
         except Exception as e:  # noqa: BLE001 - any failure means "not available offline"
-            result["err"] = f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+            msg = str(e).splitlines()[0] if str(e) else ""
+            result["err"] = f"{type(e).__name__}: {msg[:60]}{'...' if len(msg) > 60 else ''}"
 
     t = threading.Thread(target=load, daemon=True)
     t.start()
