@@ -1,0 +1,429 @@
+"""Muon for the transformer's matrices, AdamW for everything else, in one optimizer.
+
+One `MuonAdamW` holds parameter groups of two kinds:
+
+- `"muon"`: 2-D block matrices. Nesterov momentum, then an odd matrix polynomial (Polar Express,
+  arXiv 2505.16932, or the classic Newton-Schulz quintic) that pushes every singular value towards
+  1, then optionally NorMuon's per-row/column variance normalisation, cautious weight decay and
+  the `sqrt(max(1, rows/cols))` learning-rate factor. Matrices of equal shape are stacked into a
+  (K, R, C) tensor so one batched call orthogonalises them all.
+- `"adamw"`: embeddings, LM head, scalars. Plain AdamW with fp32 math and decoupled weight decay
+  (the same update as `torch.optim.AdamW`).
+
+Schedules write `group["lr"]`, `group["momentum"]` (Muon) and `group["weight_decay"]` before a
+step; nothing is compiled against them, so changing them costs nothing. Every group keeps the
+`initial_lr` it was built with.
+
+Distributed (ZeRO-2 style, automatic when torch.distributed runs with world size W > 1; no DDP
+wrapper): each rank calls backward on its own micro-batches, and `step()` averages the gradients:
+- a Muon stack of n matrices is padded with zero matrices to K*W and reduce-scattered, so rank r
+  owns matrices [r*K, (r+1)*K): it keeps their momentum, orthogonalises them and all-gathers them;
+- an AdamW tensor whose first dimension divides by W (and is large enough) is reduce-scattered
+  along that dimension; any other one is reduced to an owner rank (round robin) that updates it and
+  broadcasts it back.
+All reductions are launched before any update, and each unit waits only for its own, so the
+communication of later units overlaps the math of earlier ones where the backend is asynchronous.
+Optimizer state lives only on the rank that owns it; `state_dict()` is per rank.
+
+Shape legend: K matrices per stack on this rank, R rows, C columns.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+# Keller Jordan's Newton-Schulz quintic, tuned for a steep slope at 0 rather than exact convergence.
+QUINTIC_COEFFS = (3.4445, -4.7750, 2.0315)
+# Polar Express: a different (a, b, c) per iteration, optimal for the worst case over [eps, 1].
+POLAR_EXPRESS_COEFFS = (
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+)
+# Polar Express divides by 1.01 * ||G||_F so rounding cannot push the top singular value above 1.
+POLAR_EXPRESS_INFLATION = 1.01
+ORTH_METHODS = ("polar_express", "quintic")
+
+MUON_DEFAULTS = dict(weight_decay=0.0, momentum=0.95, nesterov=True, orth="polar_express", ns_steps=5,
+                     normuon=True, beta2=0.9, cautious_wd=True, orth_dtype=torch.bfloat16)
+ADAMW_DEFAULTS = dict(weight_decay=0.0, betas=(0.8, 0.95), eps=1e-10)
+
+
+def orthogonalize(G: torch.Tensor, method: str = "polar_express", steps: int = 5,
+                  dtype: torch.dtype = torch.bfloat16, eps: float = 1e-7) -> torch.Tensor:
+    """Approximate U @ V^T of G = U S V^T for a (R, C) or (K, R, C) tensor; returned in `dtype`.
+
+    The Frobenius normalisation happens in G's own precision, the iterations in `dtype`. Tall
+    matrices are transposed so the Gram matrix X X^T is the smaller (min(R, C))^2 one.
+    """
+    if method == "polar_express":
+        if not 1 <= steps <= len(POLAR_EXPRESS_COEFFS):
+            raise ValueError(f"polar_express supports 1..{len(POLAR_EXPRESS_COEFFS)} steps, got {steps}")
+        coeffs, inflation = POLAR_EXPRESS_COEFFS[:steps], POLAR_EXPRESS_INFLATION
+    elif method == "quintic":
+        coeffs, inflation = (QUINTIC_COEFFS,) * steps, 1.0
+    else:
+        raise ValueError(f"unknown orthogonalisation {method!r}: use one of {ORTH_METHODS}")
+    if G.ndim not in (2, 3):
+        raise ValueError(f"orthogonalize expects a (R, C) or (K, R, C) tensor, got shape {tuple(G.shape)}")
+    X = G.unsqueeze(0) if G.ndim == 2 else G
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    X = (X / (X.norm(dim=(-2, -1), keepdim=True) * inflation).clamp_min(eps)).to(dtype)
+    for a, b, c in coeffs:
+        A = X @ X.mT  # (K, m, m), m = min(R, C)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A
+        X = torch.baddbmm(X, B, X, beta=a)  # a*X + B@X
+    if tall:
+        X = X.mT
+    return X.squeeze(0) if G.ndim == 2 else X
+
+
+def normuon_scale(X: torch.Tensor, second_moment: torch.Tensor, beta2: float) -> torch.Tensor:
+    """NorMuon: divide each row (or column) of the orthogonalised (K, R, C) update by the root of an
+    EMA of its mean square, then restore each matrix's Frobenius norm. One statistic per index of
+    the larger dimension; `second_moment` is (K, R, 1) or (K, 1, C) and is updated in place."""
+    reduce_dim = -1 if X.size(-2) >= X.size(-1) else -2
+    v_mean = X.square().mean(dim=reduce_dim, keepdim=True)
+    second_moment.lerp_(v_mean, 1 - beta2)
+    scale = second_moment.clamp_min(1e-10).rsqrt()
+    sq_norm_before = v_mean.sum(dim=(-2, -1), keepdim=True)  # both norms share the factor size(reduce_dim)
+    sq_norm_after = (v_mean * scale.square()).sum(dim=(-2, -1), keepdim=True)
+    return X * (scale * (sq_norm_before / sq_norm_after.clamp_min(1e-30)).sqrt())
+
+
+# ---------------------------------------------------------------------------------------------
+# the plan: how each group's parameters are cut into units of work (and, distributed, owned)
+
+
+@dataclass
+class _MuonStack:
+    params: list[torch.nn.Parameter]  # n matrices of one shape, dtype and device
+    per_rank: int  # K = ceil(n / W)
+    shape: tuple[int, int]
+
+    def owned(self, rank: int) -> list[torch.nn.Parameter]:
+        return self.params[rank * self.per_rank:(rank + 1) * self.per_rank]
+
+
+@dataclass
+class _AdamParam:
+    param: torch.nn.Parameter
+    mode: str  # "local" (W == 1), "shard" (dim 0 split across ranks), "owner" (one rank updates)
+    owner: int = 0
+
+
+@dataclass
+class _Pending:
+    """A unit between launching its gradient reduction and finishing its parameter gather."""
+    unit: object
+    group: dict
+    grad: torch.Tensor | None = None  # this rank's averaged gradient (shard)
+    work: object = None  # async handle of the reduction, then of the gather
+    finish: list = field(default_factory=list)  # (dst, src) copies once the gather is done
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """Muon + AdamW over parameter groups `{"params", "kind": "muon" | "adamw", "lr", ...}`.
+
+    Keyword arguments set the defaults for Muon groups (a group's own keys win): `orth`
+    ("polar_express" | "quintic"), `ns_steps`, `normuon`, `beta2` (NorMuon EMA), `cautious_wd`,
+    `orth_dtype`, `momentum`, `nesterov`; `adam_betas`, `adam_eps` for AdamW groups.
+    `shard_min_numel`: AdamW tensors smaller than this are never reduce-scattered.
+    `compile`: torch.compile the orthogonalisation (CUDA only; hyperparameters never enter it).
+    """
+
+    def __init__(self, param_groups, *, orth: str = "polar_express", ns_steps: int = 5, normuon: bool = True,
+                 beta2: float = 0.9, cautious_wd: bool = True, orth_dtype: torch.dtype = torch.bfloat16,
+                 momentum: float = 0.95, nesterov: bool = True, adam_betas=(0.8, 0.95), adam_eps: float = 1e-10,
+                 shard_min_numel: int = 16384, compile: bool = False):
+        self._kind_defaults = {
+            "muon": dict(MUON_DEFAULTS, orth=orth, ns_steps=ns_steps, normuon=normuon, beta2=beta2,
+                         cautious_wd=cautious_wd, orth_dtype=orth_dtype, momentum=momentum, nesterov=nesterov),
+            "adamw": dict(ADAMW_DEFAULTS, betas=tuple(adam_betas), eps=adam_eps),
+        }
+        self.shard_min_numel = shard_min_numel
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.world_size = dist.get_world_size() if distributed else 1
+        self.rank = dist.get_rank() if distributed else 0
+        self._orth_fn = orthogonalize
+        if compile and torch.cuda.is_available():
+            self._orth_fn = torch.compile(orthogonalize, dynamic=False)
+        self._plan = None
+        super().__init__(list(param_groups), defaults={})
+
+    def add_param_group(self, param_group: dict) -> None:
+        kind = param_group.get("kind")
+        if kind not in self._kind_defaults:
+            raise ValueError(f"every param group needs kind='muon' or kind='adamw', got {kind!r}")
+        if "lr" not in param_group:
+            raise ValueError(f"a {kind} param group needs an 'lr'")
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        if kind == "muon":
+            bad = [tuple(p.shape) for p in params if p.ndim != 2]
+            if bad:
+                raise ValueError(f"Muon groups take 2-D matrices only, got shapes {bad}: put them in an 'adamw' group")
+        group = dict(self._kind_defaults[kind], **param_group)
+        if group.get("orth", "polar_express") not in ORTH_METHODS:
+            raise ValueError(f"unknown orth {group['orth']!r}: use one of {ORTH_METHODS}")
+        group.setdefault("initial_lr", group["lr"])
+        group["params"] = params
+        super().add_param_group(group)
+        self._plan = None
+
+    # -- planning ---------------------------------------------------------------------------------
+
+    def _build_plan(self):
+        W, n_owner = self.world_size, 0
+        plan = []
+        for group in self.param_groups:
+            units = []
+            if group["kind"] == "muon":
+                by_key: dict = {}
+                for p in group["params"]:
+                    by_key.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
+                for (shape, _, _), ps in by_key.items():
+                    units.append(_MuonStack(ps, per_rank=-(-len(ps) // W), shape=shape))
+            else:
+                for p in group["params"]:
+                    if W == 1:
+                        units.append(_AdamParam(p, "local"))
+                    elif p.ndim >= 1 and p.shape[0] % W == 0 and p.numel() >= self.shard_min_numel:
+                        units.append(_AdamParam(p, "shard"))
+                    else:
+                        units.append(_AdamParam(p, "owner", owner=n_owner % W))
+                        n_owner += 1
+            plan.append(units)
+        return plan
+
+    def _get_plan(self):
+        if self._plan is None:
+            self._plan = self._build_plan()
+        return self._plan
+
+    # -- the step ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        pending = [self._reduce(group, unit)
+                   for group, units in zip(self.param_groups, self._get_plan()) for unit in units]
+        for pend in pending:  # each unit waits only for its own reduction, then starts its gather
+            if pend.work is not None:
+                pend.work.wait()
+                pend.work = None
+            if isinstance(pend.unit, _MuonStack):
+                self._muon_update(pend)
+            else:
+                self._adam_update(pend)
+        for pend in pending:
+            if pend.work is not None:
+                pend.work.wait()
+            for dst, src in pend.finish:
+                dst.copy_(src)
+        return loss
+
+    def _reduce(self, group: dict, unit) -> _Pending:
+        """Start averaging this unit's gradient across ranks (or just gather it when W == 1)."""
+        W, pend = self.world_size, _Pending(unit, group)
+        if isinstance(unit, _MuonStack):
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in unit.params]
+            if W == 1:
+                pend.grad = torch.stack(grads).float()  # (n, R, C)
+                return pend
+            full = grads[0].new_zeros((unit.per_rank * W, *unit.shape), dtype=torch.float32)
+            for i, g in enumerate(grads):
+                full[i].copy_(g)
+            pend.grad = full.new_empty((unit.per_rank, *unit.shape))
+            pend.work = _reduce_scatter(pend.grad, full)
+            return pend
+        p = unit.param
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
+        if unit.mode == "local":
+            pend.grad = g.float()
+        elif unit.mode == "shard":
+            g = g.float().contiguous()
+            pend.grad = g.new_empty((p.shape[0] // W, *p.shape[1:]))
+            pend.work = _reduce_scatter(pend.grad, g)
+        else:
+            pend.grad = g.to(torch.float32, copy=True).contiguous()
+            pend.work = dist.reduce(pend.grad, dst=unit.owner, op=dist.ReduceOp.SUM, async_op=True)
+        return pend
+
+    def _muon_update(self, pend: _Pending) -> None:
+        group, stack, W = pend.group, pend.unit, self.world_size
+        g = pend.grad  # (K, R, C) fp32, this rank's matrices (zero padding included)
+        if W > 1:
+            g.div_(W)
+        owned = stack.owned(self.rank)
+        p = torch.zeros_like(g)
+        for i, q in enumerate(owned):
+            p[i].copy_(q)
+        state = self.state[stack.params[0]]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(g)
+        buf, mom = state["momentum_buffer"], group["momentum"]
+        buf.lerp_(g, 1 - mom)
+        update = g.lerp_(buf, mom) if group["nesterov"] else buf
+        X = self._orth_fn(update, group["orth"], group["ns_steps"], group["orth_dtype"]).float()
+        if group["normuon"]:
+            if "second_moment" not in state:
+                R, C = stack.shape
+                state["second_moment"] = g.new_zeros((g.size(0), R, 1) if R >= C else (g.size(0), 1, C))
+            X = normuon_scale(X, state["second_moment"], group["beta2"])
+        lr, wd = group["lr"], group["weight_decay"]
+        if wd != 0:
+            if group["cautious_wd"]:  # decay only where the step already pulls the weight towards 0
+                p.addcmul_(p, (X * p > 0).float(), value=-lr * wd)
+            else:
+                p.mul_(1 - lr * wd)
+        rows, cols = stack.shape
+        p.add_(X, alpha=-lr * math.sqrt(max(1.0, rows / cols)))
+        if W == 1:
+            pend.finish = list(zip(stack.params, p.unbind(0)))
+            return
+        full = p.new_empty((stack.per_rank * W, *stack.shape), dtype=stack.params[0].dtype)
+        pend.work = _all_gather(full, p.to(full.dtype))
+        pend.finish = list(zip(stack.params, full.unbind(0)))
+
+    def _adam_update(self, pend: _Pending) -> None:
+        group, unit, W, rank = pend.group, pend.unit, self.world_size, self.rank
+        param = unit.param
+        if unit.mode == "owner" and rank != unit.owner:
+            pend.work = dist.broadcast(param.data, src=unit.owner, async_op=True)
+            return
+        g = pend.grad
+        if W > 1:
+            g.div_(W)
+        if unit.mode == "shard":
+            n = param.shape[0] // W
+            target = param.data[rank * n:(rank + 1) * n]
+        else:
+            target = param.data
+        p = target if target.dtype == torch.float32 else target.float()
+        state = self.state[param]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        state["step"] += 1
+        t, (beta1, beta2), lr, wd = state["step"], group["betas"], group["lr"], group["weight_decay"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        p.mul_(1 - lr * wd)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
+        p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
+        if p is not target:
+            target.copy_(p)
+        if unit.mode == "shard":
+            pend.work = _all_gather(param.data, target.clone())
+        elif unit.mode == "owner":
+            pend.work = dist.broadcast(param.data, src=unit.owner, async_op=True)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """This rank's state: plain tensors, ints, floats and strings (safe for torch.load)."""
+        groups, states = [], []
+        for group, units in zip(self.param_groups, self._get_plan()):
+            g = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in group.items() if k != "params"}
+            g["param_shapes"] = [tuple(p.shape) for p in group["params"]]
+            groups.append(g)
+            states.append([{k: (v.clone() if torch.is_tensor(v) else v) for k, v in self.state[_key(u)].items()}
+                           if _key(u) in self.state else {} for u in units])
+        return {"world_size": self.world_size, "rank": self.rank, "param_groups": groups, "state": states}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved_world, saved_rank = state_dict.get("world_size"), state_dict.get("rank")
+        if saved_world != self.world_size:
+            raise ValueError(f"this optimizer state was written by a run with {saved_world} ranks (rank "
+                             f"{saved_rank}), but this run has world size {self.world_size}: its state is sharded "
+                             f"per rank, so resume with {saved_world} ranks")
+        if saved_rank != self.rank:
+            raise ValueError(f"this optimizer state belongs to rank {saved_rank}, but it is being loaded on rank "
+                             f"{self.rank}: load optim_..._rank{self.rank}.pt on each rank")
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"the saved optimizer has {len(saved_groups)} param groups, this one "
+                             f"{len(self.param_groups)}: build the optimizer the same way as the saved run")
+        for i, (saved, group) in enumerate(zip(saved_groups, self.param_groups)):
+            shapes = [tuple(p.shape) for p in group["params"]]
+            if [tuple(s) for s in saved["param_shapes"]] != shapes or saved["kind"] != group["kind"]:
+                raise ValueError(f"param group {i} does not match the saved one (kind {saved['kind']} vs "
+                                 f"{group['kind']}, shapes differ or not): is this the same model?")
+        self.state.clear()
+        for saved, group, units, unit_states in zip(saved_groups, self.param_groups, self._get_plan(),
+                                                    state_dict["state"]):
+            for k, v in saved.items():
+                if k != "param_shapes":
+                    group[k] = _parse_dtype(v) if k == "orth_dtype" else v
+            for unit, unit_state in zip(units, unit_states):
+                if unit_state:
+                    device = _key(unit).device
+                    self.state[_key(unit)] = {k: (v.to(device, copy=True) if torch.is_tensor(v) else v)
+                                              for k, v in unit_state.items()}
+
+
+def _key(unit):
+    return unit.params[0] if isinstance(unit, _MuonStack) else unit.param
+
+
+def _parse_dtype(value):
+    if isinstance(value, str) and value.startswith("torch."):
+        return getattr(torch, value.split(".", 1)[1])
+    return value
+
+
+def _reduce_scatter(out: torch.Tensor, full: torch.Tensor):
+    # torch 2.13 renamed reduce_scatter_tensor/all_gather_into_tensor to *_single
+    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return fn(out, full, op=dist.ReduceOp.SUM, async_op=True)
+
+
+def _all_gather(full: torch.Tensor, shard: torch.Tensor):
+    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return fn(full, shard, async_op=True)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def build_optimizer(model, *, matrix_lr: float = 0.02, embedding_lr: float = 0.3, unembedding_lr: float = 0.008,
+                    scalar_lr: float = 0.5, weight_decay: float = 0.0, adam_betas=(0.8, 0.95),
+                    **muon_kwargs) -> MuonAdamW:
+    """The standard optimizer for a model with `param_groups()` -> {"matrix", "embedding", "lm_head", "scalar"}.
+
+    Weight decay applies to the Muon (matrix) group only; `muon_kwargs` go to `MuonAdamW`
+    (orth, ns_steps, normuon, beta2, cautious_wd, orth_dtype, momentum, compile, ...).
+    """
+    named = model.param_groups()
+    expected = {"matrix", "embedding", "lm_head", "scalar"}
+    if set(named) != expected:
+        raise ValueError(f"model.param_groups() must return the keys {sorted(expected)}, got {sorted(named)}")
+    if hasattr(model, "parameters"):
+        grouped = [p for ps in named.values() for p in ps]
+        if len({id(p) for p in grouped}) != len(grouped):
+            raise ValueError("model.param_groups() lists a parameter twice")
+        grouped_ids = {id(p) for p in grouped}
+        missing = [tuple(p.shape) for p in model.parameters() if id(p) not in grouped_ids]
+        if missing:
+            raise ValueError(f"model.param_groups() leaves out parameters of shapes {missing}: they would never train")
+    groups = [
+        dict(kind="muon", params=list(named["matrix"]), lr=matrix_lr, weight_decay=weight_decay),
+        dict(kind="adamw", params=list(named["embedding"]), lr=embedding_lr, betas=tuple(adam_betas)),
+        dict(kind="adamw", params=list(named["lm_head"]), lr=unembedding_lr, betas=tuple(adam_betas)),
+        dict(kind="adamw", params=list(named["scalar"]), lr=scalar_lr, betas=tuple(adam_betas)),
+    ]
+    return MuonAdamW([g for g in groups if g["params"]], adam_betas=adam_betas, **muon_kwargs)
