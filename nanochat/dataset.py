@@ -525,7 +525,8 @@ def _download_one(repo_id: str, name: str, data_dir: Path, retries: int) -> str:
     staging = data_dir / ".partial"  # hf_hub_download resumes its own *.incomplete files here
     for attempt in range(retries + 1):
         try:
-            got = Path(hf_hub_download(repo_id, name, repo_type="dataset", local_dir=staging))
+            got = Path(hf_hub_download(repo_id, name, repo_type="dataset", local_dir=staging,
+                                       endpoint=hub_endpoint(), etag_timeout=10))
             if not verify_parquet(got):
                 got.unlink(missing_ok=True)
                 raise DataError(f"{name}: downloaded file is not valid parquet")
@@ -595,8 +596,10 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     commands = ("download", "prepare", "embedded", "info")
     command = argv.pop(0) if argv and argv[0] in commands else "download"
-    p = argparse.ArgumentParser(prog=f"python -m nanochat.dataset {command}",
-                                description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(
+        prog=f"python -m nanochat.dataset {command}", description=__doc__.split("\n\n")[0],
+        epilog="commands: [download] -n N [--source climbmix|fineweb-edu] | prepare --input PATH "
+               "[--val-fraction F] | embedded | info  (each takes --data-dir; see --help after the command)")
     p.add_argument("--data-dir", default=None, help="data folder (default <base>/base_data)")
     if command == "download":
         p.add_argument("-n", "--num-shards", type=int, required=True, help="number of train shards")

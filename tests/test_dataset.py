@@ -240,8 +240,9 @@ def test_download_resumes_and_writes_pinned_manifest(tmp_path, monkeypatch):
 
     calls = Counter()
 
-    def fake_download(repo_id, filename, repo_type, local_dir):
+    def fake_download(repo_id, filename, repo_type, local_dir, endpoint, etag_timeout):
         assert repo_type == "dataset" and repo_id == "karpathy/climbmix-400b-shuffle"
+        assert endpoint == "https://huggingface.co" and etag_timeout <= 10
         calls[filename] += 1
         out = dataset.Path(local_dir) / filename
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -251,6 +252,7 @@ def test_download_resumes_and_writes_pinned_manifest(tmp_path, monkeypatch):
             pq.write_table(pa.table({"text": [filename]}), out)
         return str(out)
 
+    monkeypatch.delenv("HF_ENDPOINT", raising=False)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
     monkeypatch.setattr(dataset, "probe_hub", lambda *a, **k: None)
     monkeypatch.setattr(dataset.time, "sleep", lambda s: None)
