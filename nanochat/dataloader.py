@@ -43,7 +43,6 @@ import torch
 from nanochat.dataset import DataError, ShardReader, Unit, list_units
 
 STATE_VERSION = 1
-_STOP = object()
 
 
 class Packer:
@@ -70,7 +69,7 @@ class Packer:
         self.pending: list[np.ndarray | None] = []  # tokens of unit next_c (None = empty doc)
         self.pending_c = None
         self.stats = dict(batches=0, rows=0, docs_read=0, docs_packed=0, placed_tokens=0, cropped_tokens=0,
-                          long_docs=0, empty_docs=0, corrupt_units=0, units_read=0)
+                          long_docs=0, empty_docs=0, corrupt_units=0)
         self.stats.update(stats)
         self._futures.clear()
 
@@ -92,17 +91,21 @@ class Packer:
     def _unit_tokens(self, c: int):
         fut = self._futures.pop(c, None)
         result = fut.result() if fut is not None else self._tokenize_unit(c)
-        for ahead in (c + 1,):  # read and tokenise the next unit while this one is packed
-            if ahead not in self._futures:
-                self._futures[ahead] = self._lookahead.submit(self._tokenize_unit, ahead)
+        if c + 1 not in self._futures:  # read and tokenise the next unit while this one is packed
+            self._futures[c + 1] = self._lookahead.submit(self._tokenize_unit, c + 1)
         for stale in [x for x in self._futures if x < c]:
             self._futures.pop(stale).cancel()
         return result
 
     def _pull(self) -> None:
         """Move the next non-empty document of the stream into the buffer."""
+        units_without_docs = 0
         while True:
             if self.pending_c != self.next_c:
+                units_without_docs += 1
+                if units_without_docs > len(self.units) + 1:
+                    raise DataError(f"a whole epoch ({len(self.units)} row groups, from {self.units[0].path}) gave "
+                                    f"no document: every one is empty or unreadable")
                 result = self._unit_tokens(self.next_c)
                 if isinstance(result, DataError):
                     if not self.skip_corrupt:
@@ -111,7 +114,6 @@ class Packer:
                     self.next_c, self.next_k = self.next_c + 1, 0
                     continue
                 self.pending, self.pending_c = result, self.next_c
-                self.stats["units_read"] += 1
             if self.next_k >= len(self.pending):
                 self.next_c, self.next_k = self.next_c + 1, 0
                 continue
@@ -260,6 +262,7 @@ class DataLoader:
         self._stop = threading.Event()
         self._yielded = 0
         self._error: BaseException | None = None
+        self._closed = False
         if state is not None:
             self.load_state_dict(state)
 
@@ -293,6 +296,8 @@ class DataLoader:
             raise StopIteration
         if self._error is not None:  # the packer stopped mid-batch: only load_state_dict can restart it
             raise self._error
+        if self._closed:
+            raise RuntimeError("this DataLoader is closed; build a new one (pass state=... to resume)")
         if self._thread is None:
             self._start()
         item = self._queue.get()
@@ -330,6 +335,8 @@ class DataLoader:
         return {**self._stats, "skipped_files": len(self.skipped_files)}
 
     def close(self) -> None:
+        """Stop the threads. Final: batches read ahead are dropped, so the loader cannot go on."""
+        self._closed = True
         self._halt()
         self.packer.close()
 
@@ -342,5 +349,5 @@ class DataLoader:
     def __del__(self):
         try:
             self.close()
-        except Exception:  # noqa: BLE001  (interpreter shutdown)
+        except Exception:  # noqa: BLE001  (half-built object or interpreter shutdown)
             pass

@@ -166,13 +166,14 @@ def test_exact_resume_mid_epoch_and_across_epoch_boundary(data):
             states.append(json.loads(json.dumps(dl.state_dict())))  # JSON round trip
             epochs.append(dl.stats()["epoch"])
             if len(full) == n:
+                final_stats = dl.stats()
                 break
     boundary = epochs.index(1)  # first batch after which the stream is in epoch 1
     assert len(json.dumps(states[-1])) < 4000
     for cut in sorted({0, 1, 7, 23, boundary - 1, boundary, boundary + 1, n - 2}):
         with DataLoader(tok, B, T, data_dir=data, buffer_size=buf, state=states[cut]) as resumed:
             assert_same(take(resumed, n - cut), full[cut:])
-            assert resumed.stats()["batches"] == n
+            assert resumed.stats() == final_stats
 
 
 def test_load_state_dict_on_a_running_loader(data):
@@ -184,6 +185,8 @@ def test_load_state_dict_on_a_running_loader(data):
         take(dl, 7)  # producer now far ahead
         dl.load_state_dict(state)
         assert_same(take(dl, 5), after)
+    with pytest.raises(RuntimeError, match="closed"):
+        next(dl)
 
 
 def test_state_mismatch_is_refused(data):
@@ -261,6 +264,14 @@ def test_empty_and_overlong_documents_are_counted(tmp_path):
     assert s["empty_docs"] > 0 and s["long_docs"] > 0 and s["cropped_tokens"] > 0
     # every document read is skipped as empty, packed, or still buffered (buffer_size - 1 after a batch)
     assert s["docs_read"] == s["empty_docs"] + s["docs_packed"] + 2
+
+
+def test_split_of_only_empty_documents_is_an_error_not_a_hang(tmp_path):
+    pq.write_table(pa.table({"text": ["", " ", "\n"] * 5}), tmp_path / "train.parquet", row_group_size=4)
+    pq.write_table(pa.table({"text": ["v"]}), tmp_path / "val.parquet")
+    with DataLoader(ByteTokenizer(), 1, 16, data_dir=tmp_path, buffer_size=2) as dl:
+        with pytest.raises(DataError, match="gave no document"):
+            next(dl)
 
 
 def test_tokenizer_error_reaches_the_consumer():
