@@ -23,6 +23,7 @@ REF_DEPTH = 12  # the batch-size and weight-decay rules are anchored at depth 12
 REF_BATCH = 2 ** 19  # tokens per step at the anchor (Power Lines, arXiv 2505.13738)
 BATCH_EXPONENT = 0.383  # B* grows as D^0.383
 BASE_WEIGHT_DECAY = 0.28  # Muon, at the anchor batch and horizon
+MAX_DECAY_PER_STEP = 0.035  # cap on matrix lr x weight decay (see weight_decay)
 
 
 def model_config(depth: int, aspect_ratio: int = 64, head_dim: int = 128, max_seq_len: int = 2048,
@@ -85,9 +86,18 @@ def learning_rates(total_batch_size: int, n_embd: int, matrix_lr: float = 0.02, 
             "unembedding_lr": unembedding_lr * batch * width, "scalar_lr": scalar_lr * batch}
 
 
-def weight_decay(total_batch_size: int, tokens: float, ref_tokens: float, base: float = BASE_WEIGHT_DECAY) -> float:
-    """Muon weight decay 0.28 * sqrt(B / 2^19) * (D_ref / D): longer runs need less decay per step."""
-    return base * math.sqrt(total_batch_size / REF_BATCH) * (ref_tokens / tokens)
+def weight_decay(total_batch_size: int, tokens: float, ref_tokens: float, base: float = BASE_WEIGHT_DECAY,
+                 matrix_lr: float = 0.02) -> float:
+    """Muon weight decay 0.28 * sqrt(B / 2^19) * (D_ref / D): longer runs need less decay per step.
+
+    The rule was fitted for horizons near the reference's (d8-d26). For far shorter runs (CPU demos,
+    sweeps at tiny budgets) D_ref / D explodes -- a 40k-token run would get wd ~560, i.e. weights shrunk
+    ~99% per step. We cap the per-step decay lr * wd at MAX_DECAY_PER_STEP (~5x what the rule gives at d8),
+    which leaves every reference-scale run untouched.
+    """
+    wd = base * math.sqrt(total_batch_size / REF_BATCH) * (ref_tokens / tokens)
+    lr = matrix_lr * math.sqrt(total_batch_size / REF_BATCH)
+    return min(wd, MAX_DECAY_PER_STEP / lr)
 
 
 def resolve_horizon(tokens_per_step: int, scaling_params: int, flops_per_tok: float, num_iterations: int = -1,
