@@ -206,6 +206,7 @@ class Packer:
     def derived_stats(self) -> dict:
         s = dict(self.stats)
         s["epoch"] = self.next_c // len(self.units)
+        s["docs_seen"] = s["docs_packed"]  # documents that went into rows (whole or cropped)
         s["utilisation"] = s["placed_tokens"] / max(1, s["rows"] * (self.T + 1))
         s["crop_fraction"] = s["cropped_tokens"] / max(1, s["placed_tokens"] + s["cropped_tokens"])
         return s
@@ -329,7 +330,7 @@ class DataLoader:
         self._stats = self.packer.derived_stats()
 
     def stats(self) -> dict:
-        """Packing statistics as of the last batch handed out: epoch, batches, docs_read, docs_packed,
+        """Packing statistics as of the last batch handed out: epoch, batches, docs_read, docs_seen (packed),
         utilisation (non-padding fraction of row tokens), crop_fraction (tokens discarded by crops over
         tokens consumed), cropped_tokens, long_docs, empty_docs, corrupt_units, skipped_files."""
         return {**self._stats, "skipped_files": len(self.skipped_files)}

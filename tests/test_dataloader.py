@@ -5,6 +5,7 @@ import json
 import random
 import re
 import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -303,3 +304,40 @@ def test_works_with_the_project_tokenizer(data):
     assert all((x[:, 0] == bos).all() for x, _ in got)
     assert max(int(x.max()) for x, _ in got) < tok.get_vocab_size()
     assert_same(got, reference_batches(tok, data, 2, 64, 8, 10))
+
+
+def _rank_worker(rank, world_size, port, data_dir, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        with DataLoader(ByteTokenizer(), 2, 128, data_dir=data_dir, buffer_size=8, rank=dist.get_rank(),
+                        world_size=dist.get_world_size()) as dl:
+            ids = set()
+            for x, y in take(dl, 30):
+                text = bytes(t if t != BOS else ord("\n") for t in torch.cat([x, y[:, -1:]], 1).flatten().tolist())
+                ids |= {m.decode() for m in re.findall(rb"\n#(\d{5})#", text)}
+        docs = [d[1:6] for d in dataset.iter_documents("train", data_dir, dist.get_rank(), dist.get_world_size())]
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, (sorted(ids), docs))
+        if rank == 0:
+            (Path(out_dir) / "result.json").write_text(json.dumps(gathered))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_processes_on_gloo_read_disjoint_documents_covering_the_split(data, tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_rank_worker, args=(2, port, str(data), str(tmp_path)), nprocs=2, join=True)
+    (seen0, docs0), (seen1, docs1) = json.loads((tmp_path / "result.json").read_text())
+    assert seen0 and seen1 and not set(seen0) & set(seen1)
+    assert set(seen0) <= set(docs0) and set(seen1) <= set(docs1)
+    assert not set(docs0) & set(docs1)
+    assert sorted(docs0 + docs1) == sorted(d[1:6] for d in dataset.iter_documents("train", data))
