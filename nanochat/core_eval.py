@@ -1,0 +1,564 @@
+"""The CORE metric (DCLM, arXiv 2406.11794): 22 in-context-learning tasks, one centered score.
+
+Protocol (kept identical to the reference nanochat implementation, see REFERENCE.md section 6):
+- each task's rows are shuffled with `random.Random(1337)`; `max_per_task > 0` keeps the first N;
+- example `idx` gets `num_fewshot` examples drawn by `random.Random(1234 + idx).sample` from the
+  other indices of that (shuffled, truncated) list, joined by a blank line;
+- prompts are rendered with jinja2 templates and tokenized with BOS prepended;
+- multiple_choice: one sequence per choice, continuation = tokens after the common prefix;
+  schema: one sequence per context option, continuation = the common suffix;
+  the option with the lowest mean cross-entropy over its continuation wins (first on ties);
+- language_modeling: contexts are `trim`med, the continuation starts where the tokens of the
+  stripped prompt-without-continuation end; correct iff greedy argmax reproduces every token;
+- sequences longer than the model's training context keep their last `max_seq_len` tokens;
+- accuracy per task, centered = (acc - rb) / (1 - rb), CORE = mean of centered over tasks.
+
+Speed: the reference runs one example per forward pass (`batched=False` here, kept as the
+reference path). The batched path sorts all sequences of a task by length and packs them,
+right-padded with BOS, into forwards of at most `batch_tokens` tokens. Causal attention means
+right padding never changes the scored positions, so decisions match the unbatched path.
+Distributed: rank r evaluates examples r, r+W, ... and the correct counts are all-reduced.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from jinja2 import Environment
+
+EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
+EVAL_BUNDLE_ENV = "NANOCHAT_EVAL_BUNDLE"
+TASK_TYPES = ("multiple_choice", "schema", "language_modeling")
+SHUFFLE_SEED = 1337
+FEWSHOT_SEED = 1234
+
+
+class EvalBundleError(RuntimeError):
+    """The CORE eval bundle is missing, malformed or could not be downloaded."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the eval bundle: find it, or download it once
+
+
+def _is_bundle(path: Path) -> bool:
+    return (path / "core.yaml").is_file() and (path / "eval_meta_data.csv").is_file() and (path / "eval_data").is_dir()
+
+
+def _how_to_provide(base_dir: Path) -> str:
+    return (f"Provide the bundle yourself: pass --eval-bundle PATH (or set {EVAL_BUNDLE_ENV}=PATH) pointing at a "
+            f"folder holding core.yaml, eval_meta_data.csv and eval_data/, or copy such a folder to "
+            f"{base_dir / 'eval_bundle'} (on a networked machine it is downloaded there on first use from "
+            f"{EVAL_BUNDLE_URL}).")
+
+
+def resolve_eval_bundle(bundle_dir: str | os.PathLike | None = None, base_dir: str | os.PathLike | None = None,
+                        download: bool = True, url: str = EVAL_BUNDLE_URL, timeout: float = 10.0) -> Path:
+    """The eval bundle folder: `bundle_dir`, else env NANOCHAT_EVAL_BUNDLE, else `<base>/eval_bundle`,
+    downloaded there on first use (file-locked, so concurrent ranks download it once)."""
+    if base_dir is None:
+        from nanochat.common import get_base_dir
+
+        base_dir = get_base_dir()
+    base_dir = Path(base_dir)
+    for source, given in (("--eval-bundle", bundle_dir), (EVAL_BUNDLE_ENV, os.environ.get(EVAL_BUNDLE_ENV))):
+        if given:
+            path = Path(given).expanduser()
+            if not _is_bundle(path):
+                raise EvalBundleError(f"{source}={path} is not a CORE eval bundle (it needs core.yaml, "
+                                      f"eval_meta_data.csv and eval_data/). " + _how_to_provide(base_dir))
+            return path
+    target = base_dir / "eval_bundle"
+    if _is_bundle(target):
+        return target
+    if not download:
+        raise EvalBundleError(f"No CORE eval bundle at {target}. " + _how_to_provide(base_dir))
+    from filelock import FileLock
+
+    base_dir.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(base_dir / "eval_bundle.lock")):
+        if not _is_bundle(target):  # another process may have finished while we waited
+            _download_bundle(url, target, timeout)
+    return target
+
+
+def _download_bundle(url: str, target: Path, timeout: float) -> None:
+    """Download the zip to a temp file, unpack into a temp dir beside `target`, rename into place."""
+    tmp_dir = Path(tempfile.mkdtemp(prefix=".eval_bundle_tmp_", dir=target.parent))
+    try:
+        zip_path = tmp_dir / "eval_bundle.zip"
+        try:
+            # short timeout: connect and each read; offline this fails in well under a second
+            with urllib.request.urlopen(url, timeout=timeout) as response, open(zip_path, "wb") as f:
+                shutil.copyfileobj(response, f, length=1 << 20)
+        except (urllib.error.URLError, OSError, TimeoutError) as e:
+            raise EvalBundleError(f"Could not download the CORE eval bundle from {url} ({e}). "
+                                  + _how_to_provide(target.parent)) from e
+        unpack = tmp_dir / "unpacked"
+        try:
+            with zipfile.ZipFile(zip_path) as zf:
+                zf.extractall(unpack)
+        except zipfile.BadZipFile as e:
+            raise EvalBundleError(f"The download from {url} is not a valid zip file ({e}). "
+                                  + _how_to_provide(target.parent)) from e
+        found = [p.parent for p in unpack.rglob("core.yaml") if _is_bundle(p.parent)]
+        if not found:
+            raise EvalBundleError(f"The zip from {url} holds no core.yaml/eval_meta_data.csv/eval_data/. "
+                                  + _how_to_provide(target.parent))
+        os.replace(found[0], target)  # atomic on one filesystem: readers see all of it or nothing
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks and their data
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    label: str
+    task_type: str
+    dataset_uri: str
+    num_fewshot: int
+    continuation_delimiter: str = " "
+    random_baseline: float = 0.0  # in percent, as in eval_meta_data.csv
+
+
+def load_task_specs(bundle_dir: str | os.PathLike) -> list[TaskSpec]:
+    """Tasks of core.yaml with their random baselines from eval_meta_data.csv."""
+    bundle_dir = Path(bundle_dir)
+    with open(bundle_dir / "core.yaml", encoding="utf-8") as f:
+        config = yaml.safe_load(f)
+    baselines = {}
+    with open(bundle_dir / "eval_meta_data.csv", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            baselines[row["Eval Task"]] = float(row["Random baseline"])
+    specs = []
+    for task in config["icl_tasks"]:
+        label = task["label"]
+        if task["icl_task_type"] not in TASK_TYPES:
+            raise EvalBundleError(f"task {label}: unknown icl_task_type {task['icl_task_type']!r} "
+                                  f"(expected one of {TASK_TYPES})")
+        if label not in baselines:
+            raise EvalBundleError(f"task {label}: no 'Random baseline' row in {bundle_dir / 'eval_meta_data.csv'}")
+        specs.append(TaskSpec(label=label, task_type=task["icl_task_type"], dataset_uri=task["dataset_uri"],
+                              num_fewshot=int(task["num_fewshot"][0]),
+                              continuation_delimiter=task.get("continuation_delimiter", " "),
+                              random_baseline=baselines[label]))
+    return specs
+
+
+def load_task_data(bundle_dir: str | os.PathLike, spec: TaskSpec, max_per_task: int = -1) -> list[dict] | None:
+    """The task's rows after the seed-1337 shuffle (and truncation to `max_per_task` if > 0);
+    None when the data file is missing."""
+    path = Path(bundle_dir) / "eval_data" / spec.dataset_uri
+    if not path.is_file():
+        return None
+    with open(path, encoding="utf-8") as f:
+        data = [json.loads(line) for line in f if line.strip()]
+    random.Random(SHUFFLE_SEED).shuffle(data)
+    if max_per_task > 0:
+        data = data[:max_per_task]
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts
+
+_MC_TEMPLATE = """
+{%- for example in fewshot_examples -%}
+{{ example.query }}{{ continuation_delimiter }}{{ example.choices[example.gold] }}
+
+{% endfor -%}
+{{ item.query }}{{ continuation_delimiter }}{{ choice }}""".strip()
+
+_SCHEMA_TEMPLATE = """
+{%- for example in fewshot_examples -%}
+{{ example.context_options[example.gold] }}{{ continuation_delimiter }}{{ example.continuation }}
+
+{% endfor -%}
+{{ context }}{{ continuation_delimiter }}{{ item.continuation }}""".strip()
+
+_LM_TEMPLATE = """
+{%- for example in fewshot_examples -%}
+{{ example.context | trim }}{{ continuation_delimiter }}{{ example.continuation }}
+
+{% endfor -%}
+{{ item.context | trim }}{{ continuation_delimiter }}{% if include_continuation %}{{ item.continuation }}{% endif %}""".strip()
+
+
+@lru_cache(maxsize=None)
+def _template(source: str):
+    return Environment().from_string(source)  # compiled once per process, not once per example
+
+
+def render_prompts_mc(item: dict, continuation_delimiter: str, fewshot_examples: list[dict] = ()) -> list[str]:
+    """One prompt per choice; they share the context, so the continuation is the token suffix after the common prefix."""
+    t = _template(_MC_TEMPLATE)
+    return [t.render(fewshot_examples=fewshot_examples, continuation_delimiter=continuation_delimiter,
+                     item=item, choice=choice) for choice in item["choices"]]
+
+
+def render_prompts_schema(item: dict, continuation_delimiter: str, fewshot_examples: list[dict] = ()) -> list[str]:
+    """One prompt per context option; they share the continuation (the common token suffix)."""
+    t = _template(_SCHEMA_TEMPLATE)
+    return [t.render(fewshot_examples=fewshot_examples, continuation_delimiter=continuation_delimiter,
+                     item=item, context=context) for context in item["context_options"]]
+
+
+def render_prompts_lm(item: dict, continuation_delimiter: str, fewshot_examples: list[dict] = ()) -> list[str]:
+    """[prompt without continuation (stripped), prompt with continuation].
+
+    The strip matters: a trailing space in the prompt-without would be absorbed into the first
+    continuation token in the prompt-with, and the former would not be a token prefix of the latter.
+    """
+    t = _template(_LM_TEMPLATE)
+    kw = dict(fewshot_examples=fewshot_examples, continuation_delimiter=continuation_delimiter, item=item)
+    return [t.render(include_continuation=False, **kw).strip(), t.render(include_continuation=True, **kw)]
+
+
+class _AllIndicesBut(Sequence):
+    """range(n) without `skip`, lazily: `random.sample` only uses len() and indexing, so sampling from
+    this gives exactly what sampling from the materialised list gives, in O(k) instead of O(n)."""
+
+    def __init__(self, n: int, skip: int):
+        self.n, self.skip = n, skip
+
+    def __len__(self) -> int:
+        return self.n - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return i if i < self.skip else i + 1
+
+
+def fewshot_indices(n: int, idx: int, num_fewshot: int) -> list[int]:
+    """Indices of the few-shot examples of example `idx` among `n`: `Random(1234 + idx).sample` of the others."""
+    if num_fewshot <= 0:
+        return []
+    if num_fewshot > n - 1:
+        raise ValueError(f"{num_fewshot}-shot needs at least {num_fewshot + 1} examples, the task has {n}; "
+                         "raise max_per_task")
+    return random.Random(FEWSHOT_SEED + idx).sample(_AllIndicesBut(n, idx), num_fewshot)
+
+
+def render_example(data: list[dict], idx: int, spec: TaskSpec) -> list[str]:
+    fewshot = [data[i] for i in fewshot_indices(len(data), idx, spec.num_fewshot)]
+    render = {"multiple_choice": render_prompts_mc, "schema": render_prompts_schema,
+              "language_modeling": render_prompts_lm}[spec.task_type]
+    return render(data[idx], spec.continuation_delimiter, fewshot)
+
+
+# ---------------------------------------------------------------------------------------------
+# tokens and scored positions
+
+
+def common_prefix_length(seqs: list[list[int]]) -> int:
+    n = min(len(s) for s in seqs)
+    first = seqs[0]
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs):
+            return i
+    return n
+
+
+def common_suffix_length(seqs: list[list[int]]) -> int:
+    return common_prefix_length([s[::-1] for s in seqs])
+
+
+@dataclass
+class PreparedExample:
+    """One example ready for the model. Sequence j scores its tokens [starts[j], ends[j])."""
+
+    idx: int
+    task_type: str
+    tokens: list[list[int]]
+    starts: list[int]
+    ends: list[int]
+    gold: int | None = None
+    cropped: bool = False
+
+
+def continuation_spans(task_type: str, tokens: list[list[int]]) -> tuple[list[list[int]], list[int], list[int]]:
+    """(sequences to run, starts, ends) from the tokenized prompts of one example."""
+    if task_type == "multiple_choice":
+        start = common_prefix_length(tokens)
+        return tokens, [start] * len(tokens), [len(t) for t in tokens]
+    if task_type == "schema":
+        suffix = common_suffix_length(tokens)
+        return tokens, [len(t) - suffix for t in tokens], [len(t) for t in tokens]
+    without, with_ = tokens
+    start = len(without)
+    if with_[:start] != without:
+        # tokenization merged across the boundary (the reference asserts here); score from the
+        # first differing token so the example is still judged on its continuation
+        start = common_prefix_length([without, with_])
+    return [with_], [start], [len(with_)]
+
+
+def crop_left(tokens: list[int], start: int, end: int, max_seq_len: int | None) -> tuple[list[int], int, int]:
+    """Keep the last `max_seq_len` tokens and shift the scored span; position 0 has no predecessor,
+    so a continuation longer than the window is scored from position 1."""
+    if max_seq_len is None or len(tokens) <= max_seq_len:
+        return tokens, start, end
+    crop = len(tokens) - max_seq_len
+    return tokens[crop:], max(start - crop, 1), end - crop
+
+
+def prepare_examples(data: list[dict], indices: list[int], spec: TaskSpec, tokenizer,
+                     max_seq_len: int | None = None) -> list[PreparedExample]:
+    """Render and tokenize the examples `indices` of `data` (one batched encode call for all prompts)."""
+    prompts, owners = [], []
+    for idx in indices:
+        ps = render_example(data, idx, spec)
+        prompts.extend(ps)
+        owners.append(len(ps))
+    all_tokens = tokenizer.encode(prompts, prepend=tokenizer.get_bos_token_id()) if prompts else []
+    out, pos = [], 0
+    for idx, count in zip(indices, owners):
+        seqs, starts, ends = continuation_spans(spec.task_type, [list(t) for t in all_tokens[pos:pos + count]])
+        pos += count
+        cropped = False
+        if max_seq_len is not None:
+            triples = [crop_left(t, s, e, max_seq_len) for t, s, e in zip(seqs, starts, ends)]
+            cropped = any(len(t) > max_seq_len for t in seqs)
+            seqs, starts, ends = (list(x) for x in zip(*triples))
+        out.append(PreparedExample(idx=idx, task_type=spec.task_type, tokens=seqs, starts=starts, ends=ends,
+                                   gold=data[idx].get("gold"), cropped=cropped))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# forward passes
+
+
+@torch.no_grad()
+def score_rows(model, rows: list[tuple[list[int], int, int]], pad_id: int, device) -> list[tuple[float, bool]]:
+    """One forward over right-padded rows; per row (mean loss over its span, argmax reproduces the span).
+
+    Position p predicts token p+1, so span [s, e) is scored from the logits at s-1 .. e-2. Only the
+    scored positions go through the softmax (the full (B, T, V) cross-entropy would double memory).
+    """
+    B, T = len(rows), max(len(t) for t, _, _ in rows)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    row_idx, pos_idx, lengths = [], [], []
+    for i, (t, s, e) in enumerate(rows):
+        s = max(s, 1)  # position 0 (BOS) has no predecessor to predict it
+        ids[i, :len(t)] = torch.tensor(t, dtype=torch.long)
+        row_idx.extend([i] * (e - s))
+        pos_idx.extend(range(s - 1, e - 1))
+        lengths.append(e - s)
+    ids = ids.to(device)
+    logits_BTV = model(ids)
+    r = torch.tensor(row_idx, device=logits_BTV.device)
+    p = torch.tensor(pos_idx, device=logits_BTV.device)
+    logits_NV = logits_BTV[r, p].float()
+    targets_N = ids.to(logits_BTV.device)[r, p + 1]
+    losses_N = F.cross_entropy(logits_NV, targets_N, reduction="none")
+    hits_N = logits_NV.argmax(dim=-1) == targets_N
+    out = []
+    for loss, hit in zip(losses_N.split(lengths), hits_N.split(lengths)):
+        out.append((loss.mean().item() if len(loss) else float("nan"), bool(hit.all().item())))
+    return out
+
+
+def pack_rows(lengths: list[int], batch_tokens: int, max_rows: int = 512) -> list[list[int]]:
+    """Group row indices into forwards: longest first, each forward at most `batch_tokens`
+    padded tokens (a row longer than the budget goes alone). Sorting keeps padding small."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups, current = [], []
+    for i in order:
+        # rows arrive longest first, so the group's padded width is the length of its first row
+        if current and ((len(current) + 1) * lengths[current[0]] > batch_tokens or len(current) >= max_rows):
+            groups.append(current)
+            current = []
+        current.append(i)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def decide(example: PreparedExample, results: list[tuple[float, bool]]) -> dict:
+    """The example's decision from its rows' (mean loss, all-argmax-match)."""
+    if example.task_type == "language_modeling":
+        return {"idx": example.idx, "correct": results[0][1]}
+    scores = [m for m, _ in results]
+    finite = [m if math.isfinite(m) else math.inf for m in scores]
+    pred = finite.index(min(finite))  # first minimum, as list.index(min(...)) in the reference
+    return {"idx": example.idx, "correct": pred == example.gold, "pred": pred, "gold": example.gold,
+            "scores": [round(m, 6) for m in scores]}
+
+
+def run_examples(model, examples: list[PreparedExample], pad_id: int, device, batched: bool = True,
+                 batch_tokens: int = 8192) -> list[dict]:
+    """Decisions for `examples`, in order. `batched=False` is the reference: one forward per example."""
+    if not batched:
+        return [decide(ex, score_rows(model, list(zip(ex.tokens, ex.starts, ex.ends)), pad_id, device))
+                for ex in examples]
+    rows, owner = [], []
+    for k, ex in enumerate(examples):
+        rows.extend(zip(ex.tokens, ex.starts, ex.ends))
+        owner.extend([k] * len(ex.tokens))
+    results: list = [None] * len(rows)
+    for group in pack_rows([len(t) for t, _, _ in rows], batch_tokens):
+        for i, res in zip(group, score_rows(model, [rows[i] for i in group], pad_id, device)):
+            results[i] = res
+    per_example: list[list] = [[] for _ in examples]
+    for i, res in enumerate(results):
+        per_example[owner[i]].append(res)  # rows were appended example by example, so order holds
+    return [decide(ex, res) for ex, res in zip(examples, per_example)]
+
+
+# ---------------------------------------------------------------------------------------------
+# tasks and the CORE aggregate
+
+
+def _dist_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _all_reduce_sum(values: list[float], device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.get_backend() == "nccl":
+        t = t.to(device if torch.device(device).type == "cuda" else "cuda")
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu().tolist()
+
+
+def evaluate_task(model, tokenizer, data: list[dict], device, spec: TaskSpec, max_seq_len: int | None = None,
+                  batched: bool = True, batch_tokens: int = 8192, collect_examples: bool = False) -> dict:
+    """Accuracy of `model` on one task's (already shuffled/truncated) `data`, across all ranks.
+
+    Returns {accuracy, correct, n, examples (rank 0, when collect_examples: every example's decision)}.
+    """
+    rank, world = _dist_info()
+    indices = list(range(rank, len(data), world))
+    prepared = prepare_examples(data, indices, spec, tokenizer, max_seq_len)
+    decisions = run_examples(model, prepared, tokenizer.get_bos_token_id(), device, batched, batch_tokens)
+    correct = float(sum(d["correct"] for d in decisions))
+    n_cropped = float(sum(ex.cropped for ex in prepared))
+    if world > 1:
+        correct, n_cropped = _all_reduce_sum([correct, n_cropped], device)
+    out = {"accuracy": correct / len(data) if data else float("nan"), "correct": int(correct), "n": len(data),
+           "cropped": int(n_cropped)}
+    if collect_examples:
+        if world > 1:
+            gathered = [None] * world
+            dist.all_gather_object(gathered, decisions)
+            decisions = sorted((d for part in gathered for d in part), key=lambda d: d["idx"])
+        out["examples"] = decisions
+    return out
+
+
+def centered_score(accuracy: float, random_baseline_percent: float) -> float:
+    rb = 0.01 * random_baseline_percent
+    return (accuracy - rb) / (1.0 - rb)
+
+
+def aggregate_core(tasks: dict[str, dict]) -> float:
+    """CORE = mean of the centered scores of the tasks evaluated (NaN when there are none)."""
+    centered = [t["centered"] for t in tasks.values()]
+    return sum(centered) / len(centered) if centered else float("nan")
+
+
+def _default_max_seq_len(model) -> int | None:
+    for obj in (model, getattr(model, "config", None)):
+        for name in ("max_seq_len", "sequence_len"):
+            value = getattr(obj, name, None)
+            if isinstance(value, int):
+                return value
+    return None
+
+
+def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task: int = -1, *,
+                  max_seq_len: int | None = None, tasks: list[str] | None = None, batched: bool = True,
+                  batch_tokens: int = 8192, dump_examples: str | os.PathLike | None = None,
+                  base_dir=None, verbose: bool = True) -> dict:
+    """Evaluate CORE. Returns {core, tasks: {label: {accuracy, centered, n, ...}}, missing, n_tasks,
+    n_examples, seconds, examples_per_second}.
+
+    `model(idx) -> logits (B, T, V)`; `tokenizer.encode(list, prepend=id)` and `get_bos_token_id()`.
+    `max_seq_len`: the context the model was trained with (default: `model.max_seq_len` or
+    `model.config.sequence_len`); longer prompts are cropped from the left. A task whose data file
+    is missing is listed in `missing` and CORE is the mean over the tasks present.
+    `dump_examples`: a jsonl path that receives every example's decision (rank 0 writes it).
+    """
+    bundle = resolve_eval_bundle(bundle_dir, base_dir=base_dir)
+    specs = load_task_specs(bundle)
+    if tasks is not None:
+        unknown = sorted(set(tasks) - {s.label for s in specs})
+        if unknown:
+            raise ValueError(f"unknown CORE task(s) {unknown}; known: {[s.label for s in specs]}")
+        specs = [s for s in specs if s.label in set(tasks)]
+    most_shots = max((s.num_fewshot for s in specs), default=0)
+    if 0 < max_per_task <= most_shots:
+        raise ValueError(f"max_per_task={max_per_task} is too small: {most_shots}-shot tasks draw their examples "
+                         f"from the other rows of the task, so use max_per_task > {most_shots} (or -1 for all)")
+    if max_seq_len is None:
+        max_seq_len = _default_max_seq_len(model)
+    rank, _ = _dist_info()
+    log = print if (verbose and rank == 0) else (lambda *a, **k: None)
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    results, missing, dump = {}, [], []
+    t_start = time.time()
+    for spec in specs:
+        data = load_task_data(bundle, spec, max_per_task)
+        if data is None:
+            missing.append(spec.label)
+            log(f"{spec.label:<34} MISSING: no data file {bundle / 'eval_data' / spec.dataset_uri}", flush=True)
+            continue
+        t0 = time.time()
+        res = evaluate_task(model, tokenizer, data, device, spec, max_seq_len=max_seq_len, batched=batched,
+                            batch_tokens=batch_tokens, collect_examples=dump_examples is not None)
+        seconds = time.time() - t0
+        centered = centered_score(res["accuracy"], spec.random_baseline)
+        results[spec.label] = {"accuracy": res["accuracy"], "centered": centered, "n": res["n"],
+                               "correct": res["correct"], "cropped": res["cropped"], "seconds": seconds,
+                               "task_type": spec.task_type, "num_fewshot": spec.num_fewshot}
+        log(f"{spec.label:<34} {spec.num_fewshot:>2}-shot {spec.task_type:<17} n={res['n']:<6} "
+            f"acc={res['accuracy']:.4f} centered={centered:+.4f} ({seconds:.1f}s)", flush=True)
+        for d in res.get("examples", []):
+            dump.append({"task": spec.label, **d})
+    seconds = time.time() - t_start
+    n_examples = sum(r["n"] for r in results.values())
+    core = aggregate_core(results)
+    if missing:
+        log(f"CORE over {len(results)} of {len(specs)} tasks: missing {', '.join(missing)}", flush=True)
+    if dump_examples is not None and rank == 0:
+        Path(dump_examples).parent.mkdir(parents=True, exist_ok=True)
+        with open(dump_examples, "w", encoding="utf-8") as f:
+            for d in dump:
+                f.write(json.dumps(d) + "\n")
+    if was_training and hasattr(model, "train"):
+        model.train()
+    return {"core": core, "tasks": results, "missing": missing, "n_tasks": len(results),
+            "n_tasks_total": len(specs), "n_examples": n_examples, "seconds": seconds,
+            "examples_per_second": n_examples / seconds if seconds > 0 else float("nan"),
+            "max_per_task": max_per_task, "max_seq_len": max_seq_len, "bundle": str(bundle)}
