@@ -372,6 +372,9 @@ def prepare(source: str | Path | Iterable[str], data_dir: str | Path | None = No
     log = print if verbose else (lambda *a, **k: None)
     if isinstance(source, (str, Path)):
         source_name = source_name or str(source)
+        if Path(source).exists() and Path(source).resolve() in (data_dir.resolve(), *data_dir.resolve().parents):
+            raise DataError(f"--input {source} contains the output folder {data_dir}: write the shards elsewhere "
+                            f"with --data-dir")
         docs = load_documents(source, text_field, encoding_errors, hf_config, hf_split)
     else:
         docs = list(source)

@@ -79,6 +79,8 @@ def test_prepare_refuses_to_overwrite_without_force(tmp_path):
         dataset.prepare(make_docs(10), tmp_path, verbose=False)
     dataset.prepare(make_docs(12), tmp_path, force=True, verbose=False)
     assert len(all_texts(tmp_path)) == 12
+    with pytest.raises(DataError, match="contains the output folder"):
+        dataset.prepare(tmp_path, tmp_path, force=True, verbose=False)
 
 
 def test_txt_paragraph_mode_keeps_all_text(tmp_path):
