@@ -341,3 +341,27 @@ def test_two_processes_on_gloo_read_disjoint_documents_covering_the_split(data, 
     assert set(seen0) <= set(docs0) and set(seen1) <= set(docs1)
     assert not set(docs0) & set(docs1)
     assert sorted(docs0 + docs1) == sorted(d[1:6] for d in dataset.iter_documents("train", data))
+
+
+def test_plain_folder_of_jsonl_and_txt_matches_reference(tmp_path):
+    """--data-dir on raw files (no prepare): jsonl/txt files are read in chunks of 1024 documents."""
+    docs = make_docs(2500, seed=5)
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:2100]))
+    (tmp_path / "b.txt").write_text("<|endoftext|>".join(docs[2100:2400]))
+    (tmp_path / "val.txt").write_text("<|endoftext|>".join(docs[2400:]))
+    assert len(dataset.list_units("train", tmp_path)[0]) == 3 + 1
+    tok = ByteTokenizer()
+    for rank in range(2):
+        with DataLoader(tok, 2, 256, data_dir=tmp_path, buffer_size=16, rank=rank, world_size=2) as dl:
+            assert_same(take(dl, 12), reference_batches(tok, tmp_path, 2, 256, 16, 12, rank, 2))
+
+
+def test_real_text_matches_reference(shared_data, tmp_path):
+    """Real web text (C4 + DCLM pages, unicode, long documents) through a plain data folder."""
+    (tmp_path / "c4.jsonl").symlink_to(shared_data / "text" / "c4" / "c4_en_train_first1000.jsonl")
+    (tmp_path / "val.jsonl").symlink_to(shared_data / "text" / "dolma_cc" / "cc_en_head-0091.jsonl")
+    tok = ByteTokenizer()
+    with DataLoader(tok, 4, 512, data_dir=tmp_path, buffer_size=64) as dl:
+        got = take(dl, 8)
+        assert dl.stats()["long_docs"] > 0
+    assert_same(got, reference_batches(tok, tmp_path, 4, 512, 64, 8))
