@@ -242,10 +242,11 @@ class DataLoader:
     def __init__(self, tokenizer, batch_size: int, seq_len: int, split: str = "train", device="cpu", rank: int = 0,
                  world_size: int = 1, data_dir: str | Path | None = None, buffer_size: int = 1000,
                  tokenizer_threads: int = 4, prefetch: int = 4, skip_corrupt: bool = False,
-                 max_batches: int | None = None, state: dict | None = None):
+                 max_batches: int | None = None, state: dict | None = None, text_field: str = "text",
+                 encoding_errors: str = "strict"):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
-        reader = ShardReader()
+        reader = ShardReader(text_field, encoding_errors)  # the last two matter for raw jsonl/txt folders only
         units, self.skipped_files = list_units(split, data_dir, reader, skip_corrupt)
         if world_size > len(units):
             raise DataError(f"{world_size} ranks but the {split} split has only {len(units)} row groups, so some ranks "

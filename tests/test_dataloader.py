@@ -365,3 +365,13 @@ def test_real_text_matches_reference(shared_data, tmp_path):
         got = take(dl, 8)
         assert dl.stats()["long_docs"] > 0
     assert_same(got, reference_batches(tok, tmp_path, 4, 512, 64, 8))
+
+
+def test_undecodable_raw_text_is_named_or_replaced(tmp_path):
+    (tmp_path / "train.txt").write_bytes("caf\xe9 ".encode("latin-1") * 50)
+    (tmp_path / "val.txt").write_text("fine")
+    with pytest.raises(DataError, match="train.txt is not valid UTF-8"):
+        DataLoader(ByteTokenizer(), 1, 16, data_dir=tmp_path)
+    with DataLoader(ByteTokenizer(), 1, 16, data_dir=tmp_path, encoding_errors="replace") as dl:
+        x, _ = next(dl)
+    assert bytes(x[0, 1:5].tolist()) == b"caf\xef"  # U+FFFD starts with 0xEF
