@@ -13,13 +13,16 @@ Everything a step depends on is a function of s, the weights, the optimizer stat
 loader position, all of which a checkpoint holds: resuming reproduces the uninterrupted run bit for
 bit (tested on CPU, including after SIGKILL).
 
-Test hook: env `NANOCHAT_TEST_NAN_STEP=k` multiplies the loss of step k by NaN (to test the
-non-finite-loss stop without a diverging run).
+Test hooks (environment): `NANOCHAT_TEST_NAN_STEP=k` multiplies the loss of step k by NaN (to test the
+non-finite-loss stop without a diverging run); `NANOCHAT_TEST_HANG_STEP=k` stops in the middle of
+step k (after backward, before the update), prints "hanging at step k" and waits for a signal, so a
+test can SIGKILL or SIGTERM a run at a known point.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import math
 import os
@@ -183,6 +186,9 @@ class SyntheticLoader:
 
     def load_state_dict(self, state: dict) -> None:
         self.count = state["count"]
+
+    def close(self) -> None:
+        pass
 
 
 def make_loader(args, tokenizer, split: str, ctx: RuntimeContext, grad_accum: int, vocab_size: int):
@@ -378,6 +384,10 @@ def _train(args, ctx: RuntimeContext) -> int:
     # --- report what is about to be trained -----------------------------------------------------------
     table = sizing_table(sizes, ctx, model)
     ctx.print0(table)
+    decay_per_step = plan.lrs["matrix_lr"] * plan.weight_decay
+    if decay_per_step > 0.05:  # the horizon rule D_ref / D explodes for very short runs
+        ctx.print0(f"WARNING: Muon weight decay x matrix LR = {decay_per_step:.3g} per step shrinks the weights "
+                   f"by that fraction each step (the run is very short for this model): set --weight-decay")
     if ctx.is_master:
         run_info = {"args": vars(args), "model_config": plan.config.to_dict(), "sizing": sizes,
                     "env": {"device_name": ctx.device_name, "peak_flops": ctx.peak_flops,
@@ -403,9 +413,10 @@ def _train(args, ctx: RuntimeContext) -> int:
         print("synthetic data: validation bpb, CORE and samples are off")
     core_available = evals_on
     nan_step = int(os.environ.get("NANOCHAT_TEST_NAN_STEP", "-1"))
+    hang_step = int(os.environ.get("NANOCHAT_TEST_HANG_STEP", "-1"))
 
-    def due(every: int, s: int) -> bool:
-        return s == N or (every > 0 and s % every == 0)
+    def due(every: int, s: int) -> bool:  # every > 0: periodic and last step; -1: last step only; 0: never
+        return every != 0 and (s == N or (every > 0 and s % every == 0))
 
     def save(s: int, reason: str) -> None:
         loader_states = gather_to_all(ctx, train_loader.state_dict())
@@ -423,7 +434,7 @@ def _train(args, ctx: RuntimeContext) -> int:
     beta = 0.9  # loss EMA; debiased by 1 - beta^n
     first_timed = step + 1  # the first step of a (re)start pays compilation and warm-up: not timed
     ctx.print0(f"training steps {step} -> {N}")
-    with StopSignal() as stop:
+    with StopSignal() as stop, contextlib.closing(train_loader):
         while step < N:
             t0 = time.time()
             try:
@@ -435,6 +446,10 @@ def _train(args, ctx: RuntimeContext) -> int:
                         loss = loss * float("nan")
                     loss_sum += loss.detach()
                     (loss / A).backward()
+                if step == hang_step:  # test hook: stuck mid-step until a signal (or SIGKILL) arrives
+                    print(f"hanging at step {step}", flush=True)
+                    while stop.received is None:
+                        time.sleep(0.05)
                 lrm = sizing.lr_multiplier(step, N, args.warmup_steps, args.warmdown_ratio, args.final_lr_frac)
                 wdm = sizing.weight_decay_multiplier(step, N)
                 for group in optimizer.param_groups:
@@ -509,7 +524,7 @@ def _train(args, ctx: RuntimeContext) -> int:
                 save(step, f"signal {stop.received or 'on another rank'}")
                 ctx.print0(f"stopped by signal at step {step}; resume with --resume-from-step {step}")
                 break
-            if due(args.save_every, step) and (args.save_every > 0 or step == N):
+            if step == N or (args.save_every > 0 and step % args.save_every == 0):
                 save(step, "final" if step == N else "periodic")
     if wandb_run is not None:
         wandb_run.finish()
@@ -524,9 +539,11 @@ def evaluate_val_bpb(args, model, tokenizer, ctx: RuntimeContext, token_bytes) -
     steps = max(1, args.eval_tokens // tokens_per_batch)
     loader = make_loader(args, tokenizer, "val", ctx, 1, tokenizer.get_vocab_size())
     model.eval()
-    bpb = evaluate_bpb(model, loader, steps, token_bytes)
-    model.train()
-    return bpb
+    try:
+        return evaluate_bpb(model, loader, steps, token_bytes)
+    finally:
+        model.train()
+        loader.close()
 
 
 def run_core(args, model, tokenizer, ctx: RuntimeContext) -> float | None:

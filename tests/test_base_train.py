@@ -1,0 +1,343 @@
+"""End-to-end tests of scripts/base_train.py: real tokenizer, real prepared dataset, real optimizer.
+
+A session fixture builds, once, a tiny artifact directory: a ~384-token BPE tokenizer trained on
+generated text and that text prepared as shards (nanochat.dataset.prepare). Runs use depth 1-2
+models at sequence length 32-64, so each takes seconds. Subprocess and torchrun tests use the
+test hooks of nanochat/train_loop.py (NANOCHAT_TEST_NAN_STEP / NANOCHAT_TEST_HANG_STEP).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+WORDS = ("the a one every some quick lazy brown red small large old new happy sad cat dog bird fish king queen "
+         "river mountain city house tree garden sun moon star runs jumps sings sleeps eats reads writes sees "
+         "finds loves under over near beside with without and but because while then 1 2 3 42 1999 2026").split()
+
+
+def generated_documents(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(n):
+        sentences = []
+        for _ in range(rng.randint(1, 6)):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(4, 14))]
+            sentences.append(" ".join(words).capitalize() + rng.choice(".!?"))
+        docs.append(" ".join(sentences))
+    return docs
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory) -> Path:
+    """An artifact dir with tokenizer/ (vocab 384) and base_data/ (train shards + pinned val shard)."""
+    from nanochat.dataset import prepare
+    from nanochat.tokenizer import Tokenizer
+
+    base = tmp_path_factory.mktemp("nanochat_base")
+    docs = generated_documents(600)
+    tok = Tokenizer.train_from_iterator(docs, vocab_size=384)
+    tok.save(base / "tokenizer")
+    prepare(docs, data_dir=base / "base_data", val_fraction=0.1, rows_per_group=16, verbose=False)
+    return base
+
+
+TINY = ["--depth", "2", "--aspect-ratio", "32", "--head-dim", "32", "--max-seq-len", "32", "--device-batch-size", "4",
+        "--total-batch-size", "256", "--warmup-steps", "2", "--eval-tokens", "256", "--core-metric-every", "0",
+        "--sample-every", "0", "--eval-every", "0", "--weight-decay", "0"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process runs use one thread too (see subprocess_env); restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def env_base(tiny_base, monkeypatch) -> Path:
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tiny_base))
+    monkeypatch.delenv("NANOCHAT_TEST_NAN_STEP", raising=False)
+    monkeypatch.delenv("NANOCHAT_TEST_HANG_STEP", raising=False)
+    return tiny_base
+
+
+def run_dir(base: Path, tag: str) -> Path:
+    return base / "base_checkpoints" / tag
+
+
+def read_metrics(base: Path, tag: str) -> list[dict]:
+    return [json.loads(line) for line in (run_dir(base, tag) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_inprocess(*flags: str) -> int:
+    from scripts.base_train import main
+
+    return main(list(flags))
+
+
+def subprocess_env(base: Path, **extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("NANOCHAT_TEST_", "RANK", "WORLD_SIZE",
+                                                                      "LOCAL_RANK", "MASTER_"))}
+    # one thread: tiny matmuls gain nothing from more, and oversubscribed cores make them 10x slower
+    env.update(NANOCHAT_BASE_DIR=str(base), PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def final_weights(base: Path, tag: str, step: int) -> dict:
+    from nanochat.checkpoint_manager import load_checkpoint
+
+    return load_checkpoint(run_dir(base, tag), step)[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# command line
+
+
+def test_unknown_flag_is_an_argparse_error(capsys):
+    from scripts.base_train import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["--depht", "4"])
+    assert e.value.code == 2
+    assert "--depht" in capsys.readouterr().err
+
+
+def test_resume_flag_spellings():
+    from scripts.base_train import build_parser
+
+    p = build_parser()
+    assert p.parse_args(["--resume", "latest"]).resume_from_step == "latest"
+    assert p.parse_args(["--resume-from-step", "12"]).resume_from_step == 12
+    with pytest.raises(SystemExit):
+        p.parse_args(["--resume-from-step", "soon"])
+
+
+def test_indivisible_batch_is_rejected_before_training(env_base, capsys):
+    flags = [f for f in TINY]
+    flags[flags.index("--total-batch-size") + 1] = "300"  # not a multiple of 4 x 32
+    assert train_inprocess(*flags, "--num-iterations", "2", "--model-tag", "bad") == 2
+    err = capsys.readouterr().err
+    assert "--total-batch-size=300" in err and "256" in err  # names the flag and a valid value
+    assert not run_dir(env_base, "bad").exists()
+
+
+def test_bad_kv_heads_rejected(env_base, capsys):
+    assert train_inprocess(*TINY, "--n-kv-head", "3", "--num-iterations", "2", "--model-tag", "bad") == 2
+    assert "--n-kv-head=3" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# one real run: sizing table, metrics, run.json, checkpoints, evals
+
+
+def test_tiny_run_writes_metrics_checkpoints_and_evals(env_base, capsys, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_EVAL_BUNDLE", str(env_base / "no_bundle_here"))  # CORE: warn once, go on
+    flags = [f for f in TINY if True]
+    for name, value in (("--eval-every", "3"), ("--core-metric-every", "3"), ("--sample-every", "-1")):
+        flags[flags.index(name) + 1] = value
+    code = train_inprocess(*flags, "--num-iterations", "6", "--save-every", "2", "--keep-last", "2",
+                           "--model-tag", "tiny")
+    out = capsys.readouterr().out
+    assert code == 0
+    # sizing table before step 0, with the instantiated model
+    assert out.index("tokens per step") < out.index("step 00001/6")
+    assert "GPT(" in out and "256 = 4 x 32 x 1 ranks x 2 accumulation" in out
+    assert out.count("WARNING: CORE metric disabled") == 1
+    assert out.count("sample: ") == 4  # the fixed prompts, at the last step only
+    records = read_metrics(env_base, "tiny")
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for r in records:
+        assert set(r) >= {"step", "loss", "raw_loss", "lr", "dt", "tok_per_sec", "mfu", "tokens", "flops",
+                          "peak_mem_mb"}
+        assert r["mfu"] is None and r["tokens"] == 256 * r["step"] and r["tok_per_sec"] > 0
+    assert [r["step"] for r in records if "val_bpb" in r] == [3, 6]
+    assert all(0 < r["val_bpb"] < 20 for r in records if "val_bpb" in r)
+    # smoothed loss: bias-corrected EMA(0.9) of the raw losses
+    ema = 0.0
+    for i, r in enumerate(records, 1):
+        ema = 0.9 * ema + 0.1 * r["raw_loss"]
+        assert r["loss"] == pytest.approx(ema / (1 - 0.9 ** i), rel=1e-12)
+    assert records[0]["lr"] == pytest.approx(0.5)  # warmup 2 steps
+    # keep-last 2 of the checkpoints at 2, 4, 6
+    from nanochat.checkpoint_manager import list_steps, load_model
+
+    d = run_dir(env_base, "tiny")
+    assert list_steps(d) == [4, 6]
+    assert sorted(p.name for p in d.glob("optim_*")) == ["optim_000004_rank0.pt", "optim_000006_rank0.pt"]
+    run = json.loads((d / "run.json").read_text())
+    assert run["sizing"]["num_iterations"] == 6 and run["sizing"]["grad_accum_steps"] == 2
+    assert run["sizing"]["tokens_per_step"] == 256 and run["model_config"]["n_layer"] == 2
+    assert run["env"]["dtype"] == "float32"
+    model, tok, meta = load_model("base", "cpu", model_tag="tiny")
+    assert meta["step"] == 6 and meta["val_bpb"] == records[-1]["val_bpb"]
+    assert tok.get_vocab_size() == model.config.vocab_size == 384
+
+
+def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(env_base, monkeypatch, capsys):
+    monkeypatch.setenv("NANOCHAT_TEST_NAN_STEP", "3")  # 0-based step 3 = the 4th update
+    code = train_inprocess(*TINY, "--num-iterations", "6", "--save-every", "2", "--model-tag", "nan")
+    assert code == 3
+    out = capsys.readouterr().out
+    assert "loss is nan at step 3" in out and "step 2" in out
+    from nanochat.checkpoint_manager import list_steps
+
+    assert list_steps(run_dir(env_base, "nan")) == [2]
+    assert [r["step"] for r in read_metrics(env_base, "nan")] == [1, 2, 3]
+
+
+def test_resume_refuses_another_model_config(env_base, capsys):
+    assert train_inprocess(*TINY, "--num-iterations", "2", "--model-tag", "cfg") == 0
+    code = train_inprocess(*TINY, "--num-iterations", "4", "--model-tag", "cfg", "--n-kv-head", "1",
+                           "--resume", "latest")
+    assert code == 2
+    assert "different model" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# exact resume after SIGKILL, preemption by SIGTERM
+
+
+def start_run(base: Path, tag: str, *flags: str, **env) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "scripts/base_train.py", *TINY, "--model-tag", tag, *flags],
+                            cwd=REPO_ROOT, env=subprocess_env(base, **env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 120) -> str:
+    deadline, seen = time.time() + timeout, []
+    while time.time() < deadline:
+        line = proc.stdout.readline()
+        if not line and proc.poll() is not None:
+            break
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    proc.kill()
+    raise AssertionError(f"{needle!r} not seen; output:\n{''.join(seen)}")
+
+
+@pytest.mark.slow
+def test_exact_resume_after_sigkill_is_bit_identical(env_base, capsys):
+    flags = ("--num-iterations", "6", "--save-every", "3", "--eval-every", "3")
+    # uninterrupted 6 steps (in this process: one thread, like the subprocesses)
+    assert train_inprocess(*TINY, *flags, "--model-tag", "ref") == 0
+    # the same run, killed mid-way through step 5 (after its step-3 checkpoint), then resumed
+    victim = start_run(env_base, "resume", *flags, NANOCHAT_TEST_HANG_STEP=4)
+    wait_for_line(victim, "hanging at step 4")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(timeout=60)
+    from nanochat.checkpoint_manager import list_steps
+
+    assert list_steps(run_dir(env_base, "resume")) == [3]
+    assert train_inprocess(*TINY, *flags, "--model-tag", "resume", "--resume-from-step", "3") == 0
+    assert "resumed from" in capsys.readouterr().out
+    ref_metrics, res_metrics = read_metrics(env_base, "ref"), read_metrics(env_base, "resume")
+    assert [r["step"] for r in res_metrics] == [1, 2, 3, 4, 5, 6]
+    for key in ("raw_loss", "loss"):
+        assert [r[key] for r in res_metrics] == [r[key] for r in ref_metrics]  # exact
+    assert res_metrics[-1]["val_bpb"] == ref_metrics[-1]["val_bpb"]
+    w_ref, w_res = final_weights(env_base, "ref", 6), final_weights(env_base, "resume", 6)
+    assert w_ref.keys() == w_res.keys()
+    for k in w_ref:
+        assert torch.equal(w_ref[k], w_res[k]), k
+
+
+@pytest.mark.slow
+def test_sigterm_saves_at_end_of_step_and_exits_cleanly(env_base):
+    proc = start_run(env_base, "preempt", "--num-iterations", "8", NANOCHAT_TEST_HANG_STEP=2)
+    wait_for_line(proc, "hanging at step 2")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "stopped by signal at step 3" in out
+    from nanochat.checkpoint_manager import list_steps, load_meta
+
+    d = run_dir(env_base, "preempt")
+    assert list_steps(d) == [3]
+    assert load_meta(d, 3)["loop_state"]["smooth_loss"]["n"] == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# distributed, for real (gloo on CPU)
+
+
+def torchrun(base: Path, nproc: int, *flags: str, nnodes: int = 1, node_rank: int = 0, port: int | None = None,
+             **env) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--nnodes={nnodes}"]
+    if nnodes > 1:
+        cmd += [f"--node-rank={node_rank}", "--master-addr=127.0.0.1", f"--master-port={port}"]
+    else:
+        cmd += ["--master-addr=127.0.0.1", f"--master-port={port or free_port()}"]
+    cmd += ["scripts/base_train.py", *flags]
+    return subprocess.Popen(cmd, cwd=REPO_ROOT, env=subprocess_env(base, **env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+SYNTH = ["--synthetic-data", "--vocab-size", "256", "--depth", "2", "--aspect-ratio", "32", "--head-dim", "32",
+         "--max-seq-len", "32", "--device-batch-size", "2", "--total-batch-size", "256", "--num-iterations", "4",
+         "--warmup-steps", "1", "--weight-decay", "0"]
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_rank_with_twice_the_accumulation(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    assert train_inprocess(*SYNTH, "--model-tag", "w1") == 0
+    assert "x 1 ranks x 4 accumulation" in capsys.readouterr().out
+    two = torchrun(tmp_path, 2, *SYNTH, "--model-tag", "w2")
+    out2, _ = two.communicate(timeout=300)
+    assert two.returncode == 0, out2
+    assert "x 2 ranks x 2 accumulation" in out2
+    l1 = [r["raw_loss"] for r in read_metrics(tmp_path, "w1")]
+    l2 = [r["raw_loss"] for r in read_metrics(tmp_path, "w2")]
+    assert len(l1) == len(l2) == 4
+    assert l1 == pytest.approx(l2, rel=1e-5, abs=1e-6)
+    assert l1[0] != l1[-1]  # it trained (an unchanged loss would make the comparison vacuous)
+    w1, w2 = final_weights(tmp_path, "w1", 4), final_weights(tmp_path, "w2", 4)
+    # Muon orthogonalises in bf16: gradients that differ by fp32 summation order give updates that differ
+    # by ~1% (its own rounding noise); zero-initialised output projections hold only such updates
+    for k in w1:
+        assert (w2[k] - w1[k]).norm() <= 2e-2 * w1[k].norm(), k
+    assert sum(bool((w2[k] - w1[k]).norm() <= 1e-4 * w1[k].norm()) for k in w1) >= len(w1) // 2
+
+
+@pytest.mark.slow
+def test_two_node_launch_trains_checkpoints_and_refuses_other_world_size(env_base):
+    port = free_port()
+    flags = [*TINY, "--num-iterations", "3", "--save-every", "2", "--eval-every", "3", "--model-tag", "nodes"]
+    nodes = [torchrun(env_base, 1, *flags, nnodes=2, node_rank=r, port=port) for r in (0, 1)]
+    outs = [p.communicate(timeout=300)[0] for p in nodes]
+    for p, out in zip(nodes, outs):
+        assert p.returncode == 0, out
+    assert "x 2 ranks x 1 accumulation" in outs[0]
+    d = run_dir(env_base, "nodes")
+    from nanochat.checkpoint_manager import list_steps, load_meta
+
+    assert list_steps(d) == [2, 3]
+    assert (d / "optim_000003_rank0.pt").exists() and (d / "optim_000003_rank1.pt").exists()
+    meta = load_meta(d, 3)
+    assert meta["world_size"] == 2 and len(meta["dataloader_state"]) == 2 and meta["val_bpb"] > 0
+    # one rank cannot take over a 2-rank checkpoint
+    code = train_inprocess(*flags[:-2], "--model-tag", "nodes", "--num-iterations", "4", "--resume", "latest")
+    assert code == 2
