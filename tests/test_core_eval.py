@@ -445,3 +445,96 @@ def test_offline_download_fails_fast_with_instructions(tmp_path, monkeypatch):
     assert "--eval-bundle" in msg and "NANOCHAT_EVAL_BUNDLE" in msg and str(tmp_path / "eval_bundle") in msg
     assert not (tmp_path / "eval_bundle").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["eval_bundle.lock"]
+
+
+# ---------------------------------------------------------------------------------------------
+# scripts/base_eval.py: our checkpoints and Hugging Face models through the same code
+
+
+def _tiny_hf_dir(tmp_path) -> Path:
+    """A randomly initialised 1-layer GPT-2 with a byte-level GPT-2 tokenizer (one merge), built offline."""
+    transformers = pytest.importorskip("transformers")
+    from scripts.base_eval import _gpt2_bytes_to_unicode
+
+    d = tmp_path / "tiny_gpt2"
+    d.mkdir()
+    vocab = {c: b for b, c in _gpt2_bytes_to_unicode().items()}
+    vocab["\u0120t"] = 256  # "Ġt" = b" t": a 2-byte token
+    vocab["<|endoftext|>"] = 257
+    from tokenizers import Tokenizer as HFCoreTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    core = HFCoreTokenizer(models.BPE(vocab=vocab, merges=[("\u0120", "t")]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    core.add_special_tokens(["<|endoftext|>"])
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<|endoftext|>",
+                                               eos_token="<|endoftext|>")
+    tok.save_pretrained(d)
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=258, n_positions=64, n_embd=32, n_layer=1, n_head=2,
+                                  bos_token_id=257, eos_token_id=257)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(d)
+    return d
+
+
+def test_hf_wrappers_token_bytes_and_bpb(tmp_path):
+    from nanochat.loss_eval import evaluate_bpb
+    from scripts.base_eval import load_hf
+
+    model, tok = load_hf(str(_tiny_hf_dir(tmp_path)), "cpu")
+    assert model.max_seq_len == 64 and tok.get_bos_token_id() == 257
+    tb = tok.token_bytes()
+    assert tb[:256].tolist() == [1] * 256 and tb[256] == 2 and tb[257] == 0
+    ids = tok.encode(["a t\xe9", "ok"], prepend=tok.get_bos_token_id())
+    assert ids[0][0] == 257 and 256 in ids[0] and len(ids[0]) == 1 + 1 + 1 + 2  # a, " t", é as 2 bytes
+    assert tok.decode(ids[0][1:]) == "a t\xe9"
+    x = torch.tensor([ids[0][:-1]])
+    y = torch.tensor([ids[0][1:]])
+    logits = model(x)
+    nats = torch.nn.functional.cross_entropy(logits[0], y[0], reduction="sum").item()
+    assert evaluate_bpb(model, [(x, y)], 1, tb) == pytest.approx(nats / (math.log(2) * 5), rel=1e-5)
+
+
+def test_base_eval_hf_path_core(tmp_path, base_dir):
+    from scripts.base_eval import load_hf, main
+
+    hf_dir = _tiny_hf_dir(tmp_path)
+    bundle = make_bundle(tmp_path)
+    out = tmp_path / "res" / "hf.json"
+    result = main(["--hf-path", str(hf_dir), "--eval", "core,sample", "--eval-bundle", str(bundle),
+                   "--out", str(out), "--device-type", "cpu"])
+    saved = json.loads(out.read_text())
+    assert set(saved["tasks"]) == {"syn_mc", "syn_schema", "syn_lm"}
+    assert set(saved["tasks"]["syn_mc"]) >= {"accuracy", "centered", "n"} and "train_bpb" in saved
+    assert out.with_suffix(".csv").is_file() and "CORE" in out.with_suffix(".md").read_text()
+    assert len(saved["samples"]) == 7
+    model, tok = load_hf(str(hf_dir), "cpu")
+    ref = ce.evaluate_core(model, tok, "cpu", bundle, batched=False, verbose=False)  # crops to n_positions=64
+    assert saved["core"] == pytest.approx(ref["core"]) and result["core"] == saved["core"]
+    assert sum(t["cropped"] for t in ref["tasks"].values()) > 0
+
+
+def test_base_eval_checkpoint_core(tmp_path, base_dir):
+    from nanochat.checkpoint_manager import save_checkpoint
+    from scripts.base_eval import main
+
+    tok = byte_tokenizer()
+    tok.save(base_dir / "tokenizer")
+    model = small_gpt(tok.get_vocab_size(), seq_len=96)
+    save_checkpoint(base_dir / "base_checkpoints" / "t1", 5, model.state_dict(), None,
+                    {"model_config": model.config.to_dict()})
+    bundle = make_bundle(tmp_path)
+    result = main(["--eval", "core", "--eval-bundle", str(bundle), "--device-type", "cpu",
+                   "--dump-examples", str(tmp_path / "ex.jsonl")])
+    saved = json.loads((base_dir / "base_checkpoints" / "t1" / "base_eval_000005.json").read_text())
+    ref = ce.evaluate_core(model, tok, "cpu", bundle, verbose=False)
+    assert saved["core"] == pytest.approx(ref["core"]) and saved["step"] == 5 and result["max_seq_len"] == 96
+    assert len(open(tmp_path / "ex.jsonl").readlines()) == 42
+
+
+def test_base_eval_rejects_unknown_parts():
+    from scripts.base_eval import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--eval", "core,perplexity"])

@@ -1,0 +1,350 @@
+"""Evaluate a base model: CORE, train/val bits per byte, and a few greedy samples.
+
+    python scripts/base_eval.py                              # latest base checkpoint, everything
+    python scripts/base_eval.py --model-tag d12 --step 5000 --eval core --max-per-task 500
+    python scripts/base_eval.py --hf-path openai-community/gpt2 --eval core   # a Hugging Face baseline
+    torchrun --nproc_per_node=8 scripts/base_eval.py
+
+Results: JSON (`core`, `tasks`, `train_bpb`, `val_bpb`, ...), CSV and a markdown table, written into
+the checkpoint's run folder (or `<base>/base_eval/` for Hugging Face models; `--out` to choose).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import re
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+if not __package__:  # `python scripts/base_eval.py`: make the repo root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch
+import torch.nn as nn
+
+from nanochat.common import get_base_dir, init_runtime
+
+PROMPTS = [
+    "The capital of France is",
+    "The chemical symbol of gold is",
+    "If yesterday was Friday, then tomorrow will be",
+    "The opposite of hot is",
+    "The planets of the solar system are:",
+    "My favorite color is",
+    "If 5*x + 3 = 13, then x is",
+]
+PARTS = ("core", "bpb", "sample")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face causal LMs behind our model/tokenizer interfaces
+
+
+def _gpt2_bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map used by byte-level BPE vocabularies:
+    printable Latin-1 bytes map to themselves, the other 68 bytes to chr(256 + n) in byte order."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    mapping, n = {}, 0
+    for b in range(256):
+        if b in keep:
+            mapping[b] = chr(b)
+        else:
+            mapping[b] = chr(256 + n)
+            n += 1
+    return mapping
+
+
+class HFModel(nn.Module):
+    """`model(idx) -> fp32 logits (B, T, V)` over a transformers causal LM."""
+
+    def __init__(self, hf_model, max_seq_len: int | None):
+        super().__init__()
+        self.hf_model = hf_model
+        self.max_seq_len = max_seq_len
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.hf_model(input_ids=idx).logits.float()
+
+    def get_device(self) -> torch.device:
+        return next(self.hf_model.parameters()).device
+
+
+class HFTokenizer:
+    """encode/decode/get_bos_token_id/token_bytes over a transformers tokenizer."""
+
+    def __init__(self, hf_tokenizer):
+        self.tok = hf_tokenizer
+        bos = hf_tokenizer.bos_token_id if hf_tokenizer.bos_token_id is not None else hf_tokenizer.eos_token_id
+        if bos is None:
+            raise ValueError("the Hugging Face tokenizer has neither a BOS nor an EOS token to start sequences with")
+        self.bos = bos
+
+    def get_bos_token_id(self) -> int:
+        return self.bos
+
+    def get_vocab_size(self) -> int:
+        return len(self.tok)
+
+    def encode(self, text, prepend=None, append=None, num_threads: int = 8):
+        head = [] if prepend is None else [self.bos if prepend == "<|bos|>" else int(prepend)]
+        tail = [] if append is None else [int(append)]
+        if isinstance(text, str):
+            return head + self.tok.encode(text, add_special_tokens=False) + tail
+        ids = self.tok(list(text), add_special_tokens=False)["input_ids"] if text else []
+        return [head + row + tail for row in ids]
+
+    __call__ = encode
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids))
+
+    def token_bytes(self, device="cpu") -> torch.Tensor:
+        """Raw byte length of every token (0 for special tokens), from the byte-level vocabulary itself:
+        decoding single tokens to str would turn partial UTF-8 into U+FFFD and miscount (REFERENCE s5)."""
+        vocab = self.tok.get_vocab()  # token string -> id
+        lengths = torch.zeros(max(len(self.tok), max(vocab.values()) + 1), dtype=torch.int64)
+        specials = set(self.tok.all_special_ids)
+        byte_decoder = {c: b for b, c in _gpt2_bytes_to_unicode().items()}
+        byte_level = all(all(ch in byte_decoder for ch in tok) for tok, i in vocab.items() if i not in specials)
+        sp_byte = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
+        for tok, i in vocab.items():
+            if i in specials or tok in getattr(self.tok, "added_tokens_encoder", {}):
+                continue
+            if byte_level:
+                lengths[i] = len(tok)  # one character per byte
+            elif sp_byte.match(tok):
+                lengths[i] = 1  # sentencepiece byte fallback
+            else:
+                lengths[i] = len(tok.replace("\u2581", " ").encode("utf-8"))
+        return lengths.to(device)
+
+
+def load_hf(path: str, device):
+    """(model wrapper, tokenizer wrapper) of a local directory or hub name (hub needs the network)."""
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as e:
+        raise SystemExit("--hf-path needs the transformers package: pip install transformers") from e
+    try:
+        hf_tok = AutoTokenizer.from_pretrained(path)
+        hf_model = AutoModelForCausalLM.from_pretrained(path)
+    except OSError as e:
+        raise SystemExit(f"could not load a Hugging Face model from {path!r} ({e}); give a local directory "
+                         f"holding config.json, the weights and the tokenizer files, or a hub name on a "
+                         f"machine with network access") from e
+    hf_model.to(device).eval()
+    cfg = hf_model.config
+    max_seq_len = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
+    return HFModel(hf_model, max_seq_len), HFTokenizer(hf_tok)
+
+
+# ---------------------------------------------------------------------------------------------
+# the parts
+
+
+@torch.no_grad()
+def greedy_samples(model, tokenizer, device, max_tokens: int = 16) -> list[str]:
+    """Greedy continuations of PROMPTS: the KV-cache Engine for our GPT, a plain loop otherwise."""
+    engine = None
+    if hasattr(model, "config") and hasattr(model, "get_device"):
+        try:
+            from nanochat.engine import Engine
+
+            engine = Engine(model, tokenizer)
+        except ImportError:
+            engine = None
+    out = []
+    bos = tokenizer.get_bos_token_id()
+    for prompt in PROMPTS:
+        tokens = tokenizer.encode(prompt, prepend=bos)
+        if engine is not None:
+            seqs, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=max_tokens, temperature=0.0)
+            new = seqs[0][len(tokens):]
+        else:
+            seq = list(tokens)
+            for _ in range(max_tokens):
+                logits = model(torch.tensor([seq], dtype=torch.long, device=device))
+                nxt = int(logits[0, -1].argmax())
+                if nxt == bos:
+                    break
+                seq.append(nxt)
+            new = seq[len(tokens):]
+        out.append(prompt + tokenizer.decode(new))
+    return out
+
+
+def evaluate_split_bpb(model, tokenizer, token_bytes, ctx, split: str, split_tokens: int, batch_size: int,
+                       seq_len: int) -> float:
+    from nanochat.dataloader import DataLoader
+    from nanochat.loss_eval import evaluate_bpb
+
+    tokens_per_step = batch_size * seq_len * ctx.world_size
+    steps = max(1, split_tokens // tokens_per_step)
+    loader = DataLoader(tokenizer, batch_size, seq_len, split=split, device=ctx.device, rank=ctx.rank,
+                        world_size=ctx.world_size)
+    try:
+        return evaluate_bpb(model, loader, steps, token_bytes)
+    finally:
+        close = getattr(loader, "close", None)
+        if close is not None:
+            close()
+
+
+# ---------------------------------------------------------------------------------------------
+# output
+
+
+def results_table(result: dict) -> str:
+    lines = ["| task | type | shots | n | accuracy | centered |", "|---|---|---:|---:|---:|---:|"]
+    core = result.get("core_eval") or {}
+    for label, t in result.get("tasks", {}).items():
+        lines.append(f"| {label} | {t.get('task_type', '')} | {t.get('num_fewshot', '')} | {t['n']} | "
+                     f"{t['accuracy']:.4f} | {t['centered']:.4f} |")
+    for label in core.get("missing", []):
+        lines.append(f"| {label} | missing | | 0 | | |")
+    if result.get("core") is not None:
+        lines.append(f"| **CORE** ({core.get('n_tasks')} of {core.get('n_tasks_total')} tasks) | | | "
+                     f"{core.get('n_examples')} | | **{result['core']:.4f}** |")
+    for key in ("train_bpb", "val_bpb"):
+        if result.get(key) is not None:
+            lines.append(f"| {key} | | | | | {result[key]:.4f} |")
+    return "\n".join(lines)
+
+
+def write_results(result: dict, json_path: Path) -> list[Path]:
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+    csv_path, md_path = json_path.with_suffix(".csv"), json_path.with_suffix(".md")
+    with open(csv_path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["task", "accuracy", "centered", "n"])
+        for label, t in result.get("tasks", {}).items():
+            w.writerow([label, f"{t['accuracy']:.6f}", f"{t['centered']:.6f}", t["n"]])
+        if result.get("core") is not None:
+            w.writerow(["CORE", "", f"{result['core']:.6f}", (result.get("core_eval") or {}).get("n_examples", "")])
+    md_path.write_text(f"# base_eval: {result['model']}\n\n{results_table(result)}\n")
+    return [json_path, csv_path, md_path]
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Base model evaluation: CORE, bits per byte, samples")
+    p.add_argument("--model-tag", default=None, help="checkpoint tag under <base>/base_checkpoints (default: latest)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    p.add_argument("--hf-path", default=None, help="evaluate a Hugging Face causal LM (local dir or hub name)")
+    p.add_argument("--eval", default="core,bpb,sample", help="comma-separated parts: core, bpb, sample")
+    p.add_argument("--max-per-task", type=int, default=-1, help="CORE examples per task (-1 = all)")
+    p.add_argument("--tasks", default="", help="comma-separated CORE task labels (default: all)")
+    p.add_argument("--eval-bundle", default=None, help="CORE eval bundle folder (else NANOCHAT_EVAL_BUNDLE, "
+                                                       "else <base>/eval_bundle, downloaded on first use)")
+    p.add_argument("--dump-examples", default=None, help="write every CORE example's decision to this jsonl")
+    p.add_argument("--batch-tokens", type=int, default=8192, help="CORE tokens per forward pass")
+    p.add_argument("--split-tokens", type=int, default=2**20, help="tokens per split for train/val bpb")
+    p.add_argument("--device-batch-size", type=int, default=16, help="rows per forward for bpb")
+    p.add_argument("--seq-len", type=int, default=None, help="bpb row length (default: the model's context)")
+    p.add_argument("--out", default=None, help="JSON output path (CSV and .md go beside it)")
+    p.add_argument("--device-type", default=None, choices=["cuda", "cpu", "mps"], help="default: autodetect")
+    p.add_argument("--dtype", default=None, help="compute dtype (default: bf16 on Ampere+ GPUs, else fp32)")
+    args = p.parse_args(argv)
+    parts = [s.strip() for s in args.eval.split(",") if s.strip()]
+    bad = [s for s in parts if s not in PARTS]
+    if bad or not parts:
+        p.error(f"--eval got {args.eval!r}: use a comma-separated subset of {','.join(PARTS)}")
+    args.parts = parts
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    ctx = init_runtime(args.device_type, args.dtype)
+    base = get_base_dir()
+    t_start = time.time()
+    if args.hf_path:
+        model, tokenizer = load_hf(args.hf_path, ctx.device)
+        max_seq_len = model.max_seq_len
+        token_bytes = tokenizer.token_bytes(ctx.device)
+        name = args.hf_path
+        out_dir = base / "base_eval"
+        stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", args.hf_path.strip("/")).strip("_")
+        autocast = (torch.autocast("cuda", dtype=ctx.dtype) if ctx.device_type == "cuda" and ctx.dtype != torch.float32
+                    else nullcontext())
+        meta = {}
+    else:
+        from nanochat.checkpoint_manager import PHASE_DIRS, find_last_step, find_last_tag, load_model
+
+        phase_dir = base / PHASE_DIRS["base"]
+        tag = args.model_tag or find_last_tag(phase_dir)
+        step = args.step if args.step is not None else find_last_step(phase_dir / tag)
+        model, tokenizer, meta = load_model("base", ctx.device, model_tag=tag, step=step, compute_dtype=ctx.dtype)
+        max_seq_len = model.config.sequence_len
+        token_bytes = None
+        name = f"{tag} step {step}"
+        out_dir = phase_dir / tag
+        stem = f"base_eval_{step:06d}"
+        autocast = nullcontext()  # our GPT casts to its compute dtype itself
+    ctx.print0(f"base_eval: {name} on {ctx.device_name} (world size {ctx.world_size}); parts: {','.join(args.parts)}")
+    result: dict = {"model": name, "core": None, "tasks": {}, "train_bpb": None, "val_bpb": None,
+                    "step": meta.get("step"), "max_seq_len": max_seq_len}
+
+    if "sample" in args.parts and ctx.is_master:
+        with autocast:
+            samples = greedy_samples(model, tokenizer, ctx.device)
+        result["samples"] = samples
+        for s in samples:
+            ctx.print0("  " + s.replace("\n", "\\n"))
+
+    if "bpb" in args.parts:
+        if token_bytes is None:
+            from nanochat.tokenizer import get_token_bytes
+
+            token_bytes = get_token_bytes(ctx.device)
+        seq_len = args.seq_len or max_seq_len or 1024
+        for split in ("train", "val"):
+            with autocast:
+                bpb = evaluate_split_bpb(model, tokenizer, token_bytes, ctx, split, args.split_tokens,
+                                         args.device_batch_size, seq_len)
+            result[f"{split}_bpb"] = bpb
+            ctx.print0(f"{split} bpb: {bpb:.4f} ({args.split_tokens:,} tokens)")
+
+    if "core" in args.parts:
+        from nanochat.core_eval import EvalBundleError, evaluate_core
+
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] or None
+        try:
+            with autocast:
+                core = evaluate_core(model, tokenizer, ctx.device, args.eval_bundle, args.max_per_task,
+                                     max_seq_len=max_seq_len, tasks=tasks, batch_tokens=args.batch_tokens,
+                                     dump_examples=args.dump_examples)
+        except EvalBundleError as e:
+            ctx.teardown()
+            raise SystemExit(f"base_eval: {e}") from None
+        result["core"] = core["core"]
+        result["tasks"] = {k: {"accuracy": v["accuracy"], "centered": v["centered"], "n": v["n"],
+                               "task_type": v["task_type"], "num_fewshot": v["num_fewshot"]}
+                           for k, v in core["tasks"].items()}
+        result["core_eval"] = {k: core[k] for k in ("missing", "n_tasks", "n_tasks_total", "n_examples", "seconds",
+                                                    "examples_per_second", "max_per_task")}
+        ctx.print0(f"CORE: {core['core']:.4f} over {core['n_tasks']} of {core['n_tasks_total']} tasks, "
+                   f"{core['n_examples']:,} examples in {core['seconds']:.1f}s"
+                   + (f" (missing: {', '.join(core['missing'])})" if core["missing"] else ""))
+        if args.dump_examples and ctx.is_master:
+            ctx.print0(f"per-example decisions: {args.dump_examples}")
+
+    result["seconds"] = time.time() - t_start
+    if ctx.is_master:
+        json_path = Path(args.out) if args.out else out_dir / f"{stem}.json"
+        paths = write_results(result, json_path)
+        ctx.print0("\n" + results_table(result) + "\n")
+        ctx.print0("wrote " + ", ".join(str(p) for p in paths))
+    ctx.teardown()
+    return result
+
+
+if __name__ == "__main__":
+    main()
