@@ -176,8 +176,26 @@ class MuonAdamW(torch.optim.Optimizer):
             raise ValueError(f"unknown orth {group['orth']!r}: use one of {ORTH_METHODS}")
         group.setdefault("initial_lr", group["lr"])
         group["params"] = params
-        super().add_param_group(group)
+        # (the base class's add_param_group/zero_grad import torch._dynamo on first use: ~5 s per process)
+        seen = {id(p) for g in self.param_groups for p in g["params"]}
+        for p in params:
+            if not isinstance(p, torch.Tensor) or not p.is_leaf:
+                raise ValueError(f"can only optimise leaf tensors (parameters), got {type(p).__name__}")
+            if id(p) in seen:
+                raise ValueError(f"a parameter of shape {tuple(p.shape)} appears in more than one place")
+            seen.add(id(p))
+        self.param_groups.append(group)
         self._plan = None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if set_to_none:
+                    p.grad = None
+                else:
+                    p.grad.detach_().zero_()
 
     # -- planning ---------------------------------------------------------------------------------
 
