@@ -217,11 +217,11 @@ def check_tokens_ratio(run: Run) -> Finding:
         nums["optimal_depth"], _ = depth_for_params(n_opt, count="scaling", **_shape_kwargs(run))
     except Exception:  # noqa: BLE001
         pass
-    where = f"{ratio:.1f} tokens per scaling parameter = {ratio / opt:.2g}x the compute-optimal ~{opt:g}"
+    where = f"{ratio:.3g} tokens per scaling parameter = {ratio / opt:.2g}x the compute-optimal ~{opt:g}"
     if planned and planned > tokens * 1.001:
-        where = f"so far {where}; {planned / scaling:.1f} when the run completes"
+        where = f"so far {where}; {planned / scaling:.3g} when the run completes"
     if total:
-        where += f" ({tokens / total:.1f} per total parameter; Chinchilla counting optimum ~20)"
+        where += f" ({tokens / total:.3g} per total parameter; Chinchilla counting optimum ~20)"
     alt = (f"the compute-optimal model for these {C:.3g} FLOPs has ~{_fmt(n_opt)} scaling params"
            + (f" (depth {nums['optimal_depth']})" if "optimal_depth" in nums else "")
            + f" trained on ~{_fmt(opt * n_opt)} tokens")
@@ -261,13 +261,10 @@ def check_mfu(run: Run) -> Finding:
         return Finding(name, "skip", "no mfu values in metrics.jsonl", {"device": device})
     skip = max(5, len(mfu) // 10)  # compile and warm-up steps are not representative
     body = mfu[skip:] if len(mfu) > skip + 5 else mfu
-    med = float(np.median(body))
-    percent = med > 1.5  # tolerate a logger that writes percent
-    if percent:
-        med /= 100
+    med = float(np.median(body)) / 100  # base_train logs MFU in percent
     dtype = str(run.env.get("dtype", ""))
     nums = dict(device=device, median_mfu=med, expected_low=EXPECTED_MFU[0], expected_high=EXPECTED_MFU[1],
-                steps_used=len(body), dtype=dtype, logged_as_percent=percent)
+                steps_used=len(body), dtype=dtype)
     tps = run.series("tok_per_sec")[1]
     if len(tps):
         nums["median_tok_per_sec"] = float(np.median(tps[skip:] if len(tps) > skip + 5 else tps))
@@ -473,10 +470,13 @@ def check_schedule(run: Run, tolerance: float = 0.02) -> Finding:
     sz = run.sizing
     steps, lr = run.series("lr")
     n_iter = _num(sz.get("num_iterations"))
-    last = int(steps[-1]) if len(steps) else (int(run.last("step")) if run.last("step") is not None else None)
-    if last is None:
+    all_steps = run.series("step")[1]
+    if len(all_steps) == 0:
         return Finding(name, "skip", "no steps logged")
-    nums = dict(step=last, num_iterations=n_iter)
+    # base_train logs `step` = optimizer steps done (1, 2, ...); a 0-based log counts one more
+    done_steps = int(all_steps[-1]) + (1 if all_steps[0] == 0 else 0)
+    last = done_steps - 1  # index of the last step taken
+    nums = dict(step=done_steps, num_iterations=n_iter)
     if n_iter is None:
         return Finding(name, "skip", "run.json lacks sizing.num_iterations", nums)
     warm = int(_num(sz.get("warmup_steps")) or 0)
@@ -490,7 +490,7 @@ def check_schedule(run: Run, tolerance: float = 0.02) -> Finding:
     else:
         phase = f"warmdown ({(last - (n_iter - wd_steps)) / max(wd_steps, 1):.0%} through)"
     nums.update(phase=phase.split(" (")[0], warmup_steps=warm, warmdown_steps=wd_steps,
-                progress=(last + 1) / n_iter)
+                progress=done_steps / n_iter, step=done_steps)
     notes, status = [], "ok"
     if len(lr) and wd_ratio is not None and final is not None:
         from nanochat.sizing import lr_multiplier
@@ -506,10 +506,10 @@ def check_schedule(run: Run, tolerance: float = 0.02) -> Finding:
             notes.append(f"logged LR multiplier {lr[i]:.3f} at step {int(steps[i])} != schedule {expect(steps[i]):.3f}")
     if len(lr):
         nums["lr_multiplier"] = float(lr[-1])
-    done = last + 1 >= n_iter
+    done = done_steps >= n_iter
     if not done:
-        notes.append(f"stopped at step {last + 1} of {int(n_iter)} ({(last + 1) / n_iter:.0%})")
-    summary = f"at step {last + 1}/{int(n_iter)}: {phase}" + ("; " + "; ".join(notes) if notes else "")
+        notes.append(f"stopped at step {done_steps} of {int(n_iter)} ({done_steps / n_iter:.0%})")
+    summary = f"at step {done_steps}/{int(n_iter)}: {phase}" + ("; " + "; ".join(notes) if notes else "")
     advice = ""
     if status == "warn":
         advice = ("The LR the loop applied differs from the schedule it recorded: check the resume logic and "
@@ -563,15 +563,18 @@ def run_summary(run: Run) -> dict:
     if val is None and len(bpb):
         val = float(bpb[-1])
     n_iter = _num(run.sizing.get("num_iterations"))
-    last = run.last("step")
+    all_steps = run.series("step")[1]
+    done_steps = int(all_steps[-1]) + (1 if all_steps[0] == 0 else 0) if len(all_steps) else None
+    raw = run.series("raw_loss")[1]
+    train_loss = float(np.mean(raw[-max(1, len(raw) // 20):])) if len(raw) else None  # last 5% of steps
     tokens = _tokens_trained(run)
     flops = _num(run.last("flops"))
     if flops is None and tokens and _num(run.sizing.get("flops_per_token")):
         flops = tokens * run.sizing["flops_per_token"]
     return dict(model_tag=run.args.get("model_tag") or run.path.name, depth=run.args.get("depth") or mc.get("n_layer"),
-                target_flops=_num(run.args.get("target_flops")), val_bpb=val,
+                target_flops=_num(run.args.get("target_flops")), val_bpb=val, train_loss=train_loss,
                 val_step=int(steps[-1]) if len(steps) else None,
                 scaling_params=scaling, total_params=total, tokens=tokens, flops=flops,
                 flops_6ND=6 * scaling * tokens if scaling and tokens else None,
-                steps=(int(last) + 1) if last is not None else None, num_iterations=n_iter,
-                complete=bool(last is not None and n_iter and last + 1 >= n_iter))
+                steps=done_steps, num_iterations=n_iter,
+                complete=bool(done_steps is not None and n_iter and done_steps >= n_iter))

@@ -17,8 +17,9 @@ BYTES_PER_TOKEN = 4.2
 
 def make_run(root: Path, name="d4", *, n_iter=460, tokens_per_step=2**18, params_scale=1.0, mfu=0.45, device=H100,
              val_ratio=1.01, spikes=(), plateau=False, lr_fn=None, stop_at=None, tag=None, dropout=None, seed=0):
-    """Write a synthetic run folder: loss = 2 + 40 D^-0.25 with 0.5% noise, the sizing schedule, evals
-    every 50 steps (val loss `val_ratio` x train loss, logged as bpb), H100 MFU."""
+    """Write a synthetic run folder as base_train does (step = steps done, MFU in percent): loss =
+    2 + 40 D^-0.25 with 0.5% noise, the sizing schedule, evals every 50 steps (val loss `val_ratio` x
+    train loss, logged as bpb), H100 MFU."""
     cfg = model_config(4, max_seq_len=256)
     counts = count_params(cfg)
     warm, wd, final = 40, 0.65, 0.05
@@ -42,8 +43,8 @@ def make_run(root: Path, name="d4", *, n_iter=460, tokens_per_step=2**18, params
         if s in spikes:
             raw *= 1.3
         lr = lr_fn(s) if lr_fn else lr_multiplier(s, n_iter, warm, wd, final)
-        m = dict(step=s, loss=raw, raw_loss=raw, lr=lr, dt=0.5, tok_per_sec=tokens_per_step / 0.5,
-                 mfu=None if device.startswith("cpu") else mfu * (1 + 0.01 * rng.standard_normal()),
+        m = dict(step=s + 1, loss=raw, raw_loss=raw, lr=lr, dt=0.5, tok_per_sec=tokens_per_step / 0.5,
+                 mfu=None if device.startswith("cpu") else 100 * mfu * (1 + 0.01 * rng.standard_normal()),
                  tokens=D, flops=6.0 * counts["scaling"] * D, peak_mem_mb=1000)
         if s % 50 == 49 or s == n_iter - 1:
             m["val_bpb"] = clean * val_ratio / (math.log(2) * BYTES_PER_TOKEN)
@@ -107,7 +108,7 @@ def test_val_below_train_fires(tmp_path):
 
 def test_spikes_fire(tmp_path):
     f = findings(make_run(tmp_path, spikes=(120, 121, 300)))["spikes"]
-    assert f.status == "warn" and f.numbers["count"] == 2 and f.numbers["steps"] == [120, 300]
+    assert f.status == "warn" and f.numbers["count"] == 2 and f.numbers["steps"] == [121, 301]
 
 
 def test_find_spikes_matches_brute_force_definition():

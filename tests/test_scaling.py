@@ -251,3 +251,35 @@ def test_fit_cli_plots_and_errors(tmp_path, points, capsys):
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["contours.png", "frontier.png", "isoflop.png"]
     with pytest.raises(SystemExit, match="not found"):
         main(["--csv", str(path), "--n-col", "params", "--c-col", "C", "--loss-col", "loss"])
+
+
+# ---------------------------------------------------------------------------------------------
+# sweep runner: collection from run folders (training itself is base_train's, exercised in its tests)
+
+
+def test_sweep_collects_run_folders_into_fit_ready_csv(tmp_path, capsys, monkeypatch):
+    from scripts import scaling_sweep
+    from tests.test_diagnose import make_run
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    runs = tmp_path / "base_checkpoints"
+    tag_a, tag_b = scaling_sweep.run_tag("t", 4, 1e12), scaling_sweep.run_tag("t", 4, 3e12)
+    make_run(runs, name=tag_a)
+    make_run(runs, name=tag_b, stop_at=100)  # interrupted
+    out = tmp_path / "sweep.csv"
+    rc = scaling_sweep.main(["--depths", "4", "--flops", "1e12,3e12,1e13", "--name", "t", "--collect-only",
+                             "--out", str(out)])
+    assert rc == 1  # not all complete
+    with open(out) as f:
+        rows = {r["model_tag"]: r for r in csv.DictReader(f)}
+    assert rows[tag_a]["status"] == "complete" and rows[tag_b]["status"] == "incomplete"
+    assert rows[scaling_sweep.run_tag("t", 4, 1e13)]["status"] == "missing"
+    assert float(rows[tag_a]["tokens"]) == 460 * 2**18 and int(rows[tag_b]["steps"]) == 100
+    assert "1/3 runs complete" in capsys.readouterr().out
+    # the CSV is what scaling_fit reads by default
+    p = sc.load_points(out)
+    assert len(p) == 2 and p.n_col == "scaling_params" and p.loss_col == "val_bpb"
+    # dry run: the base_train command line
+    assert scaling_sweep.main(["--preset", "cpu", "--dry-run"]) == 0
+    cmds = capsys.readouterr().out.splitlines()
+    assert len(cmds) == 9 and "--target-flops 1e+12" in cmds[0] and "--depth 2" in cmds[0]
