@@ -258,6 +258,8 @@ def fit_approach3(points: Points, delta: float = 1e-3, n_starts: int = 8, param_
     mesh[:, 3:] = np.maximum(mesh[:, 3:], _BOUNDS[3][0])
     scores = _grid_objectives(mesh, logN, logD, logL, delta)
     starts = list(mesh[np.argsort(scores)[:n_starts]]) + [np.asarray(s) for s in _extra_starts]
+    import scipy.optimize  # noqa: F401 -- load scipy's BLAS before limiting its threads
+
     best_theta, best_val = None, np.inf
     with single_threaded_blas():
         for th0 in starts:
