@@ -197,8 +197,8 @@ def single_threaded_blas():
     """Run the enclosed code with OpenBLAS on one thread (this thread only; restored after).
 
     L-BFGS-B calls BLAS on 5-vectors; with OpenBLAS's thread pool awake on a busy 2-core machine each
-    call cost ~5 ms instead of ~0.5 ms (measured: a 45-point fit 11 s -> 1.3 s). Uses OpenBLAS's
-    per-thread `openblas_set_num_threads_local` (>= 0.3.27) on the libraries numpy/scipy loaded;
+    call costs several times more (benchmarks/results/scaling_fit.md: a 45-point fit 2.9 s -> 0.4 s).
+    Uses OpenBLAS's per-thread `openblas_set_num_threads_local` (>= 0.3.27) on the libraries numpy/scipy loaded;
     a no-op wherever that is unavailable.
     """
     restore = []

@@ -21,9 +21,6 @@ import math
 import os
 import sys
 
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):  # tiny solves: no BLAS threads
-    os.environ.setdefault(_var, "1")
-
 if not __package__:  # `python scripts/plan.py`: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

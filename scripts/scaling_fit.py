@@ -14,10 +14,6 @@ import math
 import os
 import sys
 
-# 5-parameter fits: threaded BLAS only adds contention (L-BFGS-B measured 8x slower on a busy 2-core box)
-for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
-
 if not __package__:  # `python scripts/scaling_fit.py`: make the repo root importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
