@@ -193,36 +193,46 @@ def check_param_count(run: Run) -> Finding:
                    + (f", {_fmt(inst_scaling)} scaling" if inst_scaling else ""), nums)
 
 
-def check_tokens_ratio(run: Run) -> Finding:
+def check_tokens_ratio(run: Run, law=None) -> Finding:
+    """Tokens per parameter vs the compute-optimal ratio: from a fitted `LossLaw` at this run's compute
+    when given (in the law's parameter counting), else the reference's ~10.5 per scaling parameter."""
     name = "tokens_ratio"
     scaling, total = _params(run)
-    tokens = _tokens_trained(run)
+    so_far = _tokens_trained(run)
     planned = _num(run.sizing.get("total_tokens"))
-    if not scaling or not tokens:
-        return Finding(name, "skip", "needs the scaling-parameter count and the tokens trained")
-    opt = OPTIMAL_RATIO["scaling"]
-    ratio = tokens / scaling
-    nums = dict(tokens=tokens, planned_tokens=planned, scaling_params=scaling, tokens_per_scaling_param=ratio,
-                optimal_tokens_per_scaling_param=opt, multiple_of_optimal=ratio / opt)
+    tokens = planned or so_far  # judge the plan; an unfinished run is reported by the schedule check
+    count = law.param_count if law is not None else "scaling"
+    n_run = scaling if count == "scaling" else total
+    if not n_run or not tokens:
+        return Finding(name, "skip", f"needs the {count}-parameter count and the tokens trained")
+    C = 6 * n_run * tokens  # this run's compute, C = 6ND in the chosen counting
+    if law is not None:
+        n_opt, d_opt = (float(v) for v in law.compute_optimal(C))
+        opt, source = d_opt / n_opt, "the fitted law's optimum at this compute"
+    else:
+        opt, source = OPTIMAL_RATIO[count], "the reference's fitted optimum"
+        n_opt = math.sqrt(C / (6 * opt))
+    ratio = tokens / n_run
+    nums = dict(tokens=tokens, tokens_so_far=so_far, planned_tokens=planned, param_count=count, params=n_run,
+                tokens_per_param=ratio, optimal_tokens_per_param=opt, optimal_from=source,
+                multiple_of_optimal=ratio / opt, scaling_params=scaling, total_params=total,
+                compute_6ND=C, optimal_params=n_opt, optimal_tokens=opt * n_opt)
+    if scaling:
+        nums["tokens_per_scaling_param"] = tokens / scaling
     if total:
-        nums.update(total_params=total, tokens_per_total_param=tokens / total,
-                    optimal_tokens_per_total_param=OPTIMAL_RATIO["total"])
-    # the compute-optimal split of this run's compute, C = 6 N D in scaling parameters
-    C = 6 * scaling * tokens
-    n_opt = math.sqrt(C / (6 * opt))
-    nums.update(compute_6ND=C, optimal_scaling_params=n_opt, optimal_tokens=opt * n_opt)
+        nums["tokens_per_total_param"] = tokens / total
     try:
         from nanochat.scaling import depth_for_params
 
-        nums["optimal_depth"], _ = depth_for_params(n_opt, count="scaling", **_shape_kwargs(run))
+        nums["optimal_depth"], _ = depth_for_params(n_opt, count=count, **_shape_kwargs(run))
     except Exception:  # noqa: BLE001
         pass
-    where = f"{ratio:.3g} tokens per scaling parameter = {ratio / opt:.2g}x the compute-optimal ~{opt:g}"
-    if planned and planned > tokens * 1.001:
-        where = f"so far {where}; {planned / scaling:.3g} when the run completes"
-    if total:
-        where += f" ({tokens / total:.3g} per total parameter; Chinchilla counting optimum ~20)"
-    alt = (f"the compute-optimal model for these {C:.3g} FLOPs has ~{_fmt(n_opt)} scaling params"
+    where = f"{ratio:.3g} tokens per {count} parameter = {ratio / opt:.2g}x the compute-optimal ~{opt:.3g} ({source})"
+    if planned and so_far and so_far < planned * 0.999:
+        where += f" as planned ({so_far / n_run:.3g} so far)"
+    if total and count == "scaling":
+        where += f"; {tokens / total:.3g} per total parameter (Chinchilla counting optimum ~20)"
+    alt = (f"the compute-optimal model for these {C:.3g} FLOPs has ~{_fmt(n_opt)} {count} params"
            + (f" (depth {nums['optimal_depth']})" if "optimal_depth" in nums else "")
            + f" trained on ~{_fmt(opt * n_opt)} tokens")
     if ratio > 3 * opt:
@@ -525,11 +535,12 @@ CHECKS = (check_param_count, check_tokens_ratio, check_mfu, check_val_vs_train, 
           check_schedule)
 
 
-def diagnose(run: Run) -> list[Finding]:
+def diagnose(run: Run, law=None) -> list[Finding]:
+    """All checks; `law` (a fitted scaling.LossLaw) sets the compute-optimal ratio."""
     out = []
     for check in CHECKS:
         try:
-            out.append(check(run))
+            out.append(check(run, law=law) if check is check_tokens_ratio else check(run))
         except Exception as e:  # noqa: BLE001 -- one broken check must not hide the others
             out.append(Finding(check.__name__.removeprefix("check_"), "skip", f"check failed: {type(e).__name__}: {e}"))
     return out

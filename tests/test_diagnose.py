@@ -89,8 +89,15 @@ def test_tokens_ratio_fires_past_chinchilla(tmp_path):
     assert f.status == "warn"
     assert f.numbers["multiple_of_optimal"] == pytest.approx(45, rel=0.01)
     # the compute-optimal model for the same FLOPs is sqrt(45) ~ 6.7x larger
-    assert f.numbers["optimal_scaling_params"] == pytest.approx(n_scaling * math.sqrt(45), rel=0.01)
+    assert f.numbers["optimal_params"] == pytest.approx(n_scaling * math.sqrt(45), rel=0.01)
     assert f.numbers["optimal_depth"] > 4
+    # with a fitted law the optimum is the law's D*/N* at this run's compute
+    from nanochat.scaling import LossLaw
+
+    law = LossLaw(E=1.0, A=100.0, B=100.0, alpha=0.3, beta=0.3, param_count="scaling")  # symmetric: D* = N*
+    f = {x.check: x for x in dg.diagnose(dg.load_run(tmp_path / "d4"), law=law)}["tokens_ratio"]
+    assert f.numbers["optimal_tokens_per_param"] == pytest.approx(1.0)
+    assert f.numbers["multiple_of_optimal"] == pytest.approx(10.5 * 45, rel=0.01)
 
 
 def test_low_mfu_fires_and_cpu_skips(tmp_path):
