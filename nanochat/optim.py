@@ -60,7 +60,7 @@ def orthogonalize(G: torch.Tensor, method: str = "polar_express", steps: int = 5
     """Approximate U @ V^T of G = U S V^T for a (R, C) or (K, R, C) tensor; returned in `dtype`.
 
     The Frobenius normalisation happens in G's own precision, the iterations in `dtype`. Tall
-    matrices are transposed so the Gram matrix X X^T is the smaller (min(R, C))^2 one.
+    matrices iterate with X^T X, so the Gram matrix is always the smaller (min(R, C))^2 one.
     """
     if method == "polar_express":
         if not 1 <= steps <= len(POLAR_EXPRESS_COEFFS):
@@ -74,15 +74,11 @@ def orthogonalize(G: torch.Tensor, method: str = "polar_express", steps: int = 5
         raise ValueError(f"orthogonalize expects a (R, C) or (K, R, C) tensor, got shape {tuple(G.shape)}")
     X = G.unsqueeze(0) if G.ndim == 2 else G
     tall = X.size(-2) > X.size(-1)
-    if tall:
-        X = X.mT
     X = (X / (X.norm(dim=(-2, -1), keepdim=True) * inflation).clamp_min(eps)).to(dtype)
     for a, b, c in coeffs:
-        A = X @ X.mT  # (K, m, m), m = min(R, C)
+        A = X.mT @ X if tall else X @ X.mT  # (K, m, m), m = min(R, C)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b*A + c*A@A
-        X = torch.baddbmm(X, B, X, beta=a)  # a*X + B@X
-    if tall:
-        X = X.mT
+        X = torch.baddbmm(X, X, B, beta=a) if tall else torch.baddbmm(X, B, X, beta=a)  # a*X + X@B | B@X
     return X.squeeze(0) if G.ndim == 2 else X
 
 
