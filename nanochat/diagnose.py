@@ -54,7 +54,7 @@ class Run:
         xs, vs = [], []
         for m in self.metrics:
             v, s = m.get(key), m.get(x)
-            if isinstance(v, (int, float)) and isinstance(s, (int, float)) and v is not None:
+            if isinstance(v, (int, float)) and isinstance(s, (int, float)):
                 xs.append(float(s)); vs.append(float(v))
         return np.array(xs), np.array(vs)
 
@@ -89,6 +89,9 @@ def load_run(run_dir) -> Run:
             info = json.loads(ipath.read_text())
         except json.JSONDecodeError as e:
             problems.append(f"run.json is not valid JSON ({e}); metadata checks skipped")
+        if not isinstance(info, dict):
+            problems.append("run.json is not a JSON object; metadata checks skipped")
+            info = {}
     else:
         problems.append("no run.json")
     if not mpath.is_file() and not ipath.is_file():
@@ -151,46 +154,86 @@ def _tokens_trained(run: Run) -> float | None:
 _SIZE_RE = re.compile(r"(?<![a-z0-9.])(\d+(?:\.\d+)?)([kmb])(?![a-z])", re.IGNORECASE)
 
 
-def check_param_count(run: Run) -> Finding:
-    """Closed form from the config (sizing.count_params) vs the instantiated model; also a size or
-    depth declared in the model tag / args. A config typo can make these differ 3-4x (REFERENCE s10)."""
-    name = "param_count"
-    inst_total, inst_scaling = _num(run.sizing.get("num_params")), _num(run.sizing.get("scaling_params"))
-    mc = run.info.get("model_config")
-    nums, warnings = {"instantiated_total": inst_total, "instantiated_scaling": inst_scaling}, []
-    if mc:
-        try:
-            from nanochat.sizing import count_params
+def _meta_counts(model_config: dict) -> dict:
+    """Parameter counts of the model as `GPT` actually builds it, on the meta device (no memory)."""
+    import torch
 
+    from nanochat.gpt import GPT
+
+    with torch.device("meta"):
+        return GPT(_gpt_config(model_config)).num_params()
+
+
+def _depth_dial_config(run: Run, mc: dict):
+    """The config the depth dial gives for this run's flags (vocab from the recorded config)."""
+    from nanochat.sizing import model_config
+
+    a = run.args
+    kw = {k: a[k] for k in ("aspect_ratio", "head_dim", "max_seq_len", "n_kv_head", "window_pattern",
+                            "value_embeds", "resid_scalars") if a.get(k) is not None}
+    return model_config(int(a["depth"]), vocab_size=mc.get("vocab_size", 32768), **kw)
+
+
+def check_param_count(run: Run) -> Finding:
+    """Declared vs instantiated parameters. Declared: the closed form `sizing.count_params` of the
+    recorded config, of the config the depth dial gives for the run's flags, and any size in the model
+    tag ("gpt-124m"). Instantiated: `GPT(config)` built on the meta device, and the count run.json
+    recorded. A config typo can make these differ 3-4x (REFERENCE section 10)."""
+    name = "param_count"
+    rec_total, rec_scaling = _num(run.sizing.get("num_params")), _num(run.sizing.get("scaling_params"))
+    mc = run.info.get("model_config")
+    nums, issues = {"recorded_total": rec_total, "recorded_scaling": rec_scaling}, []
+    if mc:
+        from nanochat.sizing import count_params
+
+        try:
             c = count_params(_gpt_config(mc))
             nums.update(declared_total=c["total"], declared_scaling=c["scaling"])
-            for kind, inst in (("total", inst_total), ("scaling", inst_scaling)):
-                if inst and abs(c[kind] - inst) > 0.01 * inst:
-                    warnings.append(f"closed-form {kind} count {_fmt(c[kind])} != instantiated {_fmt(inst)} "
-                                    f"({inst / c[kind]:.2f}x)")
+        except Exception as e:  # noqa: BLE001 -- a config this version cannot build
+            c = None
+            nums["config_error"] = f"{type(e).__name__}: {e}"
+        try:
+            inst = _meta_counts(mc)
+            nums.update(instantiated_total=inst["total"], instantiated_scaling=inst["scaling"])
         except Exception as e:  # noqa: BLE001
-            nums["config_error"] = str(e)
-        depth = run.args.get("depth")
-        if isinstance(depth, int) and depth > 0 and mc.get("n_layer") not in (None, depth):
-            warnings.append(f"--depth={depth} but the model has n_layer={mc['n_layer']}")
+            inst = None
+            nums["instantiate_error"] = f"{type(e).__name__}: {e}"
+        for kind in ("total", "scaling"):
+            pairs = [("closed-form", c and c[kind]), ("instantiated", inst and inst[kind]),
+                     ("recorded in run.json", nums[f"recorded_{kind}"])]
+            pairs = [(label, v) for label, v in pairs if v]
+            ref_label, ref = pairs[0] if pairs else (None, None)
+            for label, v in pairs[1:]:
+                if abs(v - ref) > 0.01 * ref:
+                    issues.append(f"{ref_label} {kind} count {_fmt(ref)} != {label} {_fmt(v)} ({v / ref:.2f}x)")
+        if isinstance(run.args.get("depth"), int) and run.args["depth"] > 0:
+            try:
+                dial = count_params(_depth_dial_config(run, mc))["total"]
+                nums["depth_dial_total"] = dial
+                if c and abs(dial - c["total"]) > 0.01 * dial:
+                    issues.append(f"--depth={run.args['depth']} implies {_fmt(dial)} parameters but the config "
+                                  f"has {_fmt(c['total'])} ({c['total'] / dial:.2f}x; n_layer={mc.get('n_layer')}, "
+                                  f"n_embd={mc.get('n_embd')})")
+            except Exception:  # noqa: BLE001 -- flags this version does not understand
+                pass
     tag = str(run.args.get("model_tag") or run.path.name)
     m = _SIZE_RE.search(tag)
+    actual = nums.get("instantiated_total") or rec_total or nums.get("declared_total")
     if m:
         declared = float(m.group(1)) * {"k": 1e3, "m": 1e6, "b": 1e9}[m.group(2).lower()]
         nums["tag_declared"] = declared
-        actual = inst_total or nums.get("declared_total")
         if actual and not (1 / 1.5 <= actual / declared <= 1.5):
-            warnings.append(f"the tag {tag!r} declares ~{_fmt(declared)} parameters but the model has "
-                            f"{_fmt(actual)} ({actual / declared:.2f}x)")
-    if "declared_total" not in nums and inst_total is None:
+            issues.append(f"the tag {tag!r} declares ~{_fmt(declared)} parameters but the model has "
+                          f"{_fmt(actual)} ({actual / declared:.2f}x)")
+    if actual is None:
         return Finding(name, "skip", "run.json has neither model_config nor sizing.num_params", nums)
-    if warnings:
-        return Finding(name, "warn", "; ".join(warnings), nums,
+    if issues:
+        return Finding(name, "warn", "; ".join(issues), nums,
                        "Check n_layer / n_embd / n_head / vocab_size in the config against what you meant "
                        "(sizing.model_config(depth) gives the intended shape); fix before comparing runs.")
-    shown = inst_total or nums.get("declared_total")
-    return Finding(name, "ok", f"parameter count consistent: {_fmt(shown)} total"
-                   + (f", {_fmt(inst_scaling)} scaling" if inst_scaling else ""), nums)
+    scaling = nums.get("instantiated_scaling") or rec_scaling
+    return Finding(name, "ok", f"parameter count consistent: {_fmt(actual)} total"
+                   + (f", {_fmt(scaling)} scaling" if scaling else ""), nums)
 
 
 def check_tokens_ratio(run: Run, law=None) -> Finding:

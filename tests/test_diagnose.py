@@ -74,8 +74,16 @@ def test_healthy_run_is_quiet(healthy):
 
 
 def test_param_count_mismatch_fires(tmp_path):
-    f = findings(make_run(tmp_path, params_scale=3.5))["param_count"]
+    f = findings(make_run(tmp_path, params_scale=3.5))["param_count"]  # run.json records 3.5x the model
     assert f.status == "warn" and "3.50x" in f.summary
+    assert f.numbers["instantiated_total"] == f.numbers["declared_total"]  # GPT on meta == closed form
+    # a config edited away from what --depth implies (n_embd 256 -> 512): the depth dial disagrees
+    run_dir = make_run(tmp_path, name="typo")
+    info = json.loads((run_dir / "run.json").read_text())
+    info["model_config"].update(n_embd=512, n_head=4, n_kv_head=4)
+    (run_dir / "run.json").write_text(json.dumps(info))
+    f = findings(run_dir)["param_count"]
+    assert f.status == "warn" and "--depth=4 implies" in f.summary
     # a tag that declares a size far from what was built
     f = findings(make_run(tmp_path, name="gpt-124m"))["param_count"]
     assert f.status == "warn" and f.numbers["tag_declared"] == 124e6
