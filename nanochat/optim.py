@@ -5,8 +5,9 @@ One `MuonAdamW` holds parameter groups of two kinds:
 - `"muon"`: 2-D block matrices. Nesterov momentum, then an odd matrix polynomial (Polar Express,
   arXiv 2505.16932, or the classic Newton-Schulz quintic) that pushes every singular value towards
   1, then optionally NorMuon's per-row/column variance normalisation, cautious weight decay and
-  the `sqrt(max(1, rows/cols))` learning-rate factor. Matrices of equal shape are stacked into a
-  (K, R, C) tensor so one batched call orthogonalises them all.
+  the `sqrt(max(1, rows/cols))` learning-rate factor on the update (weight decay uses the plain
+  group lr, `p -= lr * wd * p`, as torch.optim.Muon does). Matrices of equal shape are stacked into
+  a (K, R, C) tensor so one batched call orthogonalises them all.
 - `"adamw"`: embeddings, LM head, scalars. Plain AdamW with fp32 math and decoupled weight decay
   (the same update as `torch.optim.AdamW`).
 
@@ -124,6 +125,14 @@ class _Pending:
     grad: torch.Tensor | None = None  # this rank's averaged gradient (shard)
     work: object = None  # async handle of the reduction, then of the gather
     finish: list = field(default_factory=list)  # (dst, src) copies once the gather is done
+    keep: list = field(default_factory=list)  # buffers an in-flight collective still reads
+
+    def complete(self) -> None:
+        if self.work is not None:
+            self.work.wait()
+        for dst, src in self.finish:
+            dst.copy_(src)
+        self.work, self.grad, self.finish, self.keep = None, None, [], []
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -241,11 +250,10 @@ class MuonAdamW(torch.optim.Optimizer):
                 self._muon_update(pend)
             else:
                 self._adam_update(pend)
+            if pend.work is None:  # nothing in flight (single process): write back now, free the buffers
+                pend.complete()
         for pend in pending:
-            if pend.work is not None:
-                pend.work.wait()
-            for dst, src in pend.finish:
-                dst.copy_(src)
+            pend.complete()
         return loss
 
     def _reduce(self, group: dict, unit) -> _Pending:
@@ -261,6 +269,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 full[i].copy_(g)
             pend.grad = full.new_empty((unit.per_rank, *unit.shape))
             pend.work = _reduce_scatter(pend.grad, full)
+            pend.keep = [full]
             return pend
         p = unit.param
         g = p.grad if p.grad is not None else torch.zeros_like(p)
@@ -270,6 +279,7 @@ class MuonAdamW(torch.optim.Optimizer):
             g = g.float().contiguous()
             pend.grad = g.new_empty((p.shape[0] // W, *p.shape[1:]))
             pend.work = _reduce_scatter(pend.grad, g)
+            pend.keep = [g]
         else:
             pend.grad = g.to(torch.float32, copy=True).contiguous()
             pend.work = dist.reduce(pend.grad, dst=unit.owner, op=dist.ReduceOp.SUM, async_op=True)
@@ -308,7 +318,8 @@ class MuonAdamW(torch.optim.Optimizer):
             pend.finish = list(zip(stack.params, p.unbind(0)))
             return
         full = p.new_empty((stack.per_rank * W, *stack.shape), dtype=stack.params[0].dtype)
-        pend.work = _all_gather(full, p.to(full.dtype))
+        pend.keep = [p.to(full.dtype)]
+        pend.work = _all_gather(full, pend.keep[0])
         pend.finish = list(zip(stack.params, full.unbind(0)))
 
     def _adam_update(self, pend: _Pending) -> None:
@@ -334,7 +345,8 @@ class MuonAdamW(torch.optim.Optimizer):
         state["step"] += 1
         t, (beta1, beta2), lr, wd = state["step"], group["betas"], group["lr"], group["weight_decay"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        p.mul_(1 - lr * wd)
+        if wd != 0:
+            p.mul_(1 - lr * wd)
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
@@ -342,7 +354,8 @@ class MuonAdamW(torch.optim.Optimizer):
         if p is not target:
             target.copy_(p)
         if unit.mode == "shard":
-            pend.work = _all_gather(param.data, target.clone())
+            pend.keep = [target.clone()]
+            pend.work = _all_gather(param.data, pend.keep[0])
         elif unit.mode == "owner":
             pend.work = dist.broadcast(param.data, src=unit.owner, async_op=True)
 
