@@ -385,3 +385,25 @@ def test_distributed_matches_single_process(world, tmp_path):
     emb_states = [res["state0"]["state"][1] for res in ranks]
     assert sum(bool(s[0]) for s in emb_states) == 1
     assert all(s[1]["exp_avg"].shape == (12 // world, 8) for s in emb_states)
+
+
+def test_trains_the_real_gpt():
+    from nanochat.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    config = GPTConfig(sequence_len=16, vocab_size=100, n_layer=2, n_head=2, n_kv_head=1, n_embd=32,
+                       value_embeds=True, resid_scalars=True)
+    model = GPT(config)
+    model.init_weights()
+    opt = build_optimizer(model, matrix_lr=0.02, embedding_lr=0.05, unembedding_lr=0.01, scalar_lr=0.01,
+                          weight_decay=0.1, orth_dtype=torch.float32)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
+    idx = torch.randint(0, 100, (4, 17))
+    losses = []
+    for _ in range(8):  # memorise one batch
+        loss = model(idx[:, :-1], idx[:, 1:])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.5, losses
