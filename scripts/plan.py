@@ -31,19 +31,31 @@ DEFAULT_LAW_NOTE = ("Epoch AI's refit of Chinchilla (arXiv 2404.10102): all-para
 
 
 def realise(law: sc.LossLaw, N: float, D: float, shape: dict, peak: float | None, mfu: float, num_gpus: int,
-            keep_loss: float | None = None, depths=range(2, 65)) -> dict:
+            keep_loss: float | None = None, inference_tokens: float = 0.0, depths=range(2, 65)) -> dict:
     """The nanochat run closest to (N, D): depth, tokens, batch, steps, FLOPs, wall time.
 
-    Depths are discrete, so the depth's own token count is re-derived: at equal 6ND (Chinchilla plan),
-    or, with `keep_loss`, the tokens that bring that depth to the plan's predicted loss.
+    Depths are discrete, so the depth's own token count is re-derived: at equal 6ND (Chinchilla plan:
+    the depth nearest N), or, with `keep_loss`, the tokens that bring a depth to the plan's predicted
+    loss, choosing among the depths around N the one with the lowest lifetime cost.
     """
     from nanochat.sizing import auto_total_batch_size, count_params, flops_per_token, model_config, reference_tokens
 
     depth, n_depth = sc.depth_for_params(N, count=law.param_count, depths=depths, **shape)
-    if keep_loss is not None and not math.isfinite(float(sc.tokens_for_loss(law, n_depth, keep_loss))):
-        depth += 1  # too small to ever reach the loss: take the next depth up
-        n_depth = sc.depth_for_params(N, count=law.param_count, depths=[depth], **shape)[1]
-    D_depth = float(sc.tokens_for_loss(law, n_depth, keep_loss)) if keep_loss is not None else N * D / n_depth
+    if keep_loss is None:
+        D_depth = N * D / n_depth
+    else:
+        best = None
+        for d in (depth - 1, depth, depth + 1):
+            if d not in depths:
+                continue
+            n_d = count_params(model_config(d, **shape))[law.param_count]
+            D_d = float(sc.tokens_for_loss(law, n_d, keep_loss))  # inf: too small to ever reach the loss
+            cost = sc.lifetime_flops(n_d, D_d, inference_tokens)
+            if math.isfinite(cost) and (best is None or cost < best[0]):
+                best = (cost, d, n_d, D_d)
+        if best is None:
+            raise SystemExit(f"error: no depth in {min(depths)}..{max(depths)} reaches the predicted loss {keep_loss:.4g}")
+        _, depth, n_depth, D_depth = best
     cfg = model_config(depth, **shape)
     counts = count_params(cfg)
     ratio = D_depth / counts["scaling"]  # tokens per scaling parameter, the ratio base_train takes
@@ -92,7 +104,8 @@ def make_plan(args) -> dict:
     for key in ("chinchilla", "inference_aware"):
         p = ia[key]
         plans[key] = realise(law, p["N"], p["D"], shape, peak, args.mfu, args.num_gpus,
-                             keep_loss=ia["loss"] if key == "inference_aware" else None)
+                             keep_loss=ia["loss"] if key == "inference_aware" else None,
+                             inference_tokens=args.inference_tokens)
         plans[key]["lifetime_flops"] = p["total_flops"]
     breakeven = sc.breakeven_inference_tokens(law, C, args.saving_pct / 100)
     return dict(budget_flops=C, budget=budget_note, law=law.to_dict(), law_note=law_note,
@@ -140,7 +153,8 @@ def print_plan(out: dict) -> None:
     print(f"{'':<{w}}{'chinchilla':>20}{'inference-aware':>20}")
     for name, a, b in rows:
         print(f"{name:<{w}}{a:>20}{b:>20}")
-    print("(depth rows: the nearest nanochat depth; Chinchilla keeps 6ND = C, inference-aware keeps the loss)")
+    print("(depth rows: Chinchilla takes the nearest depth at 6ND = C; inference-aware the cheapest depth near N "
+          "trained to the same loss)")
     print(f"inference-aware saves {out['saving']:.1%} of lifetime FLOPs at D_inf = {fmt(out['inference_tokens'])}")
     be = out["breakeven_inference_tokens"]
     print(f"break-even: {out['breakeven_definition']}: "
