@@ -30,7 +30,8 @@ def points(per_budget: int) -> sc.Points:
     for C in np.geomspace(1e17, 1e21, 5):
         n_opt = law.compute_optimal(C)[0]
         for f in np.geomspace(1 / 8, 8, per_budget):
-            N.append(n_opt * f); D.append(C / (6 * n_opt * f))
+            N.append(n_opt * f)
+            D.append(C / (6 * n_opt * f))
     N, D = np.array(N), np.array(D)
     return sc.Points(N, D, law.loss(N, D) * np.exp(0.002 * rng.standard_normal(len(N))))
 
@@ -40,7 +41,8 @@ def timed(fn, repeats):
     for _ in range(repeats):
         w, c = time.perf_counter(), time.process_time()
         fn()
-        walls.append(time.perf_counter() - w); cpus.append(time.process_time() - c)
+        walls.append(time.perf_counter() - w)
+        cpus.append(time.process_time() - c)
     return statistics.median(walls), statistics.median(cpus)
 
 

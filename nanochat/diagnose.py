@@ -55,7 +55,8 @@ class Run:
         for m in self.metrics:
             v, s = m.get(key), m.get(x)
             if isinstance(v, (int, float)) and isinstance(s, (int, float)):
-                xs.append(float(s)); vs.append(float(v))
+                xs.append(float(s))
+                vs.append(float(v))
         return np.array(xs), np.array(vs)
 
     def last(self, key: str):

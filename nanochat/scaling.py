@@ -140,7 +140,9 @@ def load_points(path, n_col="scaling_params", loss_col="val_bpb", d_col=None, c_
             continue
         if not all(math.isfinite(v) and v > 0 for v in vals):
             continue
-        N.append(vals[0]); L.append(vals[1]); X.append(vals[2])
+        N.append(vals[0])
+        L.append(vals[1])
+        X.append(vals[2])
         if budget_col:
             Bud.append(vals[3])
     if len(N) == 0:
@@ -523,8 +525,7 @@ def plot_fit(points: Points, law: LossLaw | None, iso: IsoFlopFit | None, out_di
         for s in iso.slices:
             if s["N_opt"] is not None:
                 ax.plot(s["C"], s["N_opt"], "kx")
-    ax.set_xscale("log"); ax.set_yscale("log")
-    ax.set_xlabel("C = 6ND (FLOPs)"); ax.set_ylabel("N*")
+    ax.set(xscale="log", yscale="log", xlabel="C = 6ND (FLOPs)", ylabel="N*")
     ax.set_title("compute-optimal frontier")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -545,9 +546,8 @@ def plot_fit(points: Points, law: LossLaw | None, iso: IsoFlopFit | None, out_di
         Nf, Df = law.compute_optimal(Cs)
         ax.plot(Nf, Df, "r-", label="compute-optimal")
         ax.scatter(points.N, points.D, s=8, c="k", label="runs")
-        ax.set_xscale("log"); ax.set_yscale("log")
-        ax.set_xlim(Ns[0], Ns[-1]); ax.set_ylim(Ds[0], Ds[-1])
-        ax.set_xlabel("N"); ax.set_ylabel("D (tokens)")
+        ax.set(xscale="log", yscale="log", xlim=(Ns[0], Ns[-1]), ylim=(Ds[0], Ds[-1]), xlabel="N",
+               ylabel="D (tokens)")
         ax.set_title("fitted loss contours (dotted: IsoFLOP lines)")
         ax.legend(fontsize=8)
         fig.tight_layout()

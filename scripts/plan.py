@@ -80,7 +80,7 @@ def make_plan(args) -> dict:
             with open(args.fit) as f:
                 law = sc.LossLaw.from_dict(json.load(f))
         except (OSError, ValueError) as e:
-            raise SystemExit(f"error: --fit {args.fit}: {e} (expected the output of scripts/scaling_fit.py --json)")
+            raise SystemExit(f"error: --fit {args.fit}: {e} (expected the output of scripts/scaling_fit.py --json)") from None
         law_note = f"fitted law from {args.fit} ({law.param_count} parameters, loss in {law.loss_unit})"
     else:
         law, law_note = sc.EPOCH_AI, DEFAULT_LAW_NOTE

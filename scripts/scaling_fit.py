@@ -31,7 +31,7 @@ def _header(path):
         with open(path, newline="") as f:
             return next(csv.reader(f), [])
     except OSError as e:
-        raise SystemExit(f"error: cannot read --csv {path}: {e}")
+        raise SystemExit(f"error: cannot read --csv {path}: {e}") from None
 
 
 def fit(args) -> dict:
@@ -47,7 +47,7 @@ def fit(args) -> dict:
         pts = sc.load_points(args.csv, n_col=n_col, loss_col=loss_col, d_col=args.d_col, c_col=args.c_col,
                              budget_col=budget_col)
     except (ValueError, FileNotFoundError) as e:
-        raise SystemExit(f"error: {e}")
+        raise SystemExit(f"error: {e}") from None
     param_count = args.param_count or sc.points_param_count(pts)
     loss_unit = args.loss_unit or sc.points_loss_unit(pts)
     out = dict(csv=args.csv, n_col=n_col, loss_col=loss_col, budget_col=budget_col, n_points=len(pts),
@@ -104,7 +104,7 @@ def print_report(out: dict) -> None:
             s = format(out[k], fmt)
             return s + (f" [{format(iv[k][0], fmt)}, {format(iv[k][1], fmt)}]" if k in iv else "")
 
-        print(f"approach 3: L = E + A/N^alpha + B/D^beta" + (f"  ({out['ci']:.0%} bootstrap intervals, "
+        print("approach 3: L = E + A/N^alpha + B/D^beta" + (f"  ({out['ci']:.0%} bootstrap intervals, "
                                                               f"{out['n_bootstrap']} resamples)" if iv else ""))
         for k, fmt in (("E", ".4f"), ("A", ".4g"), ("B", ".4g"), ("alpha", ".4f"), ("beta", ".4f")):
             print(f"  {k:<6} {show(k, fmt)}")

@@ -25,7 +25,9 @@ def isoflop_points(law=TRUE, noise=0.002, seed=0) -> sc.Points:
     for C in BUDGETS:
         n_opt = law.compute_optimal(C)[0]
         for f in np.geomspace(1 / 8, 8, 9):
-            N.append(n_opt * f); D.append(C / (6 * n_opt * f)); B.append(C)
+            N.append(n_opt * f)
+            D.append(C / (6 * n_opt * f))
+            B.append(C)
     N, D = np.array(N), np.array(D)
     L = law.loss(N, D) * np.exp(noise * rng.standard_normal(len(N)))
     return sc.Points(N, D, L, budget=np.array(B))
@@ -227,8 +229,8 @@ def test_fit_cli_json_feeds_planner(tmp_path, points, capsys):
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["scaling_params", "tokens", "val_bpb", "target_flops"])
-        for n, d, l, c in zip(points.N, points.D, points.L, points.budget):
-            w.writerow([n, d, l, c])
+        for n, d, loss, c in zip(points.N, points.D, points.L, points.budget):
+            w.writerow([n, d, loss, c])
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     res = subprocess.run([sys.executable, str(REPO / "scripts" / "scaling_fit.py"), "--csv", str(path), "--json",
                           "--budget", "1e21"], capture_output=True, text=True, timeout=120, env=env)
@@ -252,8 +254,8 @@ def test_fit_cli_plots_and_errors(tmp_path, points, capsys):
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["N", "C", "loss"])
-        for n, d, l in zip(points.N, points.D, points.L):
-            w.writerow([n, 6 * n * d, l])
+        for n, d, loss in zip(points.N, points.D, points.L):
+            w.writerow([n, 6 * n * d, loss])
     assert main(["--csv", str(path), "--c-col", "C", "--plot-dir", str(tmp_path / "plots")]) == 0
     assert "approach 2: N* =" in capsys.readouterr().out
     assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["contours.png", "frontier.png", "isoflop.png"]
