@@ -264,6 +264,14 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     ctx = init_runtime(args.device_type, args.dtype)
     base = get_base_dir()
+    if "core" in args.parts:  # find (or download) the bundle before any slow work, so a missing one fails fast
+        from nanochat.core_eval import EvalBundleError, resolve_eval_bundle
+
+        try:
+            args.eval_bundle = str(resolve_eval_bundle(args.eval_bundle, base_dir=base))
+        except EvalBundleError as e:
+            ctx.teardown()
+            raise SystemExit(f"base_eval: {e}") from None
     t_start = time.time()
     if args.hf_path:
         model, tokenizer = load_hf(args.hf_path, ctx.device)
@@ -313,17 +321,13 @@ def main(argv=None) -> dict:
             ctx.print0(f"{split} bpb: {bpb:.4f} ({args.split_tokens:,} tokens)")
 
     if "core" in args.parts:
-        from nanochat.core_eval import EvalBundleError, evaluate_core
+        from nanochat.core_eval import evaluate_core
 
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] or None
-        try:
-            with autocast:
-                core = evaluate_core(model, tokenizer, ctx.device, args.eval_bundle, args.max_per_task,
-                                     max_seq_len=max_seq_len, tasks=tasks, batch_tokens=args.batch_tokens,
-                                     dump_examples=args.dump_examples)
-        except EvalBundleError as e:
-            ctx.teardown()
-            raise SystemExit(f"base_eval: {e}") from None
+        with autocast:
+            core = evaluate_core(model, tokenizer, ctx.device, args.eval_bundle, args.max_per_task,
+                                 max_seq_len=max_seq_len, tasks=tasks, batch_tokens=args.batch_tokens,
+                                 dump_examples=args.dump_examples)
         result["core"] = core["core"]
         result["tasks"] = {k: {"accuracy": v["accuracy"], "centered": v["centered"], "n": v["n"],
                                "task_type": v["task_type"], "num_fewshot": v["num_fewshot"]}

@@ -538,3 +538,13 @@ def test_base_eval_rejects_unknown_parts():
 
     with pytest.raises(SystemExit):
         parse_args(["--eval", "core,perplexity"])
+
+
+def test_base_eval_without_bundle_fails_fast_before_loading(tmp_path, base_dir, monkeypatch):
+    from scripts import base_eval
+
+    monkeypatch.delenv(ce.EVAL_BUNDLE_ENV, raising=False)
+    monkeypatch.setattr(ce, "EVAL_BUNDLE_URL", f"http://127.0.0.1:{_free_port()}/eval_bundle.zip")
+    monkeypatch.setattr(ce.resolve_eval_bundle, "__defaults__", (None, None, True, ce.EVAL_BUNDLE_URL, 2.0))
+    with pytest.raises(SystemExit, match="--eval-bundle PATH"):
+        base_eval.main(["--eval", "core", "--device-type", "cpu"])  # no checkpoint either: the bundle is checked first
