@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nanochat.scaling import OPTIMAL_RATIO
+from nanochat.scaling import OPTIMAL_RATIO, single_threaded_blas
 
 # what a well-tuned bf16 run of this architecture reaches on H100-class GPUs (REFERENCE section 9:
 # reference d12 ~41%, d18 ~46%, d24 ~50%); below WARN_MFU something is leaving the GPU idle
@@ -458,13 +458,14 @@ def fit_data_curve(D: np.ndarray, L: np.ndarray) -> dict:
         return (E + np.exp(logB - beta * logD)) - L
 
     best = None
-    for beta0 in (0.1, 0.3, 0.6):
-        E0 = 0.8 * Lmin
-        logB0 = math.log(max(L[0] - E0, 1e-6)) + beta0 * logD[0]
-        r = least_squares(resid, [E0, logB0, beta0], loss="soft_l1", f_scale=0.01 * Lmin,
-                          bounds=([0.0, -50, 1e-3], [Lmin, 200, 3.0]))
-        if best is None or r.cost < best.cost:
-            best = r
+    with single_threaded_blas():  # a 3-parameter problem: BLAS threads only add contention
+        for beta0 in (0.1, 0.3, 0.6):
+            E0 = 0.8 * Lmin
+            logB0 = math.log(max(L[0] - E0, 1e-6)) + beta0 * logD[0]
+            r = least_squares(resid, [E0, logB0, beta0], loss="soft_l1", f_scale=0.01 * Lmin,
+                              bounds=([0.0, -50, 1e-3], [Lmin, 200, 3.0]))
+            if best is None or r.cost < best.cost:
+                best = r
     E, logB, beta = best.x
     return dict(E=float(E), B=float(math.exp(logB)), beta=float(beta))
 

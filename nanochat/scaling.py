@@ -534,8 +534,8 @@ def plot_fit(points: Points, law: LossLaw | None, iso: IsoFlopFit | None, out_di
     plt.close(fig)
 
     if law is not None:
-        Ns = np.geomspace(points.N.min() / 3, points.N.max() * 10, 120)
-        Ds = np.geomspace(points.D.min() / 3, points.D.max() * 10, 120)
+        Ns = np.geomspace(points.N.min() / 3, points.N.max() * 10, 80)
+        Ds = np.geomspace(points.D.min() / 3, points.D.max() * 10, 80)
         NN, DD = np.meshgrid(Ns, Ds)
         fig, ax = plt.subplots(figsize=(6, 4.5))
         levels = np.linspace(points.L.min() * 0.97, points.L.max() * 1.03, 12)  # the measured range

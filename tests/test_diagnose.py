@@ -92,8 +92,8 @@ def test_param_count_mismatch_fires(tmp_path):
 def test_tokens_ratio_fires_past_chinchilla(tmp_path):
     # 45x past the compute-optimal ratio: ~10.5 * 45 tokens per scaling parameter
     n_scaling = count_params(model_config(4, max_seq_len=256))["scaling"]
-    steps = round(10.5 * 45 * n_scaling / 2**22)
-    f = findings(make_run(tmp_path, n_iter=steps, tokens_per_step=2**22))["tokens_ratio"]
+    steps = round(10.5 * 45 * n_scaling / 2**24)
+    f = findings(make_run(tmp_path, n_iter=steps, tokens_per_step=2**24))["tokens_ratio"]
     assert f.status == "warn"
     assert f.numbers["multiple_of_optimal"] == pytest.approx(45, rel=0.01)
     # the compute-optimal model for the same FLOPs is sqrt(45) ~ 6.7x larger

@@ -115,8 +115,8 @@ def test_approach2_buckets_near_equal_budgets(points):
 
 
 def test_bootstrap_intervals(points, fit3):
-    b = sc.bootstrap_approach3(points, n_boot=8, fit=fit3, budgets=[1e21])
-    assert b.n_bootstrap == 8
+    b = sc.bootstrap_approach3(points, n_boot=5, fit=fit3, budgets=[1e21])
+    assert b.n_bootstrap == 5
     for k in ("E", "alpha", "beta", "N_opt@1e+21"):
         lo, hi = b.intervals[k]
         assert lo < hi
