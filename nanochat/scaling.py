@@ -251,7 +251,8 @@ class Approach3Fit:
 def fit_approach3(points: Points, delta: float = 1e-3, n_starts: int = 8, param_count: str = "scaling",
                   loss_unit: str = "bpb", _extra_starts=()) -> Approach3Fit:
     """Fit L(N, D) = E + A/N^alpha + B/D^beta. The whole grid is scored in one vectorised pass and
-    L-BFGS runs from its `n_starts` best points (running it from all 4,500 changes nothing here).
+    L-BFGS runs from its `n_starts` best points (on the test data with 1% noise, 200 starts reach
+    the same optimum as 8, to 1e-9 in alpha and beta).
     BLAS is kept to one thread meanwhile (see `single_threaded_blas`)."""
     if len(points) < 5:
         raise ValueError(f"approach 3 has 5 free constants; got only {len(points)} data points")
