@@ -17,12 +17,16 @@ Speed: the reference runs one example per forward pass (`batched=False` here, ke
 reference path). The batched path sorts all sequences of a task by length and packs them,
 right-padded with BOS, into forwards of at most `batch_tokens` tokens. Causal attention means
 right padding never changes the scored positions, so decisions match the unbatched path.
+On CPU, where compute rather than launch overhead dominates, multiple-choice examples can also run
+their shared context once through a KV cache (`share_prefix`), which saves ~(K-1)/K of the tokens
+of a 10-shot K-choice task.
 Distributed: rank r evaluates examples r, r+W, ... and the correct counts are all-reduced.
 """
 
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import math
 import os
@@ -412,9 +416,72 @@ def decide(example: PreparedExample, results: list[tuple[float, bool]]) -> dict:
             "scores": [round(m, 6) for m in scores]}
 
 
+def supports_kv_cache(model) -> bool:
+    """Our GPT: `model(idx, kv_cache=cache)` with a `nanochat.engine.KVCache` (Hugging Face wrappers: no)."""
+    forward = getattr(model, "forward", None)
+    try:
+        return forward is not None and "kv_cache" in inspect.signature(forward).parameters and hasattr(model, "config")
+    except (TypeError, ValueError):
+        return False
+
+
+def _worth_sharing(ex: PreparedExample, min_shared_tokens: int) -> bool:
+    """Multiple choice, uncropped (a cropped window no longer starts at a common prefix), a non-empty
+    continuation per choice, and enough repeated context tokens to pay for a second forward."""
+    if ex.task_type != "multiple_choice" or ex.cropped or len(ex.tokens) < 2:
+        return False
+    prefix = ex.starts[0]
+    return (all(s == prefix for s in ex.starts) and all(e > prefix for e in ex.ends)
+            and prefix * (len(ex.tokens) - 1) >= min_shared_tokens)
+
+
+@torch.no_grad()
+def score_shared_prefix(model, ex: PreparedExample, pad_id: int, device) -> list[tuple[float, bool]]:
+    """Multiple choice with the common context run once: prefill it into a KV cache, copy the cache
+    for each choice and run only the continuations (right-padded) on top. Same mathematics as the
+    full forward of every choice; the floats differ only by kernel order (~1e-6)."""
+    from nanochat.engine import KVCache
+
+    prefix = ex.starts[0]
+    conts = [t[prefix:] for t in ex.tokens]
+    K, Lc = len(conts), max(len(c) for c in conts)
+    cache = KVCache.for_model(model, 1, prefix + Lc)
+    ctx = torch.tensor([ex.tokens[0][:prefix]], dtype=torch.long, device=device)
+    last_1V = model(ctx, kv_cache=cache)[:, -1].float()  # predicts each choice's first token
+    cache = cache.expand(K)
+    ids = torch.full((K, Lc), pad_id, dtype=torch.long)
+    for j, c in enumerate(conts):
+        ids[j, :len(c)] = torch.tensor(c, dtype=torch.long)
+    ids = ids.to(device)
+    logits_KLV = model(ids, kv_cache=cache).float()
+    # position i of a continuation is predicted by the logits at i-1 (the context's last for i = 0)
+    pred_KLV = torch.cat([last_1V.expand(K, -1).unsqueeze(1), logits_KLV[:, :-1]], dim=1)
+    out = []
+    for j, c in enumerate(conts):
+        logits_NV, targets_N = pred_KLV[j, :len(c)], ids[j, :len(c)]
+        loss = F.cross_entropy(logits_NV, targets_N, reduction="none")
+        out.append((loss.mean().item(), bool((logits_NV.argmax(-1) == targets_N).all().item())))
+    return out
+
+
 def run_examples(model, examples: list[PreparedExample], pad_id: int, device, batched: bool = True,
-                 batch_tokens: int = 8192) -> list[dict]:
-    """Decisions for `examples`, in order. `batched=False` is the reference: one forward per example."""
+                 batch_tokens: int = 8192, share_prefix: bool = False, min_shared_tokens: int = 512) -> list[dict]:
+    """Decisions for `examples`, in order. `batched=False` is the reference: one forward per example.
+
+    `share_prefix` (models with a KV cache only): multiple-choice examples whose choices repeat at
+    least `min_shared_tokens` context tokens run their context once (`score_shared_prefix`); the
+    rest go through the batched/unbatched path. It cuts compute ~K-fold on 10-shot K-choice tasks;
+    worth it where compute, not launch overhead, dominates (CPU).
+    """
+    if share_prefix and supports_kv_cache(model):
+        shared = {k: decide(ex, score_shared_prefix(model, ex, pad_id, device))
+                  for k, ex in enumerate(examples) if _worth_sharing(ex, min_shared_tokens)}
+        if shared:
+            rest = [k for k in range(len(examples)) if k not in shared]
+            rest_decisions = run_examples(model, [examples[k] for k in rest], pad_id, device, batched, batch_tokens)
+            merged = dict(shared)
+            merged.update(zip(rest, rest_decisions))
+            return [merged[k] for k in range(len(examples))]
     if not batched:
         return [decide(ex, score_rows(model, list(zip(ex.tokens, ex.starts, ex.ends)), pad_id, device))
                 for ex in examples]
@@ -451,7 +518,8 @@ def _all_reduce_sum(values: list[float], device) -> list[float]:
 
 
 def evaluate_task(model, tokenizer, data: list[dict], device, spec: TaskSpec, max_seq_len: int | None = None,
-                  batched: bool = True, batch_tokens: int = 8192, collect_examples: bool = False) -> dict:
+                  batched: bool = True, batch_tokens: int = 8192, collect_examples: bool = False,
+                  share_prefix: bool = False) -> dict:
     """Accuracy of `model` on one task's (already shuffled/truncated) `data`, across all ranks.
 
     Returns {accuracy, correct, n, examples (rank 0, when collect_examples: every example's decision)}.
@@ -459,7 +527,8 @@ def evaluate_task(model, tokenizer, data: list[dict], device, spec: TaskSpec, ma
     rank, world = _dist_info()
     indices = list(range(rank, len(data), world))
     prepared = prepare_examples(data, indices, spec, tokenizer, max_seq_len)
-    decisions = run_examples(model, prepared, tokenizer.get_bos_token_id(), device, batched, batch_tokens)
+    decisions = run_examples(model, prepared, tokenizer.get_bos_token_id(), device, batched, batch_tokens,
+                             share_prefix=share_prefix)
     correct = float(sum(d["correct"] for d in decisions))
     n_cropped = float(sum(ex.cropped for ex in prepared))
     if world > 1:
@@ -497,7 +566,8 @@ def _default_max_seq_len(model) -> int | None:
 
 def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task: int = -1, *,
                   max_seq_len: int | None = None, tasks: list[str] | None = None, batched: bool = True,
-                  batch_tokens: int = 8192, dump_examples: str | os.PathLike | None = None,
+                  batch_tokens: int = 8192, share_prefix: bool | None = None,
+                  dump_examples: str | os.PathLike | None = None,
                   base_dir=None, verbose: bool = True) -> dict:
     """Evaluate CORE. Returns {core, tasks: {label: {accuracy, centered, n, ...}}, missing, n_tasks,
     n_examples, seconds, examples_per_second}.
@@ -507,6 +577,8 @@ def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task: int =
     `model.config.sequence_len`); longer prompts are cropped from the left. A task whose data file
     is missing is listed in `missing` and CORE is the mean over the tasks present.
     `dump_examples`: a jsonl path that receives every example's decision (rank 0 writes it).
+    `share_prefix`: run each multiple-choice context once through a KV cache (see `run_examples`);
+    None = on for CPU devices with a KV-cache model, off elsewhere (GPUs prefer the packed forwards).
     """
     bundle = resolve_eval_bundle(bundle_dir, base_dir=base_dir)
     specs = load_task_specs(bundle)
@@ -521,6 +593,8 @@ def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task: int =
                          f"from the other rows of the task, so use max_per_task > {most_shots} (or -1 for all)")
     if max_seq_len is None:
         max_seq_len = _default_max_seq_len(model)
+    if share_prefix is None:
+        share_prefix = batched and torch.device(device).type == "cpu" and supports_kv_cache(model)
     rank, _ = _dist_info()
     log = print if (verbose and rank == 0) else (lambda *a, **k: None)
     was_training = getattr(model, "training", False)
@@ -536,7 +610,8 @@ def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task: int =
             continue
         t0 = time.time()
         res = evaluate_task(model, tokenizer, data, device, spec, max_seq_len=max_seq_len, batched=batched,
-                            batch_tokens=batch_tokens, collect_examples=dump_examples is not None)
+                            batch_tokens=batch_tokens, collect_examples=dump_examples is not None,
+                            share_prefix=share_prefix)
         seconds = time.time() - t0
         centered = centered_score(res["accuracy"], spec.random_baseline)
         results[spec.label] = {"accuracy": res["accuracy"], "centered": centered, "n": res["n"],
@@ -561,4 +636,5 @@ def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task: int =
     return {"core": core, "tasks": results, "missing": missing, "n_tasks": len(results),
             "n_tasks_total": len(specs), "n_examples": n_examples, "seconds": seconds,
             "examples_per_second": n_examples / seconds if seconds > 0 else float("nan"),
-            "max_per_task": max_per_task, "max_seq_len": max_seq_len, "bundle": str(bundle)}
+            "max_per_task": max_per_task, "max_seq_len": max_seq_len, "bundle": str(bundle),
+            "batched": batched, "share_prefix": share_prefix}

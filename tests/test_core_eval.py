@@ -548,3 +548,23 @@ def test_base_eval_without_bundle_fails_fast_before_loading(tmp_path, base_dir, 
     monkeypatch.setattr(ce.resolve_eval_bundle, "__defaults__", (None, None, True, ce.EVAL_BUNDLE_URL, 2.0))
     with pytest.raises(SystemExit, match="--eval-bundle PATH"):
         base_eval.main(["--eval", "core", "--device-type", "cpu"])  # no checkpoint either: the bundle is checked first
+
+
+def test_shared_prefix_equals_unbatched(tmp_path):
+    """Multiple choice with the context prefilled once into a KV cache == full forwards of every choice."""
+    bundle = make_bundle(tmp_path)
+    tok = byte_tokenizer()
+    model = small_gpt(tok.get_vocab_size(), seq_len=1024, n_layer=2)
+    spec = next(s for s in ce.load_task_specs(bundle) if s.task_type == "multiple_choice")
+    data = ce.load_task_data(bundle, spec)
+    examples = ce.prepare_examples(data, list(range(len(data))), spec, tok, max_seq_len=1024)
+    assert all(ce._worth_sharing(ex, 1) for ex in examples)
+    ref = ce.run_examples(model, examples, tok.get_bos_token_id(), "cpu", batched=False)
+    shared = ce.run_examples(model, examples, tok.get_bos_token_id(), "cpu", share_prefix=True, min_shared_tokens=1)
+    assert [(d["pred"], d["correct"]) for d in shared] == [(d["pred"], d["correct"]) for d in ref]
+    for a, b in zip(ref, shared):
+        assert a["scores"] == pytest.approx(b["scores"], abs=1e-4)
+    # evaluate_core turns it on by itself on CPU for KV-cache models, and CORE does not move
+    auto = ce.evaluate_core(model, tok, "cpu", bundle, verbose=False)
+    off = ce.evaluate_core(model, tok, "cpu", bundle, verbose=False, share_prefix=False)
+    assert auto["share_prefix"] is True and auto["core"] == off["core"]
