@@ -19,11 +19,11 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from nanochat.gpt import GPT  # noqa: E402
-from nanochat.optim import build_optimizer, orthogonalize  # noqa: E402
-from nanochat.sizing import model_config  # noqa: E402
+from nanochat.gpt import GPT
+from nanochat.optim import build_optimizer, orthogonalize
+from nanochat.sizing import model_config
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 

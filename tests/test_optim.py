@@ -202,7 +202,7 @@ class ToyModel(nn.Module):
     def __init__(self, seed=0):
         super().__init__()
         gen = torch.Generator().manual_seed(seed)
-        rnd = lambda *s: nn.Parameter(torch.randn(*s, generator=gen) * 0.5)  # noqa: E731
+        rnd = lambda *s: nn.Parameter(torch.randn(*s, generator=gen) * 0.5)
         self.emb, self.emb2 = rnd(11, 8), rnd(12, 8)
         self.up, self.down, self.sq, self.proj = rnd(16, 8), rnd(8, 16), rnd(8, 8), rnd(8, 5)
         self.mats = nn.ParameterList([rnd(3, 5) for _ in range(5)])
@@ -274,7 +274,7 @@ def test_state_roundtrip_continues_identically(config):
 
 
 def test_load_refuses_other_world_size_and_other_models():
-    model, opt = _train(CONFIGS[0], 1)
+    _, opt = _train(CONFIGS[0], 1)
     sd = opt.state_dict()
     assert sd["world_size"] == 1 and sd["rank"] == 0
     bad = dict(sd, world_size=4, rank=2)
@@ -363,7 +363,7 @@ def test_distributed_matches_single_process(world, tmp_path):
         for name, p in single.named_parameters():
             for r, res in enumerate(ranks):
                 torch.testing.assert_close(res[f"params{i}"][name], p.detach(), rtol=1e-5, atol=1e-5,
-                                           msg=lambda m: f"config {i}, rank {r}, {name}: {m}")
+                                           msg=lambda m, i=i, r=r, name=name: f"config {i}, rank {r}, {name}: {m}")
     # Muon and Adam updates are blind to the gradient's scale, the state is not: it must hold the
     # mean gradient's momentum, sliced by rank. The 5 (3, 5) matrices: ceil(5 / W) per rank, zero-padded.
     single_state = single_opt.state_dict()["state"]
