@@ -85,13 +85,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from nanochat.train_loop import ConfigError, EXIT_CONFIG, train
+    from nanochat.checkpoint_manager import CheckpointError
+    from nanochat.dataset import DataError
+    from nanochat.tokenizer import TokenizerError
+    from nanochat.train_loop import EXIT_CONFIG, ConfigError, train
 
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return train(args)
-    except ConfigError as e:
+    except (ConfigError, CheckpointError, DataError, TokenizerError, FileNotFoundError) as e:
+        # inconsistent flags, missing tokenizer / data / checkpoint: one line saying what to do, no traceback
         print(f"base_train: error: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
 

@@ -148,6 +148,15 @@ def test_bad_kv_heads_rejected(env_base, capsys):
     assert "--n-kv-head=3" in capsys.readouterr().err
 
 
+def test_missing_tokenizer_and_missing_checkpoint_are_one_line_errors(base_dir, env_base, monkeypatch, capsys):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))  # empty: no tokenizer, no data
+    assert train_inprocess(*TINY, "--num-iterations", "2") == 2
+    assert "tok_train.py" in capsys.readouterr().err
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(env_base))
+    assert train_inprocess(*TINY, "--num-iterations", "2", "--model-tag", "never", "--resume", "latest") == 2
+    assert "no complete checkpoint" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------------
 # one real run: sizing table, metrics, run.json, checkpoints, evals
 
