@@ -75,7 +75,7 @@ def main() -> None:
           f"step {statistics.median(r['dt'] for r in timed) * 1000:.0f} ms   first step {first:.2f} s   "
           f"wall {wall:.1f} s (incl. start-up)")
     if mfu:
-        print(f"MFU {statistics.median(mfu):.2f}%   peak memory {max(r['peak_mem_mb'] for r in records):,.0f} MB")
+        print(f"MFU {100 * statistics.median(mfu):.2f}%   peak memory {max(r['peak_mem_mb'] for r in records):,.0f} MB")
     breakdown(args)
 
 

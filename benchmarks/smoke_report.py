@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "throughput":
         s = throughput(args.run_dir, args.skip)
-        mfu = f"{s['mfu']:.2f}%" if s["mfu"] is not None else "n/a"
+        mfu = f"{100 * s['mfu']:.2f}%" if s["mfu"] is not None else "n/a"
         print(f"{args.run_dir.name}: {s['tok_per_sec']:,.0f} tok/s, {s['step_ms']:.0f} ms/step, MFU {mfu}, "
               f"peak memory {s['peak_mem_mb']:,.0f} MB, first step {s['first_step_s']:.1f} s ({s['steps']} steps)")
     elif args.cmd == "compare":

@@ -249,7 +249,11 @@ def gather_to_all(ctx: RuntimeContext, obj) -> list:
 
 class MetricsWriter:
     """Appends one JSON record per optimizer step to metrics.jsonl (rank 0); on resume from step S
-    drops the records of steps > S first, so the file always holds one record per step."""
+    drops the records of steps > S first, so the file always holds one record per step.
+
+    Fields: step (optimizer steps done), loss (EMA 0.9, bias-corrected), raw_loss, lr (multiplier), dt (s),
+    tok_per_sec, mfu (fraction of peak, 0-1; null when the peak is unknown), tokens, flops (cumulative),
+    peak_mem_mb; plus val_bpb / core on evaluation steps."""
 
     def __init__(self, path: Path, resume_step: int | None, enabled: bool):
         self.path, self.enabled = Path(path), enabled
@@ -488,7 +492,7 @@ def _train(args, ctx: RuntimeContext) -> int:
             smooth["n"] += 1
             smooth_loss = smooth["ema"] / (1 - beta ** smooth["n"])
             tok_per_sec = plan.total_batch_size / dt
-            mfu = (100 * plan.flops_per_token * tok_per_sec / (ctx.peak_flops * ctx.world_size)
+            mfu = (plan.flops_per_token * tok_per_sec / (ctx.peak_flops * ctx.world_size)  # fraction of peak
                    if ctx.peak_flops else None)
             timed = step - first_timed
             eta = (N - step) * (train_time / timed if timed > 0 else dt)
@@ -497,7 +501,7 @@ def _train(args, ctx: RuntimeContext) -> int:
                       "flops": step * plan.total_batch_size * plan.flops_per_token,
                       "peak_mem_mb": peak_memory_mb(ctx)}
             ctx.print0(f"step {step:05d}/{N} | loss {smooth_loss:.4f} (raw {raw_loss:.4f}) | lrm {lrm:.3f} | "
-                       f"dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | mfu {f'{mfu:.2f}%' if mfu is not None else 'n/a'}"
+                       f"dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | mfu {f'{100 * mfu:.2f}%' if mfu is not None else 'n/a'}"
                        f" | mem {record['peak_mem_mb']:.0f}MB | eta {eta / 60:.1f}m")
 
             # --- evaluations at step `step` ---

@@ -224,6 +224,26 @@ def test_resume_refuses_another_model_config(env_base, capsys):
     assert "different model" in capsys.readouterr().err
 
 
+def test_mfu_is_model_flops_over_peak(tmp_path, monkeypatch):
+    import nanochat.train_loop as tl
+    from nanochat import sizing
+
+    real = tl.init_runtime
+
+    def with_peak(*a, **k):  # pretend the device has a known peak of 1 TFLOP/s
+        ctx = real(*a, **k)
+        ctx.peak_flops = 1e12
+        return ctx
+
+    monkeypatch.setattr(tl, "init_runtime", with_peak)
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    assert train_inprocess(*SYNTH, "--num-iterations", "2", "--model-tag", "mfu") == 0
+    fpt = sizing.flops_per_token(sizing.model_config(2, aspect_ratio=32, head_dim=32, max_seq_len=32, vocab_size=256))
+    for r in read_metrics(tmp_path, "mfu"):
+        assert r["mfu"] == pytest.approx(fpt * r["tok_per_sec"] / 1e12)
+        assert r["flops"] == pytest.approx(fpt * r["tokens"])
+
+
 # ---------------------------------------------------------------------------------------------
 # exact resume after SIGKILL, preemption by SIGTERM
 
