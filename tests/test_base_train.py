@@ -244,6 +244,17 @@ def test_mfu_is_model_flops_over_peak(tmp_path, monkeypatch):
         assert r["flops"] == pytest.approx(fpt * r["tokens"])
 
 
+@pytest.mark.slow
+def test_wandb_offline_run_logs_every_step(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    assert train_inprocess(*SYNTH, "--num-iterations", "2", "--model-tag", "wb", "--run", "wb-test") == 0
+    assert len(list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # exact resume after SIGKILL, preemption by SIGTERM
 
