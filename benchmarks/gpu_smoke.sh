@@ -47,6 +47,7 @@ else
   SKIP=3
 fi
 CKPT=$NANOCHAT_BASE_DIR/base_checkpoints
+rm -rf "$CKPT/smoke_a" "$CKPT/smoke_b" "$CKPT/smoke_big"  # runs of an earlier smoke test in the same base dir
 say "base dir $NANOCHAT_BASE_DIR"
 "$PY" -c "import torch; print('torch', torch.__version__, '| cuda', torch.cuda.is_available(), '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
 

@@ -346,6 +346,12 @@ def _train(args, ctx: RuntimeContext) -> int:
     sizes = sizing_dict(plan, args, ctx.world_size)
     N, A = plan.num_iterations, plan.grad_accum_steps
     out_dir = checkpoint_dir_for(args)
+    existing = ckpt.list_steps(out_dir)
+    if args.resume_from_step is None and existing:
+        # a fresh run here would mix its checkpoints and metrics with the old ones (and --keep-last would
+        # prune the new, lower steps first)
+        raise ConfigError(f"{out_dir} already holds checkpoints of an earlier run (steps {existing[-3:]}): pass "
+                          f"--resume latest to continue it, choose another --model-tag, or delete the folder")
     if ctx.is_master:
         out_dir.mkdir(parents=True, exist_ok=True)
 

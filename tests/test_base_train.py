@@ -222,6 +222,9 @@ def test_resume_refuses_another_model_config(env_base, capsys):
                            "--resume", "latest")
     assert code == 2
     assert "different model" in capsys.readouterr().err
+    # a fresh run (no --resume) into a folder with checkpoints would mix two runs
+    assert train_inprocess(*TINY, "--num-iterations", "2", "--model-tag", "cfg") == 2
+    assert "--resume latest" in capsys.readouterr().err
 
 
 def test_mfu_is_model_flops_over_peak(tmp_path, monkeypatch):
