@@ -516,7 +516,9 @@ def _train(args, ctx: RuntimeContext) -> int:
                     from nanochat.tokenizer import get_token_bytes
 
                     token_bytes = get_token_bytes(ctx.device)
-                val_bpb = evaluate_val_bpb(args, train_model, tokenizer, ctx, token_bytes)
+                # the uncompiled module: loss_eval detects its per-token loss from forward's signature, which a
+                # compiled wrapper hides (it would then materialise the full fp32 logits)
+                val_bpb = evaluate_val_bpb(args, model, tokenizer, ctx, token_bytes)
                 record["val_bpb"] = val_bpb
                 ctx.print0(f"step {step:05d} | val bpb {val_bpb:.6f}")
             if core_available and due(args.core_metric_every, step):
