@@ -342,6 +342,9 @@ def _train(args, ctx: RuntimeContext) -> int:
 
         tokenizer = get_tokenizer()
         vocab_size = tokenizer.get_vocab_size()
+    if ctx.needs_grad_scaler:
+        raise ConfigError("--dtype float16 needs a gradient scaler, which this loop does not have: use bfloat16 "
+                          "(SM80+ GPUs) or float32")
     plan = plan_run(args, vocab_size, ctx.world_size)
     sizes = sizing_dict(plan, args, ctx.world_size)
     N, A = plan.num_iterations, plan.grad_accum_steps

@@ -216,6 +216,23 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(env_base, monkeypat
     assert [r["step"] for r in read_metrics(env_base, "nan")] == [1, 2, 3]
 
 
+def test_out_of_memory_names_device_batch_size(env_base, monkeypatch, capsys):
+    from nanochat.gpt import GPT
+
+    def oom(self, *a, **k):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(GPT, "forward", oom)
+    assert train_inprocess(*TINY, "--num-iterations", "2", "--model-tag", "oom") == 4
+    err = capsys.readouterr().err
+    assert "out of memory at step 0" in err and "--device-batch-size=4" in err
+
+
+def test_fp16_without_grad_scaler_is_refused(env_base, capsys):
+    assert train_inprocess(*TINY, "--num-iterations", "2", "--model-tag", "fp16", "--dtype", "float16") == 2
+    assert "bfloat16" in capsys.readouterr().err
+
+
 def test_resume_refuses_another_model_config(env_base, capsys):
     assert train_inprocess(*TINY, "--num-iterations", "2", "--model-tag", "cfg") == 0
     code = train_inprocess(*TINY, "--num-iterations", "4", "--model-tag", "cfg", "--n-kv-head", "1",
