@@ -197,7 +197,8 @@ def evaluation_section(result: dict | None, note: str | None = None) -> str:
 def samples_section(samples: list[tuple[str, str]]) -> str:
     text = "## Samples\n\n"
     for prompt, completion in samples:
-        text += f"- **{prompt.strip()}** {completion.strip()}\n"
+        line = f"**{prompt.strip()}** {completion.strip()}" if prompt else completion.strip()
+        text += "- " + line.replace("\n", " / ") + "\n"
     return text
 
 

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -207,24 +205,37 @@ def stage_eval(p: Preset, tag: str, nproc: int, report: rc.Report) -> dict:
     run_dir = run_dir_for(get_base_dir(), tag)
     step = find_last_step(run_dir)
     out = run_dir / f"base_eval_{step:06d}.json"
+    bundle_error = None
+    try:  # resolve (or download) the CORE bundle up front: without one, CORE is skipped with a note
+        from nanochat.core_eval import resolve_eval_bundle
+
+        bundle = resolve_eval_bundle()
+    except Exception as e:  # EvalBundleError offline; anything else is reported the same way
+        bundle, bundle_error = None, str(e)
     if out.exists():
         log(f"evaluation of step {step} exists ({out}), skipping")
     else:
         cmd = launcher(nproc, "scripts.base_eval") + [f"--model-tag={tag}", f"--step={step}", f"--out={out}",
                                                        f"--split-tokens={p.eval_split_tokens}"]
-        if p.core_max_per_task > 0:
-            cmd.append(f"--max-per-task={p.core_max_per_task}")
+        if bundle is None:
+            log("no CORE eval bundle: evaluating bpb and samples only")
+            cmd.append("--eval=bpb,sample")
+        else:
+            cmd.append(f"--eval-bundle={bundle}")
+            if p.core_max_per_task > 0:
+                cmd.append(f"--max-per-task={p.core_max_per_task}")
         run(cmd)
     result = json.loads(out.read_text())
     note = None
     if result.get("core") is None:
-        note = ("CORE was not computed: " + str(result.get("core_error") or "no eval bundle available")
-                + ". Provide the DCLM eval bundle with `--eval-bundle PATH` / `NANOCHAT_EVAL_BUNDLE`, "
-                  "or run once on a networked machine (it downloads itself).")
+        note = ("CORE was not computed: " + (bundle_error or "no eval bundle available")
+                + " (with `NANOCHAT_EVAL_BUNDLE` set, or on a networked machine, re-run after deleting "
+                  f"{out.name} to add it).")
     elif p.core_max_per_task > 0:
         note = f"CORE on at most {p.core_max_per_task} examples per task (a smoke figure, not comparable to full CORE)."
     report.set("evaluation", rc.evaluation_section(result, note))
-    samples = [(s["prompt"], s["completion"]) for s in result.get("samples", [])]
+    samples = [("", s) if isinstance(s, str) else (s.get("prompt", ""), s.get("completion", ""))
+               for s in result.get("samples", [])]
     if samples:
         report.set("samples", rc.samples_section(samples))
     return result
