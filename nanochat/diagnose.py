@@ -315,7 +315,7 @@ def check_mfu(run: Run) -> Finding:
         return Finding(name, "skip", "no mfu values in metrics.jsonl", {"device": device})
     skip = max(5, len(mfu) // 10)  # compile and warm-up steps are not representative
     body = mfu[skip:] if len(mfu) > skip + 5 else mfu
-    med = float(np.median(body)) / 100  # base_train logs MFU in percent
+    med = float(np.median(body))  # base_train logs MFU as a fraction of peak
     dtype = str(run.env.get("dtype", ""))
     nums = dict(device=device, median_mfu=med, expected_low=EXPECTED_MFU[0], expected_high=EXPECTED_MFU[1],
                 steps_used=len(body), dtype=dtype)

@@ -44,7 +44,7 @@ def make_run(root: Path, name="d4", *, n_iter=460, tokens_per_step=2**18, params
             raw *= 1.3
         lr = lr_fn(s) if lr_fn else lr_multiplier(s, n_iter, warm, wd, final)
         m = dict(step=s + 1, loss=raw, raw_loss=raw, lr=lr, dt=0.5, tok_per_sec=tokens_per_step / 0.5,
-                 mfu=None if device.startswith("cpu") else 100 * mfu * (1 + 0.01 * rng.standard_normal()),
+                 mfu=None if device.startswith("cpu") else mfu * (1 + 0.01 * rng.standard_normal()),
                  tokens=D, flops=6.0 * counts["scaling"] * D, peak_mem_mb=1000)
         if s % 50 == 49 or s == n_iter - 1:
             m["val_bpb"] = clean * val_ratio / (math.log(2) * BYTES_PER_TOKEN)
