@@ -38,7 +38,7 @@ def compare(run_a: Path, run_b: Path, rtol: float) -> list[str]:
     problems = []
     if [r["step"] for r in a] != [r["step"] for r in b]:
         problems.append(f"steps differ: {[r['step'] for r in a]} vs {[r['step'] for r in b]}")
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=False):
         x, y = ra["raw_loss"], rb["raw_loss"]
         if abs(x - y) > rtol * abs(x):
             problems.append(f"step {ra['step']}: loss {x:.6f} vs {y:.6f}")

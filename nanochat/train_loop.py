@@ -132,14 +132,14 @@ def sizing_table(s: dict, ctx: RuntimeContext, model) -> str:
         ("  embeddings (token + value)", f"{s['embedding_params']:,}"),
         ("  scalars", f"{s['scalar_params']:,}"),
         ("FLOPs per token", f"{s['flops_per_token']:.4g}"),
-        ("tokens per step", f"{s['tokens_per_step']:,} = {s['device_batch_size']} x {s['max_seq_len']} x "
-                            f"{s['world_size']} ranks x {s['grad_accum_steps']} accumulation"),
+        ("tokens per step", (f"{s['tokens_per_step']:,} = {s['device_batch_size']} x {s['max_seq_len']} x "
+                             f"{s['world_size']} ranks x {s['grad_accum_steps']} accumulation")),
         ("steps", f"{s['num_iterations']:,} (from {s['horizon_source']})"),
         ("total tokens", f"{s['total_tokens']:,}"),
         ("tokens : scaling params", f"{s['tokens_per_scaling_param']:.2f}"),
         ("total FLOPs", f"{s['total_flops']:.4g}"),
-        ("learning rates", f"matrix {s['matrix_lr']:.4g}, embedding {s['embedding_lr']:.4g}, "
-                           f"unembedding {s['unembedding_lr']:.4g}, scalar {s['scalar_lr']:.4g}"),
+        ("learning rates", (f"matrix {s['matrix_lr']:.4g}, embedding {s['embedding_lr']:.4g}, "
+                            f"unembedding {s['unembedding_lr']:.4g}, scalar {s['scalar_lr']:.4g}")),
         ("schedule", f"warmup {s['warmup_steps']}, warmdown {s['warmdown_ratio']:g}, final {s['final_lr_frac']:g}"),
         ("weight decay (Muon)", f"{s['weight_decay']:.4g}"),
         ("world size", f"{ctx.world_size} ({ctx.device_name})"),
@@ -279,7 +279,7 @@ class MetricsWriter:
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=5)
+                             text=True, timeout=5, check=False)
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None

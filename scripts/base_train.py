@@ -16,7 +16,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python scripts/base_train.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nanochat import sizing  # noqa: E402
+from nanochat import sizing
 
 
 def resume_step(value: str):

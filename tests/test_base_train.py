@@ -23,9 +23,11 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-WORDS = ("the a one every some quick lazy brown red small large old new happy sad cat dog bird fish king queen "
-         "river mountain city house tree garden sun moon star runs jumps sings sleeps eats reads writes sees "
-         "finds loves under over near beside with without and but because while then 1 2 3 42 1999 2026").split()
+WORDS = ["the", "a", "one", "every", "some", "quick", "lazy", "brown", "red", "small", "large", "old", "new",
+         "happy", "sad", "cat", "dog", "bird", "fish", "king", "queen", "river", "mountain", "city", "house",
+         "tree", "garden", "sun", "moon", "star", "runs", "jumps", "sings", "sleeps", "eats", "reads",
+         "writes", "sees", "finds", "loves", "under", "over", "near", "beside", "with", "without", "and",
+         "but", "because", "while", "then", "1", "2", "3", "42", "1999", "2026"]
 
 
 def generated_documents(n: int, seed: int = 0) -> list[str]:

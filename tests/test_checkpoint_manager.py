@@ -12,7 +12,7 @@ from nanochat import checkpoint_manager as cm
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import build_optimizer
 
-CONFIG = dict(sequence_len=16, vocab_size=300, n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+CONFIG = {"sequence_len": 16, "vocab_size": 300, "n_layer": 1, "n_head": 2, "n_kv_head": 2, "n_embd": 32}
 
 
 def tiny_model(seed=0, **overrides):
@@ -57,7 +57,7 @@ def test_round_trip_and_file_layout(tmp_path):
     for m, o in ((model, opt), (fresh, opt2)):
         m(x[:, :-1], x[:, 1:]).backward()
         o.step()
-    for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values()):
+    for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
 
 
