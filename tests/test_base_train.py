@@ -403,3 +403,11 @@ def test_two_node_launch_trains_checkpoints_and_refuses_other_world_size(env_bas
     # one rank cannot take over a 2-rank checkpoint
     code = train_inprocess(*flags[:-2], "--model-tag", "nodes", "--num-iterations", "4", "--resume", "latest")
     assert code == 2
+    # two ranks resume from step 2 (per-rank optimizer shards and data positions) and redo step 3 exactly
+    before = read_metrics(env_base, "nodes")
+    again = torchrun(env_base, 2, *flags, "--resume-from-step", "2")
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out
+    after = read_metrics(env_base, "nodes")
+    assert [r["step"] for r in after] == [1, 2, 3]
+    assert after[2]["raw_loss"] == before[2]["raw_loss"] and after[2]["val_bpb"] == before[2]["val_bpb"]
