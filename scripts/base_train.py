@@ -5,6 +5,9 @@
     python -m scripts.base_train --depth 12 --resume latest      # continue the last checkpoint
 
 See docs/multinode.md for several nodes. The loop itself lives in nanochat/train_loop.py.
+Output: <base dir>/base_checkpoints/<model tag>/ (run.json, metrics.jsonl, model/meta/optim files per step).
+Exit codes: 0 done (or stopped by SIGTERM/SIGINT after saving a checkpoint), 2 bad flags / missing
+tokenizer, data or checkpoint, 3 non-finite loss (last good checkpoint kept), 4 CUDA out of memory.
 """
 
 from __future__ import annotations
