@@ -323,6 +323,31 @@ def checkpoint_dir_for(args) -> Path:
     return get_base_dir() / ckpt.PHASE_DIRS["base"] / (args.model_tag or f"d{args.depth}")
 
 
+def restore(out_dir: Path, which, ctx: RuntimeContext, plan: Plan, model, optimizer, train_loader):
+    """Load checkpoint `which` (a step or "latest") into the model, optimizer, data loader and RNGs.
+
+    Refuses a checkpoint written by another world size or another model config. Returns
+    (step, loop state with smooth_loss, train_time and val_bpb)."""
+    resume_step = ckpt.find_last_step(out_dir) if which == "latest" else int(which)
+    meta = ckpt.load_meta(out_dir, resume_step)
+    if meta.get("world_size") != ctx.world_size:
+        raise ConfigError(f"checkpoint step {resume_step} in {out_dir} was written by {meta.get('world_size')} "
+                          f"rank(s) but this run has {ctx.world_size}: its optimizer and data-loader states are "
+                          f"per rank, so resume with the same number of ranks")
+    diff = ckpt.config_mismatch(meta["model_config"], plan.config.to_dict())
+    if diff:
+        raise ConfigError(f"checkpoint step {resume_step} in {out_dir} is a different model: {'; '.join(diff)}. "
+                          f"Use the same model flags, or another --model-tag for a new run")
+    model_state, optim_state, _ = ckpt.load_checkpoint(out_dir, resume_step, device=ctx.device,
+                                                       load_optimizer=True, rank=ctx.rank)
+    ckpt.load_state_into(model, model_state)
+    optimizer.load_state_dict(optim_state)
+    train_loader.load_state_dict(meta["dataloader_state"][ctx.rank])
+    set_rng_state(meta["rng_state"][ctx.rank])
+    ctx.print0(f"resumed from {out_dir} step {resume_step} (val bpb {meta.get('val_bpb')})")
+    return resume_step, dict(meta["loop_state"], val_bpb=meta.get("val_bpb"))
+
+
 def train(args) -> int:
     """Run pretraining as the flags say; returns the process exit code."""
     ctx = init_runtime(args.device_type, args.dtype, seed=args.seed)
@@ -378,26 +403,8 @@ def _train(args, ctx: RuntimeContext) -> int:
     val_bpb, resume_step = None, None
     train_time = 0.0
     if args.resume_from_step is not None:
-        resume_step = ckpt.find_last_step(out_dir) if args.resume_from_step == "latest" else int(args.resume_from_step)
-        meta = ckpt.load_meta(out_dir, resume_step)
-        if meta.get("world_size") != ctx.world_size:
-            raise ConfigError(f"checkpoint step {resume_step} in {out_dir} was written by {meta.get('world_size')} "
-                              f"rank(s) but this run has {ctx.world_size}: its optimizer and data-loader states are "
-                              f"per rank, so resume with the same number of ranks")
-        diff = ckpt.config_mismatch(meta["model_config"], plan.config.to_dict())
-        if diff:
-            raise ConfigError(f"checkpoint step {resume_step} in {out_dir} is a different model: {'; '.join(diff)}. "
-                              f"Use the same model flags, or another --model-tag for a new run")
-        model_state, optim_state, _ = ckpt.load_checkpoint(out_dir, resume_step, device=ctx.device,
-                                                           load_optimizer=True, rank=ctx.rank)
-        ckpt.load_state_into(model, model_state)
-        optimizer.load_state_dict(optim_state)
-        del model_state, optim_state
-        train_loader.load_state_dict(meta["dataloader_state"][ctx.rank])
-        loop = meta["loop_state"]
-        step, smooth, train_time, val_bpb = resume_step, loop["smooth_loss"], loop["train_time"], meta.get("val_bpb")
-        set_rng_state(meta["rng_state"][ctx.rank])
-        ctx.print0(f"resumed from {out_dir} step {resume_step} (val bpb {val_bpb})")
+        resume_step, loop = restore(out_dir, args.resume_from_step, ctx, plan, model, optimizer, train_loader)
+        step, smooth, train_time, val_bpb = resume_step, loop["smooth_loss"], loop["train_time"], loop["val_bpb"]
 
     # --- report what is about to be trained -----------------------------------------------------------
     table = sizing_table(sizes, ctx, model)
