@@ -284,7 +284,8 @@ def test_synthetic_bundle_batched_equals_unbatched(tmp_path):
 
 
 def test_real_examples_batched_equals_unbatched(shared_data):
-    """12 real examples from each of the 21 present tasks, prompts cropped to 128 tokens."""
+    """12 real examples from each of the 21 present tasks, prompts cropped to 128 tokens; the 0-shot
+    multiple-choice tasks also uncropped through the shared-context (KV cache) path."""
     bundle = shared_data / "eval_bundle"
     specs = ce.load_task_specs(bundle)
     datasets = {s.label: ce.load_task_data(bundle, s, 12) for s in specs}
@@ -292,7 +293,7 @@ def test_real_examples_batched_equals_unbatched(shared_data):
     tok = Tokenizer.train_from_iterator(texts, vocab_size=512)
     model = small_gpt(tok.get_vocab_size(), seq_len=128)
     pad = tok.get_bos_token_id()
-    n, n_cropped = 0, 0
+    n, n_cropped, n_shared = 0, 0, 0
     for spec in specs:
         data = datasets[spec.label]
         if data is None:
@@ -305,7 +306,13 @@ def test_real_examples_batched_equals_unbatched(shared_data):
             assert a.get("scores", []) == pytest.approx(b.get("scores", []), abs=1e-4)
         n += len(data)
         n_cropped += sum(ex.cropped for ex in examples)
-    assert n >= 250 and n_cropped > 0
+        if spec.task_type == "multiple_choice" and spec.num_fewshot == 0:  # short enough to run uncropped
+            whole = ce.prepare_examples(data, list(range(len(data))), spec, tok)
+            ref = ce.run_examples(model, whole, pad, "cpu", batched=False)
+            shared = ce.run_examples(model, whole, pad, "cpu", share_prefix=True, min_shared_tokens=1)
+            assert [(d["pred"], d["correct"]) for d in shared] == [(d["pred"], d["correct"]) for d in ref], spec.label
+            n_shared += len(whole)
+    assert n >= 250 and n_cropped > 0 and n_shared >= 24
 
 
 def test_missing_task_is_reported_and_core_uses_the_rest(tmp_path):
