@@ -84,3 +84,20 @@ def evaluate_bpb(model, batches: Iterable, steps: int, token_bytes: torch.Tensor
         raise ValueError("evaluate_bpb: the targets contain no bytes (only special tokens or ignored "
                          "positions); check the data and the token_bytes table")
     return total_nats.item() / (math.log(2) * nbytes)
+
+
+def evaluate_split_bpb(model, tokenizer, token_bytes, ctx, split: str, split_tokens: int, batch_size: int,
+                       seq_len: int) -> float:
+    """bpb of `model` on the first `split_tokens` tokens of a data split (the pinned validation shard for "val")."""
+    from nanochat.dataloader import DataLoader
+
+    tokens_per_step = batch_size * seq_len * ctx.world_size
+    steps = max(1, split_tokens // tokens_per_step)
+    loader = DataLoader(tokenizer, batch_size, seq_len, split=split, device=ctx.device, rank=ctx.rank,
+                        world_size=ctx.world_size)
+    try:
+        return evaluate_bpb(model, loader, steps, token_bytes)
+    finally:
+        close = getattr(loader, "close", None)
+        if close is not None:
+            close()

@@ -179,6 +179,8 @@ def evaluation_section(result: dict | None, note: str | None = None) -> str:
     rows = []
     if result.get("val_bpb") is not None:
         rows.append(["val bpb", result["val_bpb"]])
+    if result.get("untrained_val_bpb") is not None:
+        rows.append(["val bpb of the untrained model", result["untrained_val_bpb"]])
     if result.get("train_bpb") is not None:
         rows.append(["train bpb", result["train_bpb"]])
     if rows:

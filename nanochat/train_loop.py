@@ -107,8 +107,8 @@ def plan_run(args, vocab_size: int, world_size: int) -> Plan:
     lrs = sizing.learning_rates(total_batch_size, config.n_embd, matrix_lr=args.matrix_lr,
                                 embedding_lr=args.embedding_lr, unembedding_lr=args.unembedding_lr,
                                 scalar_lr=args.scalar_lr)
-    wd = args.weight_decay if args.weight_decay >= 0 else sizing.weight_decay(total_batch_size,
-                                                                               steps * total_batch_size, ref_tokens)
+    wd = args.weight_decay if args.weight_decay >= 0 else sizing.weight_decay(
+        total_batch_size, steps * total_batch_size, ref_tokens, matrix_lr=args.matrix_lr)
     return Plan(config, params, fpt, total_batch_size, accum, steps, source, lrs, wd)
 
 

@@ -26,7 +26,8 @@ if not __package__:  # `python scripts/base_eval.py`: make the repo root importa
 import torch
 import torch.nn as nn
 
-from nanochat.common import get_base_dir, init_runtime
+from nanochat.common import get_base_dir, init_runtime  # noqa: E402
+from nanochat.loss_eval import evaluate_split_bpb  # noqa: E402
 
 PROMPTS = [
     "The capital of France is",
@@ -175,23 +176,6 @@ def greedy_samples(model, tokenizer, device, max_tokens: int = 16) -> list[str]:
             new = seq[len(tokens):]
         out.append(prompt + tokenizer.decode(new))
     return out
-
-
-def evaluate_split_bpb(model, tokenizer, token_bytes, ctx, split: str, split_tokens: int, batch_size: int,
-                       seq_len: int) -> float:
-    from nanochat.dataloader import DataLoader
-    from nanochat.loss_eval import evaluate_bpb
-
-    tokens_per_step = batch_size * seq_len * ctx.world_size
-    steps = max(1, split_tokens // tokens_per_step)
-    loader = DataLoader(tokenizer, batch_size, seq_len, split=split, device=ctx.device, rank=ctx.rank,
-                        world_size=ctx.world_size)
-    try:
-        return evaluate_bpb(model, loader, steps, token_bytes)
-    finally:
-        close = getattr(loader, "close", None)
-        if close is not None:
-            close()
 
 
 # ---------------------------------------------------------------------------------------------
