@@ -59,6 +59,8 @@ class Report:
 
 def md_table(headers: list[str], rows: list[list]) -> str:
     def fmt(v):
+        if isinstance(v, bool):
+            return "yes" if v else "no"
         if isinstance(v, float):
             return f"{v:.4f}" if abs(v) < 100 else f"{v:,.0f}"
         if isinstance(v, int):
@@ -154,7 +156,7 @@ def training_section(metrics: list[dict], plots: list[str], untrained_bpb: float
         return "## Training\n\nNo metrics recorded yet.\n"
     last = metrics[-1]
     val = [m for m in metrics if m.get("val_bpb") is not None]
-    rows = [["steps", last.get("step", 0) + 1], ["final train loss (smoothed)", last.get("loss")],
+    rows = [["steps", last.get("step", 0)], ["final train loss (smoothed)", last.get("loss")],
             ["tokens seen", last.get("tokens")], ["training FLOPs", last.get("flops")]]
     if val:
         rows.append(["final val bpb", val[-1]["val_bpb"]])

@@ -59,10 +59,10 @@ PRESETS = {
     # 1.73 at 8x -- see the resolution note of the speedrun issue).
     "cpu": Preset("cpu", data="embedded", num_shards=0, tok_first_shards=0, vocab_size=4096,
                   tok_max_chars=100_000_000, depth=4, max_seq_len=256, device_batch_size=8,
-                  train_args=["--num-iterations=200", "--total-batch-size=2048", "--warmup-steps=10",
+                  train_args=["--num-iterations=260", "--total-batch-size=2048", "--warmup-steps=10",
                               "--matrix-lr=0.16", "--embedding-lr=2.4", "--unembedding-lr=0.064", "--scalar-lr=1.0",
-                              "--eval-every=50", "--eval-tokens=32768", "--core-metric-every=0",
-                              "--sample-every=-1", "--save-every=50", "--keep-last=2"],
+                              "--eval-every=65", "--eval-tokens=32768", "--core-metric-every=0",
+                              "--sample-every=-1", "--save-every=65", "--keep-last=2"],
                   core_max_per_task=16, eval_split_tokens=65536),
     # CI smoke test: every stage for real, in a couple of minutes
     "ci": Preset("ci", data="embedded", num_shards=0, tok_first_shards=0, vocab_size=512,

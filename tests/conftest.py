@@ -39,3 +39,10 @@ def base_dir(tmp_path, monkeypatch) -> Path:
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def shared_data_optional() -> Path | None:
+    """Like `shared_data`, but None instead of a skip (for tests that run either way)."""
+    path = _shared_data_dir()
+    return path if path.is_dir() else None

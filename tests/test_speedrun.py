@@ -1,0 +1,59 @@
+"""The whole pipeline end to end at toy size (the `ci` preset): data, tokenizer, training, evaluation,
+report card; then a re-run that skips finished stages and a re-evaluation without an eval bundle."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_speedrun(env, timeout=900):
+    return subprocess.run([sys.executable, "-m", "scripts.speedrun", "--preset", "ci"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_ci_preset_end_to_end(tmp_path, shared_data_optional):
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path / "base"), OMP_NUM_THREADS="2")
+    env.pop("NANOCHAT_EVAL_BUNDLE", None)
+    bundle = shared_data_optional / "eval_bundle" if shared_data_optional else None
+    if bundle is not None and bundle.is_dir():
+        env["NANOCHAT_EVAL_BUNDLE"] = str(bundle)
+    out = run_speedrun(env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+    run_dir = tmp_path / "base" / "base_checkpoints" / "ci_d2"
+    report = (run_dir / "report" / "report.md").read_text()
+    for section in ("## Environment", "## Tokenizer", "## Model sizing", "## Training", "## Evaluation", "## Wall time"):
+        assert section in report, section
+    assert (run_dir / "report" / "curve_vs_step.png").exists()
+    result = json.loads(next(run_dir.glob("base_eval_*.json")).read_text())
+    assert math.isfinite(result["val_bpb"]) and math.isfinite(result["untrained_val_bpb"])
+    assert result["val_bpb"] < result["untrained_val_bpb"]  # 30 steps already learn something
+    if "NANOCHAT_EVAL_BUNDLE" in env:
+        assert "### CORE" in report and "CORE =" in report and math.isfinite(result["core"])
+    else:
+        assert "CORE was not computed" in report
+
+    # re-running skips every finished stage
+    again = run_speedrun(env, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "skipping training" in again.stdout and "training finished earlier" in again.stdout
+    assert "exists" in again.stdout and "skipping" in again.stdout
+
+    # without an eval bundle the evaluation still runs (bpb, samples) and the report says why CORE is missing
+    for f in run_dir.glob("base_eval_*"):
+        f.unlink()
+    env["NANOCHAT_EVAL_BUNDLE"] = str(tmp_path / "no_such_bundle")
+    third = run_speedrun(env, timeout=300)
+    assert third.returncode == 0, third.stderr[-3000:]
+    report = (run_dir / "report" / "report.md").read_text()
+    assert "CORE was not computed" in report and "NANOCHAT_EVAL_BUNDLE" in report
+    result = json.loads(next(run_dir.glob("base_eval_*.json")).read_text())
+    assert result["core"] is None and math.isfinite(result["val_bpb"])
