@@ -210,7 +210,7 @@ def _train_rustbpe(texts: Iterator[str], num_merges: int, pattern: str) -> dict[
     return {bytes(b): int(r) for b, r in tok.get_mergeable_ranks()}
 
 
-def _byte_to_unicode() -> dict[int, str]:
+def gpt2_byte_to_unicode() -> dict[int, str]:
     """GPT-2's reversible map from bytes to printable characters (what HF's ByteLevel emits)."""
     printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
     mapping, extra = {}, 0
@@ -235,7 +235,7 @@ def _train_hf(texts: Iterator[str], num_merges: int, pattern: str) -> dict[bytes
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[])
     hf.train_from_iterator(texts, trainer)
     merges = json.loads(hf.to_str())["model"]["merges"]
-    unicode_to_byte = {c: b for b, c in _byte_to_unicode().items()}
+    unicode_to_byte = {c: b for b, c in gpt2_byte_to_unicode().items()}
     ranks = {bytes([b]): b for b in range(256)}
     for left, right in merges:  # merges are listed in the order learned: that order is the rank
         token = bytes(unicode_to_byte[c] for c in left + right)

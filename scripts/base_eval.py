@@ -28,6 +28,7 @@ import torch.nn as nn
 
 from nanochat.common import get_base_dir, init_runtime  # noqa: E402
 from nanochat.loss_eval import evaluate_split_bpb  # noqa: E402
+from nanochat.tokenizer import gpt2_byte_to_unicode  # noqa: E402
 
 PROMPTS = [
     "The capital of France is",
@@ -43,20 +44,6 @@ PARTS = ("core", "bpb", "sample")
 
 # ---------------------------------------------------------------------------------------------
 # Hugging Face causal LMs behind our model/tokenizer interfaces
-
-
-def _gpt2_bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map used by byte-level BPE vocabularies:
-    printable Latin-1 bytes map to themselves, the other 68 bytes to chr(256 + n) in byte order."""
-    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
-    mapping, n = {}, 0
-    for b in range(256):
-        if b in keep:
-            mapping[b] = chr(b)
-        else:
-            mapping[b] = chr(256 + n)
-            n += 1
-    return mapping
 
 
 class HFModel(nn.Module):
@@ -109,7 +96,7 @@ class HFTokenizer:
         vocab = self.tok.get_vocab()  # token string -> id
         lengths = torch.zeros(max(len(self.tok), max(vocab.values()) + 1), dtype=torch.int64)
         specials = set(self.tok.all_special_ids)
-        byte_decoder = {c: b for b, c in _gpt2_bytes_to_unicode().items()}
+        byte_decoder = {c: b for b, c in gpt2_byte_to_unicode().items()}
         byte_level = all(all(ch in byte_decoder for ch in tok) for tok, i in vocab.items() if i not in specials)
         sp_byte = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
         for tok, i in vocab.items():

@@ -8,7 +8,6 @@ reference implementation, a bigram "model" whose losses are computed by hand, th
 import http.server
 import json
 import math
-import os
 import random
 import socket
 import threading
@@ -461,11 +460,11 @@ def test_offline_download_fails_fast_with_instructions(tmp_path, monkeypatch):
 def _tiny_hf_dir(tmp_path) -> Path:
     """A randomly initialised 1-layer GPT-2 with a byte-level GPT-2 tokenizer (one merge), built offline."""
     transformers = pytest.importorskip("transformers")
-    from scripts.base_eval import _gpt2_bytes_to_unicode
+    from nanochat.tokenizer import gpt2_byte_to_unicode
 
     d = tmp_path / "tiny_gpt2"
     d.mkdir()
-    vocab = {c: b for b, c in _gpt2_bytes_to_unicode().items()}
+    vocab = {c: b for b, c in gpt2_byte_to_unicode().items()}
     vocab["\u0120t"] = 256  # "Ġt" = b" t": a 2-byte token
     vocab["<|endoftext|>"] = 257
     from tokenizers import Tokenizer as HFCoreTokenizer
