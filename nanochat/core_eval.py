@@ -360,7 +360,8 @@ def prepare_examples(data: list[dict], indices: list[int], spec: TaskSpec, token
 
 
 @torch.no_grad()
-def score_rows(model, rows: list[tuple[list[int], int, int]], pad_id: int, device) -> list[tuple[float, bool]]:
+def score_rows(model, rows: list[tuple[list[int], int, int]], pad_id: int, device,
+               select_positions: bool = True) -> list[tuple[float, bool]]:
     """One forward over right-padded rows; per row (mean loss over its span, argmax reproduces the span).
 
     Position p predicts token p+1, so span [s, e) is scored from the logits at s-1 .. e-2. Only the
@@ -376,11 +377,15 @@ def score_rows(model, rows: list[tuple[list[int], int, int]], pad_id: int, devic
         pos_idx.extend(range(s - 1, e - 1))
         lengths.append(e - s)
     ids = ids.to(device)
-    logits_BTV = model(ids)
-    r = torch.tensor(row_idx, device=logits_BTV.device)
-    p = torch.tensor(pos_idx, device=logits_BTV.device)
-    logits_NV = logits_BTV[r, p].float()
-    targets_N = ids.to(logits_BTV.device)[r, p + 1]
+    r = torch.tensor(row_idx, device=ids.device)
+    p = torch.tensor(pos_idx, device=ids.device)
+    if select_positions and accepts_positions(model):  # our GPT: the LM head runs only at the scored positions
+        logits_NV = model(ids, positions=(r, p)).float()
+    else:
+        logits_BTV = model(ids)
+        r, p = r.to(logits_BTV.device), p.to(logits_BTV.device)
+        logits_NV = logits_BTV[r, p].float()
+    targets_N = ids.to(logits_NV.device)[r.to(logits_NV.device), p.to(logits_NV.device) + 1]
     losses_N = F.cross_entropy(logits_NV, targets_N, reduction="none")
     hits_N = logits_NV.argmax(dim=-1) == targets_N
     # per-row reductions stay on the device; one transfer at the end (no sync per row on GPU)
@@ -416,6 +421,15 @@ def decide(example: PreparedExample, results: list[tuple[float, bool]]) -> dict:
             "scores": [round(m, 6) for m in scores]}
 
 
+def accepts_positions(model) -> bool:
+    """`model(idx, positions=(rows, cols)) -> (N, V)` logits at chosen positions (our GPT; not HF wrappers)."""
+    forward = getattr(model, "forward", None)
+    try:
+        return forward is not None and "positions" in inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def supports_kv_cache(model) -> bool:
     """Our GPT: `model(idx, kv_cache=cache)` with a `nanochat.engine.KVCache` (Hugging Face wrappers: no)."""
     forward = getattr(model, "forward", None)
@@ -447,7 +461,11 @@ def score_shared_prefix(model, ex: PreparedExample, pad_id: int, device) -> list
     K, Lc = len(conts), max(len(c) for c in conts)
     cache = KVCache.for_model(model, 1, prefix + Lc)
     ctx = torch.tensor([ex.tokens[0][:prefix]], dtype=torch.long, device=device)
-    last_1V = model(ctx, kv_cache=cache)[:, -1].float()  # predicts each choice's first token
+    if accepts_positions(model):  # the LM head only at the context's last position
+        last = torch.tensor([prefix - 1], device=device)
+        last_1V = model(ctx, kv_cache=cache, positions=(torch.zeros_like(last), last)).float()
+    else:
+        last_1V = model(ctx, kv_cache=cache)[:, -1].float()  # predicts each choice's first token
     cache = cache.expand(K)
     ids = torch.full((K, Lc), pad_id, dtype=torch.long)
     for j, c in enumerate(conts):
@@ -483,7 +501,9 @@ def run_examples(model, examples: list[PreparedExample], pad_id: int, device, ba
             merged.update(zip(rest, rest_decisions))
             return [merged[k] for k in range(len(examples))]
     if not batched:
-        return [decide(ex, score_rows(model, list(zip(ex.tokens, ex.starts, ex.ends)), pad_id, device))
+        # the reference computes the full (T, V) logits of every example, as the original harness does
+        return [decide(ex, score_rows(model, list(zip(ex.tokens, ex.starts, ex.ends)), pad_id, device,
+                                      select_positions=False))
                 for ex in examples]
     rows, owner = [], []
     for k, ex in enumerate(examples):

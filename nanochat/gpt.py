@@ -294,8 +294,12 @@ class GPT(nn.Module):
     # --- forward ------------------------------------------------------------------------------
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_reduction: str = "mean",
-                kv_cache=None):
+                kv_cache=None, positions: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """`positions=(rows, cols)` returns logits (N, vocab) at those (b, t) only: scoring a few
+        continuation tokens of a long prompt (CORE) then skips the LM head everywhere else."""
         B, T = idx.shape
+        if positions is not None and targets is not None:
+            raise ValueError("positions= selects logits for scoring; it cannot be combined with targets")
         t0 = kv_cache.pos if kv_cache is not None else 0
         if t0 + T > self.cos.size(1):
             raise ValueError(f"sequence position {t0 + T} exceeds the rotary table ({self.cos.size(1)}): "
@@ -311,7 +315,9 @@ class GPT(nn.Module):
         if kv_cache is not None:
             kv_cache.advance(T)
         x = rms_norm(x)
-        logits = self.lm_head(x)[..., :self.config.vocab_size].float()  # (B, T, vocab) in fp32
+        if positions is not None:
+            x = x[positions[0], positions[1]]  # (N, C)
+        logits = self.lm_head(x)[..., :self.config.vocab_size].float()  # (B, T, vocab) or (N, vocab), fp32
         cap = self.config.logit_softcap
         if cap:
             logits = cap * torch.tanh(logits / cap)

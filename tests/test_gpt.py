@@ -202,3 +202,13 @@ def test_depth4_trains_and_loss_falls():
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_logits_at_positions_equal_full_logits():
+    model = randomize(build(small(value_embeds=True)))
+    idx = torch.randint(0, 100, (3, 12))
+    rows, cols = torch.tensor([0, 0, 2, 1]), torch.tensor([0, 11, 5, 7])
+    full = model(idx)
+    torch.testing.assert_close(model(idx, positions=(rows, cols)), full[rows, cols])
+    with pytest.raises(ValueError, match="positions"):
+        model(idx, idx, positions=(rows, cols))
