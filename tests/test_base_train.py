@@ -12,7 +12,6 @@ import json
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tests.helpers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,11 +100,6 @@ def subprocess_env(base: Path, **extra) -> dict:
     env.update({k: str(v) for k, v in extra.items()})
     return env
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def final_weights(base: Path, tag: str, step: int) -> dict:

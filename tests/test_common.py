@@ -1,7 +1,6 @@
 """Runtime context: device and dtype policy, base dir, peak FLOPs, and a real 2-process gloo group."""
 
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -10,6 +9,7 @@ import pytest
 import torch
 
 from nanochat import common
+from tests.helpers import free_port
 
 
 def test_import_has_no_side_effects(tmp_path):
@@ -69,11 +69,6 @@ def test_peak_flops_table():
     assert common.get_peak_flops(None) is None
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_two_process_gloo_group(tmp_path):
     script = tmp_path / "worker.py"
@@ -92,7 +87,7 @@ def test_two_process_gloo_group(tmp_path):
     repo = common.__file__.rsplit("/nanochat/", 1)[0]
     env = dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
-                          f"--master_port={_free_port()}", str(script)],
+                          f"--master_port={free_port()}", str(script)],
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "rank=0 local=0 sum=3.0" in out.stdout and "rank=1 local=1 sum=3.0" in out.stdout

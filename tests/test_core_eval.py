@@ -9,7 +9,6 @@ import http.server
 import json
 import math
 import random
-import socket
 import threading
 import time
 import zipfile
@@ -24,6 +23,7 @@ import torch.nn as nn
 from nanochat import core_eval as ce
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.tokenizer import Tokenizer
+from tests.helpers import free_port
 
 # ---------------------------------------------------------------------------------------------
 # helpers: a byte-level tokenizer, a small random GPT, a synthetic bundle
@@ -347,11 +347,6 @@ def test_bad_arguments_fail_clearly(tmp_path):
 # distributed: 2 gloo processes == 1 process
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _dist_worker(rank, world, port, bundle, out_dir):
     import torch.distributed as dist
@@ -380,7 +375,7 @@ def test_two_process_core_and_bpb_equal_one_process(tmp_path):
     from nanochat.loss_eval import evaluate_bpb
 
     bundle = make_bundle(tmp_path)
-    mp.spawn(_dist_worker, args=(2, _free_port(), str(bundle), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_dist_worker, args=(2, free_port(), str(bundle), str(tmp_path)), nprocs=2, join=True)
     results = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
     tok = byte_tokenizer()
     model = small_gpt(tok.get_vocab_size())
@@ -442,7 +437,7 @@ def test_bundle_download_unpacks_atomically(tmp_path, monkeypatch):
 
 def test_offline_download_fails_fast_with_instructions(tmp_path, monkeypatch):
     monkeypatch.delenv(ce.EVAL_BUNDLE_ENV, raising=False)
-    port = _free_port()  # nothing listens there: connection refused, like a machine without network
+    port = free_port()  # nothing listens there: connection refused, like a machine without network
     t0 = time.time()
     with pytest.raises(ce.EvalBundleError) as err:
         ce.resolve_eval_bundle(None, base_dir=tmp_path, url=f"http://127.0.0.1:{port}/eval_bundle.zip", timeout=2)
@@ -550,7 +545,7 @@ def test_base_eval_without_bundle_fails_fast_before_loading(tmp_path, base_dir, 
     from scripts import base_eval
 
     monkeypatch.delenv(ce.EVAL_BUNDLE_ENV, raising=False)
-    monkeypatch.setattr(ce, "EVAL_BUNDLE_URL", f"http://127.0.0.1:{_free_port()}/eval_bundle.zip")
+    monkeypatch.setattr(ce, "EVAL_BUNDLE_URL", f"http://127.0.0.1:{free_port()}/eval_bundle.zip")
     monkeypatch.setattr(ce.resolve_eval_bundle, "__defaults__", (None, None, True, ce.EVAL_BUNDLE_URL, 2.0))
     with pytest.raises(SystemExit, match="--eval-bundle PATH"):
         base_eval.main(["--eval", "core", "--device-type", "cpu"])  # no checkpoint either: the bundle is checked first

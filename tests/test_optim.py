@@ -3,7 +3,6 @@ single-process optimizer itself for the multi-process (gloo) runs."""
 
 import io
 import math
-import socket
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from nanochat.optim import MuonAdamW, build_optimizer, normuon_scale, orthogonalize
+from tests.helpers import free_port
 
 
 @pytest.fixture(autouse=True)
@@ -331,11 +331,6 @@ def test_build_optimizer_groups_and_errors():
 # multi-process gloo: W ranks on slices of the batch == one process on the whole batch
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _dist_worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
@@ -356,7 +351,7 @@ def _dist_worker(rank, world, port, out_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed_matches_single_process(world, tmp_path):
-    mp.spawn(_dist_worker, args=(world, _free_port(), str(tmp_path)), nprocs=world)
+    mp.spawn(_dist_worker, args=(world, free_port(), str(tmp_path)), nprocs=world)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for i, config in enumerate(CONFIGS):
         single, single_opt = _train(config, STEPS)
