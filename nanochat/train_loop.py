@@ -485,7 +485,8 @@ def _train(args, ctx: RuntimeContext) -> int:
                 flags = torch.stack([loss_sum / A, torch.tensor(float(stop.received is not None), device=ctx.device)])
                 if ctx.ddp:
                     dist.all_reduce(flags)
-                raw_loss, stop_now = flags[0].item() / ctx.world_size, flags[1].item() > 0
+                loss_total, stop_flag = flags.tolist()  # one device->host sync per step, not two
+                raw_loss, stop_now = loss_total / ctx.world_size, stop_flag > 0
                 if not math.isfinite(raw_loss):
                     raise NonFiniteLoss(f"loss is {raw_loss} at step {step}")
                 optimizer.step()

@@ -101,7 +101,6 @@ def subprocess_env(base: Path, **extra) -> dict:
     return env
 
 
-
 def final_weights(base: Path, tag: str, step: int) -> dict:
     from nanochat.checkpoint_manager import load_checkpoint
 

@@ -69,7 +69,6 @@ def test_peak_flops_table():
     assert common.get_peak_flops(None) is None
 
 
-
 def test_two_process_gloo_group(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(textwrap.dedent("""

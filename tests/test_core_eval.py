@@ -347,7 +347,6 @@ def test_bad_arguments_fail_clearly(tmp_path):
 # distributed: 2 gloo processes == 1 process
 
 
-
 def _dist_worker(rank, world, port, bundle, out_dir):
     import torch.distributed as dist
 

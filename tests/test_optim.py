@@ -331,7 +331,6 @@ def test_build_optimizer_groups_and_errors():
 # multi-process gloo: W ranks on slices of the batch == one process on the whole batch
 
 
-
 def _dist_worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
