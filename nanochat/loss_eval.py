@@ -52,14 +52,23 @@ def evaluate_bpb(model, batches: Iterable, steps: int, token_bytes: torch.Tensor
     Summed across ranks when torch.distributed is initialised (every rank must call this with
     the same `steps`).
     """
+    return evaluate_loss_and_bpb(model, batches, steps, token_bytes)["bpb"]
+
+
+@torch.no_grad()
+def evaluate_loss_and_bpb(model, batches: Iterable, steps: int, token_bytes: torch.Tensor) -> dict:
+    """`evaluate_bpb` plus the mean loss in nats per token over every non-ignored target (special
+    tokens included), i.e. measured exactly like the training loss, so the two can be compared.
+
+    Returns {"bpb", "loss", "tokens", "bytes"} (tokens/bytes summed over ranks)."""
     if steps <= 0:
         raise ValueError(f"evaluate_bpb needs steps >= 1, got {steps}")
     batch_iter = iter(batches)
     # float64 accumulators where the device has them (MPS does not): sums over ~1e8 tokens
     device = token_bytes.device
     acc_dtype = torch.float32 if device.type == "mps" else torch.float64
-    total_nats = torch.zeros((), dtype=acc_dtype, device=device)
-    total_bytes = torch.zeros((), dtype=acc_dtype, device=device)
+    # nats over byte-bearing targets, their bytes, nats over all targets, number of targets
+    sums = torch.zeros(4, dtype=acc_dtype, device=device)
     for step in range(steps):
         try:
             x, y = next(batch_iter)
@@ -71,19 +80,19 @@ def evaluate_bpb(model, batches: Iterable, steps: int, token_bytes: torch.Tensor
         valid = y >= 0
         nbytes_BT = torch.where(valid, token_bytes[y.clamp(min=0)], torch.zeros_like(y))
         counted = nbytes_BT > 0  # excludes special tokens and ignored targets
-        total_nats += torch.where(counted, loss_BT, torch.zeros_like(loss_BT)).sum().to(acc_dtype)
-        total_bytes += nbytes_BT.sum().to(acc_dtype)
+        zero = torch.zeros_like(loss_BT)
+        sums += torch.stack([torch.where(counted, loss_BT, zero).sum(), nbytes_BT.sum(),
+                             torch.where(valid, loss_BT, zero).sum(), valid.sum()]).to(acc_dtype)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        sums = torch.stack([total_nats, total_bytes])
         if dist.get_backend() == "nccl" and sums.device.type != "cuda":
             sums = sums.cuda()
         dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-        total_nats, total_bytes = sums[0], sums[1]
-    nbytes = total_bytes.item()
+    nats, nbytes, all_nats, ntokens = sums.tolist()
     if nbytes == 0:
         raise ValueError("evaluate_bpb: the targets contain no bytes (only special tokens or ignored "
                          "positions); check the data and the token_bytes table")
-    return total_nats.item() / (math.log(2) * nbytes)
+    return {"bpb": nats / (math.log(2) * nbytes), "loss": all_nats / ntokens, "tokens": int(ntokens),
+            "bytes": int(nbytes)}
 
 
 def evaluate_split_bpb(model, tokenizer, token_bytes, ctx, split: str, split_tokens: int, batch_size: int,

@@ -254,7 +254,7 @@ class MetricsWriter:
 
     Fields: step (optimizer steps done), loss (EMA 0.9, bias-corrected), raw_loss, lr (multiplier), dt (s),
     tok_per_sec, mfu (fraction of peak, 0-1; null when the peak is unknown), tokens, flops (cumulative),
-    peak_mem_mb; plus val_bpb / core on evaluation steps."""
+    peak_mem_mb; plus val_bpb, val_loss (nats/token over all targets, as loss) and core on evaluation steps."""
 
     def __init__(self, path: Path, resume_step: int | None, enabled: bool):
         self.path, self.enabled = Path(path), enabled
@@ -531,9 +531,10 @@ def _train(args, ctx: RuntimeContext) -> int:
                     token_bytes = get_token_bytes(ctx.device)
                 # the uncompiled module: loss_eval detects its per-token loss from forward's signature, which a
                 # compiled wrapper hides (it would then materialise the full fp32 logits)
-                val_bpb = evaluate_val_bpb(args, model, tokenizer, ctx, token_bytes)
-                record["val_bpb"] = val_bpb
-                ctx.print0(f"step {step:05d} | val bpb {val_bpb:.6f}")
+                val = evaluate_val(args, model, tokenizer, ctx, token_bytes)
+                val_bpb = val["bpb"]
+                record["val_bpb"], record["val_loss"] = val_bpb, val["loss"]  # val_loss: nats/token, like loss
+                ctx.print0(f"step {step:05d} | val bpb {val_bpb:.6f} | val loss {val['loss']:.4f}")
             if core_available and due(args.core_metric_every, step):
                 core = run_core(args, model, tokenizer, ctx)
                 if core is None:
@@ -560,15 +561,16 @@ def _train(args, ctx: RuntimeContext) -> int:
     return EXIT_OK
 
 
-def evaluate_val_bpb(args, model, tokenizer, ctx: RuntimeContext, token_bytes) -> float:
-    from nanochat.loss_eval import evaluate_bpb
+def evaluate_val(args, model, tokenizer, ctx: RuntimeContext, token_bytes) -> dict:
+    """Validation bpb and mean loss in nats/token (see loss_eval.evaluate_loss_and_bpb)."""
+    from nanochat.loss_eval import evaluate_loss_and_bpb
 
     tokens_per_batch = args.device_batch_size * args.max_seq_len * ctx.world_size
     steps = max(1, args.eval_tokens // tokens_per_batch)
     loader = make_loader(args, tokenizer, "val", ctx, 1, tokenizer.get_vocab_size())
     model.eval()
     try:
-        return evaluate_bpb(model, loader, steps, token_bytes)
+        return evaluate_loss_and_bpb(model, loader, steps, token_bytes)
     finally:
         model.train()
         loader.close()

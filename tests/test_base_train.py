@@ -179,6 +179,8 @@ def test_tiny_run_writes_metrics_checkpoints_and_evals(env_base, capsys, monkeyp
         assert r["mfu"] is None and r["tokens"] == 256 * r["step"] and r["tok_per_sec"] > 0
     assert [r["step"] for r in records if "val_bpb" in r] == [3, 6]
     assert all(0 < r["val_bpb"] < 20 for r in records if "val_bpb" in r)
+    # val_loss in nats/token, in the training loss's units: near it this early in a run
+    assert all(0.5 < r["val_loss"] / r["raw_loss"] < 2 for r in records if "val_bpb" in r)
     # smoothed loss: bias-corrected EMA(0.9) of the raw losses
     ema = 0.0
     for i, r in enumerate(records, 1):

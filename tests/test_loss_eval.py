@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.loss_eval import evaluate_bpb, per_token_loss
+from nanochat.loss_eval import evaluate_bpb, evaluate_loss_and_bpb, per_token_loss
 
 
 class TableModel(nn.Module):
@@ -53,6 +53,22 @@ def test_bpb_matches_hand_computation():
     batches = _batches(V)
     got = evaluate_bpb(TableModel(table), batches, len(batches), token_bytes)
     assert got == pytest.approx(hand_bpb(table, batches, token_bytes), rel=1e-6)
+
+
+def test_val_loss_is_mean_nats_over_all_targets_like_the_training_loss():
+    V = 8
+    table = torch.randn(V, V, generator=torch.Generator().manual_seed(5)) * 1.5
+    token_bytes = torch.tensor([1, 2, 3, 0, 1, 4, 0, 2])
+    batches = _batches(V)
+    out = evaluate_loss_and_bpb(TableModel(table), batches, len(batches), token_bytes)
+    # the training loss: cross-entropy averaged over every target except -1, special ones included
+    train_style = torch.stack([nn.functional.cross_entropy(table[x].view(-1, V), y.view(-1), ignore_index=-1,
+                                                           reduction="sum") for x, y in batches]).sum()
+    n = sum(int((y >= 0).sum()) for _, y in batches)
+    assert out["tokens"] == n == 3 * 2 * 7 - 3
+    assert out["loss"] == pytest.approx(train_style.item() / n, rel=1e-6)
+    assert out["bpb"] == pytest.approx(hand_bpb(table, batches, token_bytes), rel=1e-6)
+    assert out["bytes"] == sum(int(token_bytes[y[y >= 0]].sum()) for _, y in batches)
 
 
 def test_special_and_ignored_targets_change_nothing():
