@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.lm_loss import linear_softcap_cross_entropy
+
 VE_GATE_CHANNELS = 32  # value-embedding gate reads the first 32 channels of the block input
 VOCAB_PAD_MULTIPLE = 64  # pad the embedding/LM-head rows so the head matmul is tensor-core friendly
 
@@ -204,6 +206,10 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.compute_dtype = compute_dtype
+        # training loss through nanochat.lm_loss (chunked head + soft-cap + CE, no full logits):
+        # None = on CPU only; same math either way, so this is a runtime choice, not part of the config
+        self.fused_loss: bool | None = None
+        self.fused_loss_chunk_rows = 512
         V, C = config.padded_vocab_size, config.n_embd
         self.wte = nn.Embedding(V, C)
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
@@ -288,6 +294,11 @@ class GPT(nn.Module):
 
         return flops_per_token(self.config)
 
+    def _use_fused_loss(self, x: torch.Tensor) -> bool:
+        # auto: on CPU, where the full-logits passes cost as much as the head's matmuls; on CUDA the
+        # plain path is what torch.compile fuses best (set fused_loss=True there to save logits memory)
+        return x.device.type == "cpu" if self.fused_loss is None else self.fused_loss
+
     def get_device(self) -> torch.device:
         return self.wte.weight.device
 
@@ -317,6 +328,11 @@ class GPT(nn.Module):
         x = rms_norm(x)
         if positions is not None:
             x = x[positions[0], positions[1]]  # (N, C)
+        if targets is not None and loss_reduction in ("mean", "sum") and torch.is_grad_enabled() \
+                and self._use_fused_loss(x):
+            return linear_softcap_cross_entropy(x, self.lm_head.weight, targets, vocab_size=self.config.vocab_size,
+                                                softcap=self.config.logit_softcap, reduction=loss_reduction,
+                                                chunk_rows=self.fused_loss_chunk_rows)
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()  # (B, T, vocab) or (N, vocab), fp32
         cap = self.config.logit_softcap
         if cap:

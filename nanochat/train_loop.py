@@ -430,6 +430,7 @@ def _train(args, ctx: RuntimeContext) -> int:
         wandb_run = wandb.init(project="nanochat", name=args.run, config={"args": vars(args), "sizing": sizes},
                                resume="allow")
 
+    model.fused_loss = {"auto": None, "on": True, "off": False}[args.fused_loss]
     compile_model = args.compile if args.compile is not None else ctx.device_type == "cuda"
     train_model = torch.compile(model, dynamic=False) if compile_model else model
     token_bytes = None

@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", type=str, default=None, help="float32 | bfloat16 | float16 (default: bf16 on SM80+)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA, off elsewhere)")
+    g.add_argument("--fused-loss", choices=["auto", "on", "off"], default="auto",
+                   help="LM head + soft-cap + cross-entropy in row chunks without the full logits "
+                        "(nanochat/lm_loss.py; same math). auto: on for CPU, off for CUDA, where "
+                        "torch.compile fuses the plain path; 'on' saves the logits' memory there")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--data-dir", type=str, default=None, help="prepared shards (default <base dir>/base_data)")
     g.add_argument("--synthetic-data", action="store_true",
