@@ -50,6 +50,8 @@ POLAR_EXPRESS_COEFFS = (
 # Polar Express divides by 1.01 * ||G||_F so rounding cannot push the top singular value above 1.
 POLAR_EXPRESS_INFLATION = 1.01
 ORTH_METHODS = ("polar_express", "quintic")
+# PyTorch's fused AdamW kernel (what torch.optim.AdamW(fused=True) calls); private API, so optional
+_FUSED_ADAMW = getattr(torch, "_fused_adamw_", None)
 
 MUON_DEFAULTS = dict(weight_decay=0.0, momentum=0.95, nesterov=True, orth="polar_express", ns_steps=5,
                      normuon=True, beta2=0.9, cautious_wd=True, orth_dtype=torch.bfloat16)
@@ -345,12 +347,18 @@ class MuonAdamW(torch.optim.Optimizer):
         state["step"] += 1
         t, (beta1, beta2), lr, wd = state["step"], group["betas"], group["lr"], group["weight_decay"]
         m, v = state["exp_avg"], state["exp_avg_sq"]
-        if wd != 0:
-            p.mul_(1 - lr * wd)
-        m.lerp_(g, 1 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
-        p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
+        if _FUSED_ADAMW is not None and p.device.type in ("cpu", "cuda") and g.dtype == p.dtype:
+            # PyTorch's fused AdamW kernel: the same update as below in one pass over the five
+            # tensors (5x faster on CPU for the 8M-entry embedding and head of a depth-4 model)
+            _FUSED_ADAMW([p], [g], [m], [v], [], [torch.tensor(float(t), device=p.device)], lr=lr, beta1=beta1,
+                         beta2=beta2, weight_decay=wd, eps=group["eps"], amsgrad=False, maximize=False)
+        else:
+            if wd != 0:
+                p.mul_(1 - lr * wd)
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            denom = (v.sqrt() / math.sqrt(1 - beta2 ** t)).add_(group["eps"])
+            p.addcdiv_(m, denom, value=-lr / (1 - beta1 ** t))
         if p is not target:
             target.copy_(p)
         if unit.mode == "shard":

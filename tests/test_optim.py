@@ -10,6 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+import nanochat.optim as optim_module
 from nanochat.optim import MuonAdamW, build_optimizer, normuon_scale, orthogonalize
 from tests.helpers import free_port
 
@@ -80,7 +81,12 @@ def _clone_params(params):
     return [nn.Parameter(p.detach().clone()) for p in params]
 
 
-def test_adamw_matches_torch_adamw_with_schedules():
+@pytest.mark.parametrize("fused_kernel", [True, False], ids=["torch-fused-kernel", "own-ops"])
+def test_adamw_matches_torch_adamw_with_schedules(fused_kernel, monkeypatch):
+    if not fused_kernel:
+        monkeypatch.setattr(optim_module, "_FUSED_ADAMW", None)
+    elif optim_module._FUSED_ADAMW is None:
+        pytest.skip("this PyTorch has no torch._fused_adamw_")
     shapes = [(11, 6), (7,), (), (3, 4, 5)]
     ours_p = [nn.Parameter(torch.randn(s)) for s in shapes]
     ref_p = _clone_params(ours_p)
