@@ -30,6 +30,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--device-batch-size", type=int, default=8)
     p.add_argument("--total-batch-size", type=int, default=2048)
     p.add_argument("--vocab-size", type=int, default=32768)
+    p.add_argument("--window-pattern", default="L", help="e.g. SSSL (the reference's default architecture)")
+    p.add_argument("--value-embeds", action="store_true")
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--skip", type=int, default=2, help="steps left out of the median (warm-up)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
@@ -54,7 +56,8 @@ def main() -> None:
         flags = ["--synthetic-data", "--vocab-size", str(args.vocab_size), "--depth", str(args.depth),
                  "--max-seq-len", str(args.max_seq_len), "--device-batch-size", str(args.device_batch_size),
                  "--total-batch-size", str(args.total_batch_size), "--num-iterations", str(args.steps),
-                 "--model-tag", "bench", "--weight-decay", "0"]
+                 "--model-tag", "bench", "--weight-decay", "0", "--window-pattern", args.window_pattern]
+        flags += ["--value-embeds"] if args.value_embeds else []
         flags += ["--compile"] if args.compile else ["--no-compile"] if args.compile is False else []
         flags += ["--device-type", args.device_type] if args.device_type else []
         flags += ["--dtype", args.dtype] if args.dtype else []
@@ -70,7 +73,8 @@ def main() -> None:
     mfu = [r["mfu"] for r in timed if r["mfu"] is not None]
     print("-" * 72)
     print(f"threads {torch.get_num_threads()}, torch {torch.__version__}")
-    print(f"depth {args.depth}, seq {args.max_seq_len}, {args.total_batch_size:,}-token steps, vocab {args.vocab_size:,}")
+    print(f"depth {args.depth}, seq {args.max_seq_len}, {args.total_batch_size:,}-token steps, vocab {args.vocab_size:,}, "
+          f"windows {args.window_pattern}, value embeddings {'on' if args.value_embeds else 'off'}")
     print(f"tok/s (median of steps {args.skip + 1}-{args.steps}): {tok_s:,.0f}   "
           f"step {statistics.median(r['dt'] for r in timed) * 1000:.0f} ms   first step {first:.2f} s   "
           f"wall {wall:.1f} s (incl. start-up)")
@@ -90,7 +94,8 @@ def breakdown(args) -> None:
 
     device_type = autodetect_device_type(args.device_type)
     device = torch.device(device_type)
-    config = sizing.model_config(args.depth, max_seq_len=args.max_seq_len, vocab_size=args.vocab_size)
+    config = sizing.model_config(args.depth, max_seq_len=args.max_seq_len, vocab_size=args.vocab_size,
+                                 window_pattern=args.window_pattern, value_embeds=args.value_embeds)
     model = GPT(config, compute_dtype=resolve_dtype(device_type, args.dtype)).to(device)
     model.init_weights()
     lrs = sizing.learning_rates(args.total_batch_size, config.n_embd)
