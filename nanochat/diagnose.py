@@ -343,8 +343,12 @@ def check_val_vs_train(run: Run, window: int = 20, tolerance: float = 0.02) -> F
     """Validation loss below training loss on single-epoch data means the two are not measured alike.
 
     Compared in nats per token: val_loss when logged, else val_bpb * ln2 * (bytes per token). Training
-    loss = mean raw_loss over the `window` steps ending at the eval step (raw, not the EMA, which lags
-    high). Without bytes/token the units differ and only the val_bpb trend is checked.
+    loss: a quadratic (a line below 8 points) fitted to raw_loss (not the EMA, which lags high) over
+    the `window` steps ending at the eval step, read at the next step. The loss logged at step t comes from the weights
+    before update t, while the eval at step s sees the weights after update s, i.e. those of step
+    s + 1; early in a run, when the loss falls fast, a plain window mean would sit well above the
+    evaluated model and flag a healthy run. Without bytes/token the units differ and only the val_bpb
+    trend is checked.
     """
     name = "val_vs_train"
     dropout = _num(run.args.get("dropout")) or _num((run.info.get("model_config") or {}).get("dropout"))
@@ -365,9 +369,14 @@ def check_val_vs_train(run: Run, window: int = 20, tolerance: float = 0.02) -> F
         gaps = []
         for s, v in zip(ev_steps, val_nats):
             m = (tr_steps <= s) & (tr_steps > s - window)
-            if m.sum() >= 3:
+            if m.sum() >= 5:  # quadratic with enough points: early losses curve (convex) within a window
+                coef = np.polyfit(tr_steps[m].astype(float) - s, tr[m].astype(float), 2 if m.sum() >= 8 else 1)
+                t = float(np.polyval(coef, 1.0))
+            elif m.sum() >= 1:
                 t = float(tr[m].mean())
-                gaps.append((s, v, t, (v - t) / t))
+            else:
+                continue
+            gaps.append((s, v, t, (v - t) / t))
         if gaps:
             s, v, t, g = gaps[-1]
             nums.update(step=s, val_nats=v, train_nats=t, relative_gap=g, val_from=how,

@@ -121,6 +121,28 @@ def test_val_below_train_fires(tmp_path):
     assert findings(make_run(tmp_path, name="drop", dropout=0.1))["val_vs_train"].status == "warn"
 
 
+def test_val_vs_train_follows_a_fast_falling_loss(tmp_path):
+    """Early in a run the loss falls fast: the eval after update s must be compared with the training
+    trend read at step s + 1, not with the mean of the last 20 (higher) training losses."""
+    run_dir = make_run(tmp_path, n_iter=30)
+    rng = np.random.default_rng(1)
+    clean = lambda step: 5.0 + 4.0 * math.exp(-step / 12)  # noqa: E731
+    lines = []
+    for step in range(1, 31):  # the loss logged at `step` comes from the weights before update `step`
+        raw = clean(step) * (1 + 0.003 * rng.standard_normal())
+        m = dict(step=step, loss=raw, raw_loss=raw, lr=1.0, dt=0.1, tok_per_sec=1e4, mfu=None,
+                 tokens=step * 1024, flops=step * 1e12, peak_mem_mb=100)
+        if step in (15, 30):
+            m["val_loss"] = clean(step + 1)  # weights after update `step`: those of step + 1
+        lines.append(json.dumps(m))
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    f = findings(run_dir)["val_vs_train"]
+    assert f.status == "ok", f.summary
+    assert f.numbers["val_from"] == "val_loss" and abs(f.numbers["relative_gap"]) < 0.01
+    window_mean = np.mean([clean(s) for s in range(11, 31)])
+    assert (clean(31) - window_mean) / window_mean < -0.02  # what the old window-mean comparison flagged
+
+
 def test_spikes_fire(tmp_path):
     f = findings(make_run(tmp_path, spikes=(120, 121, 300)))["spikes"]
     assert f.status == "warn" and f.numbers["count"] == 2 and f.numbers["steps"] == [121, 301]
