@@ -23,12 +23,12 @@ from nanochat import sizing
 
 
 def resume_step(value: str):
-    if value == "latest":
+    if value in ("latest", "auto"):
         return value
     try:
         step = int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a step number or 'latest', got {value!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a step number, 'latest' or 'auto', got {value!r}") from None
     if step < 0:
         raise argparse.ArgumentTypeError(f"step must be >= 0, got {step}")
     return step
@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1: only at the end)")
     g.add_argument("--keep-last", type=int, default=-1, help="keep only the newest N checkpoints (-1: all)")
     g.add_argument("--resume-from-step", "--resume", dest="resume_from_step", type=resume_step, default=None,
-                   help="a checkpoint step of this model tag, or 'latest'")
+                   help="a checkpoint step of this model tag, 'latest', or 'auto' (latest if this tag has "
+                        "a checkpoint, else start fresh: one command line for first launch and requeues)")
     g.add_argument("--run", type=str, default="dummy", help="wandb run name ('dummy': no wandb)")
     g.add_argument("--model-tag", type=str, default=None, help="run folder name (default d<depth>)")
     g = p.add_argument_group("runtime")

@@ -125,6 +125,7 @@ def test_resume_flag_spellings():
 
     p = build_parser()
     assert p.parse_args(["--resume", "latest"]).resume_from_step == "latest"
+    assert p.parse_args(["--resume", "auto"]).resume_from_step == "auto"
     assert p.parse_args(["--resume-from-step", "12"]).resume_from_step == 12
     with pytest.raises(SystemExit):
         p.parse_args(["--resume-from-step", "soon"])
@@ -294,6 +295,22 @@ def wait_for_line(proc: subprocess.Popen, needle: str, timeout: float = 120) -> 
             return "".join(seen)
     proc.kill()
     raise AssertionError(f"{needle!r} not seen; output:\n{''.join(seen)}")
+
+
+def test_resume_auto_starts_fresh_then_continues_from_the_last_checkpoint(env_base, capsys):
+    flags = ("--num-iterations", "4", "--save-every", "2", "--eval-every", "-1", "--model-tag", "auto")
+    assert train_inprocess(*TINY, *flags, "--resume", "auto") == 0
+    assert "no checkpoint in" in capsys.readouterr().out
+    first = read_metrics(env_base, "auto")
+    # as if the job had been killed after its step-2 checkpoint: drop the step-4 files, requeue
+    for f in run_dir(env_base, "auto").glob("*000004*"):
+        f.unlink()
+    assert train_inprocess(*TINY, *flags, "--resume", "auto") == 0
+    out = capsys.readouterr().out
+    assert "resuming from step 2" in out and "resumed from" in out
+    again = read_metrics(env_base, "auto")
+    assert [r["step"] for r in again] == [1, 2, 3, 4]
+    assert [r["raw_loss"] for r in again] == [r["raw_loss"] for r in first]
 
 
 @pytest.mark.slow
