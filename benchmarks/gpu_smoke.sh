@@ -10,21 +10,48 @@
 #   bash benchmarks/gpu_smoke.sh                 # on the GPU machine
 #   SMOKE_CPU=1 bash benchmarks/gpu_smoke.sh     # the same logic at toy size on CPU (a minute or two)
 #
+# On an offline GPU machine with its own PyTorch (the `device` tool), first run
+# `bash benchmarks/device_prepare.sh` on a networked machine and carry the .device_carry/ folder it
+# fills: its wheels are installed to /tmp/site and its text / eval bundle are used by default.
+# A summary (smoke_summary.md: date, GPU, PyTorch, commit, every figure) and the logs are written to
+# the base dir and, when $OUT is set, copied there.
+#
 # Environment: NANOCHAT_BASE_DIR (default: a fresh temporary dir), SMOKE_TEXT (text used when the base
-# dir has no data; default ../shared/data/text/c4/c4_en_train_first1000.jsonl), NANOCHAT_EVAL_BUNDLE
-# (CORE bundle; default ../shared/data/eval_bundle when present), PYTHON (default .venv/bin/python or python).
+# dir has no data; default ../shared/data/text/c4/c4_en_train_first1000.jsonl, else the carried copy),
+# NANOCHAT_EVAL_BUNDLE (CORE bundle; default ../shared/data/eval_bundle or the carried copy),
+# PYTHON (default .venv/bin/python, else python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 REPO=$(pwd)
-PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python)}
-export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$(mktemp -d)/nanochat}
-SMOKE_TEXT=${SMOKE_TEXT:-$REPO/../shared/data/text/c4/c4_en_train_first1000.jsonl}
-if [ -z "${NANOCHAT_EVAL_BUNDLE:-}" ] && [ -d "$REPO/../shared/data/eval_bundle" ]; then
-  export NANOCHAT_EVAL_BUNDLE=$REPO/../shared/data/eval_bundle
+CARRY=$REPO/.device_carry
+PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+if [ -d "$CARRY/whl" ] && ! "$PY" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('rustbpe') and u.find_spec('bible')))"; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$CARRY"/whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}  # the repo's nanochat, installed or not
+export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$(mktemp -d)/nanochat}
+first_of() { for f in "$@"; do [ -e "$f" ] && { echo "$f"; return; }; done; echo "$1"; }
+SMOKE_TEXT=${SMOKE_TEXT:-$(first_of "$REPO/../shared/data/text/c4/c4_en_train_first1000.jsonl" \
+                                    "$CARRY/data/c4_en_train_first1000.jsonl")}
+if [ -z "${NANOCHAT_EVAL_BUNDLE:-}" ]; then
+  for b in "$REPO/../shared/data/eval_bundle" "$CARRY/data/eval_bundle"; do
+    [ -d "$b" ] && { export NANOCHAT_EVAL_BUNDLE=$b; break; }
+  done
+fi
+COMMIT=$(git rev-parse HEAD 2>/dev/null || cat "$CARRY/commit" 2>/dev/null || echo unknown)
 unset NANOCHAT_TEST_NAN_STEP NANOCHAT_TEST_HANG_STEP
 T0=$(date +%s)
 say() { echo "[smoke $(( $(date +%s) - T0 ))s] $*"; }
+mkdir -p "$NANOCHAT_BASE_DIR"
+SUMMARY=$NANOCHAT_BASE_DIR/smoke_summary.md
+save_out() {  # logs and summary back to the caller (the device tool's $OUT), whatever happened
+  if [ -n "${OUT:-}" ]; then
+    mkdir -p "$OUT"
+    cp "$NANOCHAT_BASE_DIR"/smoke_*.log "$NANOCHAT_BASE_DIR"/smoke_*.txt "$SUMMARY" "$OUT"/ 2>/dev/null || true
+  fi
+}
+trap save_out EXIT
 
 if [ -n "${SMOKE_CPU:-}" ]; then
   export OMP_NUM_THREADS=1
@@ -49,7 +76,11 @@ fi
 CKPT=$NANOCHAT_BASE_DIR/base_checkpoints
 rm -rf "$CKPT/smoke_a" "$CKPT/smoke_b" "$CKPT/smoke_big"  # runs of an earlier smoke test in the same base dir
 say "base dir $NANOCHAT_BASE_DIR"
-"$PY" -c "import torch; print('torch', torch.__version__, '| cuda', torch.cuda.is_available(), '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')"
+ENV_LINE=$("$PY" -c "import torch; print('torch', torch.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')")
+echo "$ENV_LINE"
+{ echo "# GPU smoke test $(date -u +'%Y-%m-%d %H:%M UTC')"; echo
+  echo "- machine: $ENV_LINE"; echo "- commit: $COMMIT"; echo "- command: ${SMOKE_CPU:+SMOKE_CPU=1 }bash benchmarks/gpu_smoke.sh"
+  echo; } > "$SUMMARY"
 
 # 1. data and tokenizer
 if [ ! -f "$NANOCHAT_BASE_DIR/tokenizer/meta.json" ] || [ ! -d "$NANOCHAT_BASE_DIR/base_data" ]; then
@@ -81,12 +112,18 @@ grep -q "^done: step" "$LOG_B" || { echo "resumed run B failed"; exit 1; }
 
 # 4. figures
 say "depth-20 throughput (synthetic tokens)"
-"$PY" scripts/base_train.py "${BIG[@]}" 2>&1 | grep -E "^step|^done|parameters|FLOPs per token|tokens per step" || true
+"$PY" scripts/base_train.py "${BIG[@]}" 2>&1 | tee "$NANOCHAT_BASE_DIR/smoke_big.log" \
+  | grep -E "^step|^done|parameters|FLOPs per token|tokens per step" || true
 say "results"
-"$PY" benchmarks/smoke_report.py compare "$CKPT/smoke_a" "$CKPT/smoke_b" | tee "$NANOCHAT_BASE_DIR/smoke_resume.txt"
-"$PY" benchmarks/smoke_report.py evals "$CKPT/smoke_a"
-grep -E "CORE|WARNING" "$NANOCHAT_BASE_DIR/smoke_a.log" | tail -2 || true
-"$PY" benchmarks/smoke_report.py throughput "$CKPT/smoke_a" --skip $SKIP
-"$PY" benchmarks/smoke_report.py throughput "$CKPT/smoke_big" --skip $SKIP
-say "done"
+{
+  echo '```'
+  "$PY" benchmarks/smoke_report.py compare "$CKPT/smoke_a" "$CKPT/smoke_b" | tee "$NANOCHAT_BASE_DIR/smoke_resume.txt" || true
+  "$PY" benchmarks/smoke_report.py evals "$CKPT/smoke_a"
+  grep -E "CORE|WARNING" "$NANOCHAT_BASE_DIR/smoke_a.log" | tail -2 || true
+  "$PY" benchmarks/smoke_report.py throughput "$CKPT/smoke_a" --skip $SKIP
+  "$PY" benchmarks/smoke_report.py throughput "$CKPT/smoke_big" --skip $SKIP
+  echo "total wall time $(( $(date +%s) - T0 )) s"
+  echo '```'
+} | tee -a "$SUMMARY"
+say "done; summary in $SUMMARY"
 grep -q "resume check ok" "$NANOCHAT_BASE_DIR/smoke_resume.txt"
