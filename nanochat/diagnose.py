@@ -344,11 +344,11 @@ def check_val_vs_train(run: Run, window: int = 20, tolerance: float = 0.02) -> F
 
     Compared in nats per token: val_loss when logged, else val_bpb * ln2 * (bytes per token). Training
     loss: a quadratic (a line below 8 points) fitted to raw_loss (not the EMA, which lags high) over
-    the `window` steps ending at the eval step, read at the next step. The loss logged at step t comes from the weights
-    before update t, while the eval at step s sees the weights after update s, i.e. those of step
-    s + 1; early in a run, when the loss falls fast, a plain window mean would sit well above the
-    evaluated model and flag a healthy run. Without bytes/token the units differ and only the val_bpb
-    trend is checked.
+    the `window` steps ending at the eval step, read at the next step. The loss logged at step t
+    comes from the weights before update t, while the eval at step s sees the weights after update
+    s, i.e. those of step s + 1; early in a run, when the loss falls fast, a plain window mean sits
+    well above the evaluated model and flags a healthy run. Without bytes/token the units differ and
+    only the val_bpb trend is checked.
     """
     name = "val_vs_train"
     dropout = _num(run.args.get("dropout")) or _num((run.info.get("model_config") or {}).get("dropout"))

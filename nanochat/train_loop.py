@@ -379,8 +379,8 @@ def _train(args, ctx: RuntimeContext) -> int:
     existing = ckpt.list_steps(out_dir)
     if args.resume_from_step == "auto":  # preemptible jobs: the same command for the first launch and requeues
         args.resume_from_step = "latest" if existing else None
-        ctx.print0(f"--resume auto: {'resuming from step ' + str(existing[-1]) if existing else 'no checkpoint in '}"
-                   f"{'' if existing else str(out_dir) + ', starting fresh'}")
+        ctx.print0(f"--resume auto: resuming from step {existing[-1]}" if existing
+                   else f"--resume auto: no checkpoint in {out_dir}, starting fresh")
     if args.resume_from_step is None and existing:
         # a fresh run here would mix its checkpoints and metrics with the old ones (and --keep-last would
         # prune the new, lower steps first)
