@@ -82,6 +82,8 @@ def plan_run(args, vocab_size: int, world_size: int) -> Plan:
     for name in ("depth", "device_batch_size", "max_seq_len"):
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.keep_remainder < 0:
+        raise ConfigError(f"--keep-remainder must be >= 0 (0: discard cropped tails), got {args.keep_remainder}")
     try:
         config = sizing.model_config(args.depth, aspect_ratio=args.aspect_ratio, head_dim=args.head_dim,
                                      max_seq_len=args.max_seq_len, vocab_size=vocab_size, n_kv_head=args.n_kv_head,
@@ -198,8 +200,11 @@ def make_loader(args, tokenizer, split: str, ctx: RuntimeContext, grad_accum: in
                                ctx.rank, ctx.world_size, seed=args.seed + (0 if split == "train" else 7919))
     from nanochat.dataloader import DataLoader
 
+    # the validation rows stay the reference's (tails discarded) whatever the training flag, so val bpb
+    # remains comparable across runs
     return DataLoader(tokenizer, args.device_batch_size, args.max_seq_len, split=split, device=ctx.device,
-                      rank=ctx.rank, world_size=ctx.world_size, data_dir=args.data_dir)
+                      rank=ctx.rank, world_size=ctx.world_size, data_dir=args.data_dir,
+                      keep_remainder=args.keep_remainder if split == "train" else 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -86,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "torch.compile fuses the plain path; 'on' saves the logits' memory there")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--data-dir", type=str, default=None, help="prepared shards (default <base dir>/base_data)")
+    g.add_argument("--keep-remainder", type=int, default=0, metavar="N",
+                   help="training rows: put the cropped tail of a document (>= N tokens) back into the packing "
+                        "buffer instead of discarding it (0: discard, the reference recipe). For rows short "
+                        "against the documents, e.g. seq 256 on book chapters, where cropping wastes most text")
     g.add_argument("--synthetic-data", action="store_true",
                    help="random tokens instead of the dataset (benchmarks; no tokenizer needed; evals off)")
     g.add_argument("--vocab-size", type=int, default=32768, help="vocab for --synthetic-data (else the tokenizer's)")

@@ -143,6 +143,8 @@ def test_indivisible_batch_is_rejected_before_training(env_base, capsys):
 def test_bad_kv_heads_rejected(env_base, capsys):
     assert train_inprocess(*TINY, "--n-kv-head", "3", "--num-iterations", "2", "--model-tag", "bad") == 2
     assert "--n-kv-head=3" in capsys.readouterr().err
+    assert train_inprocess(*TINY, "--keep-remainder", "-1", "--num-iterations", "2", "--model-tag", "bad") == 2
+    assert "--keep-remainder must be >= 0" in capsys.readouterr().err
 
 
 def test_missing_tokenizer_and_missing_checkpoint_are_one_line_errors(base_dir, env_base, monkeypatch, capsys):

@@ -50,9 +50,11 @@ def data(tmp_path):
     return tmp_path
 
 
-def reference_batches(tok, data_dir, B, T, buffer_size, n_batches, rank=0, world_size=1, split="train"):
+def reference_batches(tok, data_dir, B, T, buffer_size, n_batches, rank=0, world_size=1, split="train",
+                      keep_remainder=0):
     """Best-fit packing written the plain way: a list in read order, linear scans, `max`/`min` taking the
-    first (earliest read) among equals. The stream is `iter_documents` looped over epochs."""
+    first (earliest read) among equals. The stream is `iter_documents` looped over epochs. With
+    keep_remainder, a cropped tail of at least that many tokens takes its document's place in the list."""
     def stream():
         while True:
             for text in dataset.iter_documents(split, data_dir, rank, world_size):
@@ -74,7 +76,10 @@ def reference_batches(tok, data_dir, B, T, buffer_size, n_batches, rank=0, world
                     row += buf.pop(best)
                 else:
                     shortest = min(range(len(buf)), key=lambda i: len(buf[i]))
-                    row += buf.pop(shortest)[:room]
+                    doc = buf.pop(shortest)
+                    row += doc[:room]
+                    if keep_remainder and len(doc) - room >= keep_remainder:
+                        buf.insert(shortest, doc[room:])
             rows.append(row)
         t = torch.tensor(rows, dtype=torch.long)
         out.append((t[:, :-1], t[:, 1:]))
@@ -112,6 +117,44 @@ def test_matches_reference_best_fit_packer(data, rank, world_size):
     x, y = got[0]
     assert x.shape == (B, T) and y.shape == (B, T) and x.dtype == torch.int64
     assert torch.equal(x[:, 1:], y[:, :-1])
+
+
+@pytest.mark.parametrize("keep", [1, 20])
+def test_keep_remainder_matches_reference_and_wastes_only_short_tails(data, keep):
+    tok = ByteTokenizer()
+    B, T, buf, n = 3, 40, 8, 40  # rows shorter than most documents: most of them get cropped
+    with DataLoader(tok, B, T, data_dir=data, buffer_size=buf, keep_remainder=keep) as dl:
+        got = take(dl, n)
+        stats, state = dl.stats(), dl.state_dict()
+    assert_same(got, reference_batches(tok, data, B, T, buf, n, keep_remainder=keep))
+    assert stats["kept_remainders"] > 50
+    if keep == 1:
+        assert stats["cropped_tokens"] == 0 and stats["crop_fraction"] == 0.0
+    with DataLoader(tok, B, T, data_dir=data, buffer_size=buf) as dl:
+        take(dl, n)
+        assert dl.stats()["crop_fraction"] > 0.3  # what discarding the tails costs at this row length
+    # tails continue their document without a BOS: BOS count = placements - tails placed, where the
+    # tails placed are those kept minus those still waiting in the buffer
+    n_bos = sum(int((torch.cat([x, y[:, -1:]], 1) == BOS).sum()) for x, y in got)
+    assert n_bos == stats["docs_packed"] - (stats["kept_remainders"] - len(state["offsets"]))
+
+
+def test_keep_remainder_resumes_exactly_with_tails_in_the_buffer(data):
+    tok = ByteTokenizer()
+    B, T, buf, n = 2, 40, 8, 30
+    states, full = [], []
+    with DataLoader(tok, B, T, data_dir=data, buffer_size=buf, keep_remainder=4) as dl:
+        for x, y in dl:
+            full.append((x.clone(), y.clone()))
+            states.append(json.loads(json.dumps(dl.state_dict())))
+            if len(full) == n:
+                break
+    cut = 11
+    assert states[cut]["offsets"], "the cut should leave document tails in the buffer"
+    with DataLoader(tok, B, T, data_dir=data, buffer_size=buf, keep_remainder=4, state=states[cut]) as resumed:
+        assert_same(take(resumed, n - cut - 1), full[cut + 1:])
+    with pytest.raises(ValueError, match="keep_remainder"):
+        DataLoader(tok, B, T, data_dir=data, buffer_size=buf, state=states[cut])
 
 
 def test_rows_are_full_and_every_document_starts_with_bos(data):
