@@ -56,11 +56,14 @@ def evaluate_bpb(model, batches: Iterable, steps: int, token_bytes: torch.Tensor
 
 
 @torch.no_grad()
-def evaluate_loss_and_bpb(model, batches: Iterable, steps: int, token_bytes: torch.Tensor) -> dict:
+def evaluate_loss_and_bpb(model, batches: Iterable, steps: int, token_bytes: torch.Tensor,
+                          should_stop=None) -> dict | None:
     """`evaluate_bpb` plus the mean loss in nats per token over every non-ignored target (special
     tokens included), i.e. measured exactly like the training loss, so the two can be compared.
 
-    Returns {"bpb", "loss", "tokens", "bytes"} (tokens/bytes summed over ranks)."""
+    Returns {"bpb", "loss", "tokens", "bytes"} (tokens/bytes summed over ranks). `should_stop`, a
+    callable checked before each batch (single process only: ranks would leave the collective at
+    different batches), abandons the evaluation and returns None when it answers True."""
     if steps <= 0:
         raise ValueError(f"evaluate_bpb needs steps >= 1, got {steps}")
     batch_iter = iter(batches)
@@ -70,6 +73,8 @@ def evaluate_loss_and_bpb(model, batches: Iterable, steps: int, token_bytes: tor
     # nats over byte-bearing targets, their bytes, nats over all targets, number of targets
     sums = torch.zeros(4, dtype=acc_dtype, device=device)
     for step in range(steps):
+        if should_stop is not None and should_stop():
+            return None
         try:
             x, y = next(batch_iter)
         except StopIteration:

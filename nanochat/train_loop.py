@@ -292,7 +292,8 @@ def git_commit() -> str | None:
 
 
 class StopSignal:
-    """SIGTERM/SIGINT (preemption, Ctrl-C) set a flag; the loop saves at the end of the step and exits."""
+    """SIGTERM/SIGINT (preemption, Ctrl-C) set a flag; the loop skips that step's evaluations (a single
+    process also abandons a validation pass under way), saves at the end of the step and exits."""
 
     def __init__(self):
         self.received: int | None = None
@@ -533,26 +534,38 @@ def _train(args, ctx: RuntimeContext) -> int:
                        f"dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | mfu {f'{100 * mfu:.2f}%' if mfu is not None else 'n/a'}"
                        f" | mem {record['peak_mem_mb']:.0f}MB | eta {eta / 60:.1f}m")
 
-            # --- evaluations at step `step` ---
-            if evals_on and due(args.eval_every, step):
+            # --- evaluations at step `step` (skipped once a stop is requested: preemption grace periods are
+            # short, and the checkpoint matters more; all ranks agree through stop_now) ---
+            stopping = stop_now or (not ctx.ddp and stop.received is not None)
+            if stopping and evals_on and any(due(every, step) for every in
+                                             (args.eval_every, args.core_metric_every, args.sample_every)):
+                ctx.print0(f"step {step:05d} | evaluations skipped: stop requested")
+            if evals_on and not stopping and due(args.eval_every, step):
                 if token_bytes is None:
                     from nanochat.tokenizer import get_token_bytes
 
                     token_bytes = get_token_bytes(ctx.device)
                 # the uncompiled module: loss_eval detects its per-token loss from forward's signature, which a
                 # compiled wrapper hides (it would then materialise the full fp32 logits)
-                val = evaluate_val(args, model, tokenizer, ctx, token_bytes)
-                val_bpb = val["bpb"]
-                record["val_bpb"], record["val_loss"] = val_bpb, val["loss"]  # val_loss: nats/token, like loss
-                ctx.print0(f"step {step:05d} | val bpb {val_bpb:.6f} | val loss {val['loss']:.4f}")
-            if core_available and due(args.core_metric_every, step):
+                # a signal arriving during the evaluation abandons it (single process; with several ranks it
+                # would desynchronise the collective, so they finish it and stop after)
+                should_stop = None if ctx.ddp else (lambda: stop.received is not None)
+                val = evaluate_val(args, model, tokenizer, ctx, token_bytes, should_stop)
+                if val is None:
+                    ctx.print0(f"step {step:05d} | validation abandoned: stop requested")
+                    stopping = True
+                else:
+                    val_bpb = val["bpb"]
+                    record["val_bpb"], record["val_loss"] = val_bpb, val["loss"]  # val_loss: nats/token, like loss
+                    ctx.print0(f"step {step:05d} | val bpb {val_bpb:.6f} | val loss {val['loss']:.4f}")
+            if core_available and not stopping and due(args.core_metric_every, step):
                 core = run_core(args, model, tokenizer, ctx)
                 if core is None:
                     core_available = False
                 else:
                     record["core"] = core
                     ctx.print0(f"step {step:05d} | CORE {core:.4f}")
-            if evals_on and ctx.is_master and due(args.sample_every, step):
+            if evals_on and not stopping and ctx.is_master and due(args.sample_every, step):
                 print_samples(model, tokenizer)
             metrics.write(record)
             if wandb_run is not None:
@@ -571,8 +584,9 @@ def _train(args, ctx: RuntimeContext) -> int:
     return EXIT_OK
 
 
-def evaluate_val(args, model, tokenizer, ctx: RuntimeContext, token_bytes) -> dict:
-    """Validation bpb and mean loss in nats/token (see loss_eval.evaluate_loss_and_bpb)."""
+def evaluate_val(args, model, tokenizer, ctx: RuntimeContext, token_bytes, should_stop=None) -> dict | None:
+    """Validation bpb and mean loss in nats/token (see loss_eval.evaluate_loss_and_bpb); None if
+    `should_stop` ended it early."""
     from nanochat.loss_eval import evaluate_loss_and_bpb
 
     tokens_per_batch = args.device_batch_size * args.max_seq_len * ctx.world_size
@@ -580,7 +594,7 @@ def evaluate_val(args, model, tokenizer, ctx: RuntimeContext, token_bytes) -> di
     loader = make_loader(args, tokenizer, "val", ctx, 1, tokenizer.get_vocab_size())
     model.eval()
     try:
-        return evaluate_loss_and_bpb(model, loader, steps, token_bytes)
+        return evaluate_loss_and_bpb(model, loader, steps, token_bytes, should_stop)
     finally:
         model.train()
         loader.close()

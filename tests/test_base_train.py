@@ -356,6 +356,23 @@ def test_sigterm_saves_at_end_of_step_and_exits_cleanly(env_base):
     assert load_meta(d, 3)["loop_state"]["smooth_loss"]["n"] == 3
 
 
+def test_sigterm_during_a_long_validation_saves_without_waiting_for_it(env_base):
+    # 10M validation tokens: far longer than the test's patience if the signal had to wait for them
+    proc = start_run(env_base, "preempt_eval", "--num-iterations", "6", "--eval-every", "2",
+                     "--eval-tokens", str(10_000_000))
+    wait_for_line(proc, "step 00002/6")
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "validation abandoned: stop requested" in out or "evaluations skipped: stop requested" in out
+    assert "stopped by signal at step 2" in out
+    from nanochat.checkpoint_manager import list_steps
+
+    assert list_steps(run_dir(env_base, "preempt_eval")) == [2]
+    assert "val_bpb" not in read_metrics(env_base, "preempt_eval")[-1]
+
+
 # ---------------------------------------------------------------------------------------------
 # distributed, for real (gloo on CPU)
 
