@@ -11,19 +11,8 @@
 #                                                          # the work across two 10-minute device calls
 set -uo pipefail
 cd "$(dirname "$0")/.."
-REPO=$(pwd)
-CARRY=$REPO/.device_carry
-PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
-if [ -d "$CARRY/whl" ] && ! "$PY" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('rustbpe') and u.find_spec('bible')))"; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$CARRY"/whl/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
+source benchmarks/device_env.sh  # REPO, CARRY, PY, COMMIT, PYTHONPATH, NANOCHAT_EVAL_BUNDLE
 BUNDLE=${NANOCHAT_EVAL_BUNDLE:-}
-for b in "$REPO/../shared/data/eval_bundle" "$CARRY/data/eval_bundle"; do
-  [ -z "$BUNDLE" ] && [ -d "$b" ] && BUNDLE=$b
-done
-COMMIT=$(git rev-parse HEAD 2>/dev/null || cat "$CARRY/commit" 2>/dev/null || echo unknown)
 RESULT=${TMPDIR:-/tmp}/gpu_extras.md
 ENV_LINE=$("$PY" -c "import torch; print('torch', torch.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')")
 { echo "# GPU extras $(date -u +'%Y-%m-%d %H:%M UTC')"; echo

@@ -22,24 +22,11 @@
 # PYTHON (default .venv/bin/python, else python3).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-REPO=$(pwd)
-CARRY=$REPO/.device_carry
-PY=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
-if [ -d "$CARRY/whl" ] && ! "$PY" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('rustbpe') and u.find_spec('bible')))"; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$CARRY"/whl/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}  # the repo's nanochat, installed or not
+source benchmarks/device_env.sh  # REPO, CARRY, PY, COMMIT, PYTHONPATH, NANOCHAT_EVAL_BUNDLE
 export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$(mktemp -d)/nanochat}
 first_of() { for f in "$@"; do [ -e "$f" ] && { echo "$f"; return; }; done; echo "$1"; }
 SMOKE_TEXT=${SMOKE_TEXT:-$(first_of "$REPO/../shared/data/text/c4/c4_en_train_first1000.jsonl" \
                                     "$CARRY/data/c4_en_train_first1000.jsonl")}
-if [ -z "${NANOCHAT_EVAL_BUNDLE:-}" ]; then
-  for b in "$REPO/../shared/data/eval_bundle" "$CARRY/data/eval_bundle"; do
-    [ -d "$b" ] && { export NANOCHAT_EVAL_BUNDLE=$b; break; }
-  done
-fi
-COMMIT=$(git rev-parse HEAD 2>/dev/null || cat "$CARRY/commit" 2>/dev/null || echo unknown)
 unset NANOCHAT_TEST_NAN_STEP NANOCHAT_TEST_HANG_STEP
 T0=$(date +%s)
 say() { echo "[smoke $(( $(date +%s) - T0 ))s] $*"; }
