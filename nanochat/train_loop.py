@@ -545,11 +545,11 @@ def _train(args, ctx: RuntimeContext) -> int:
                     from nanochat.tokenizer import get_token_bytes
 
                     token_bytes = get_token_bytes(ctx.device)
-                # the uncompiled module: loss_eval detects its per-token loss from forward's signature, which a
-                # compiled wrapper hides (it would then materialise the full fp32 logits)
                 # a signal arriving during the evaluation abandons it (single process; with several ranks it
                 # would desynchronise the collective, so they finish it and stop after)
                 should_stop = None if ctx.ddp else (lambda: stop.received is not None)
+                # the uncompiled module: loss_eval detects its per-token loss from forward's signature, which a
+                # compiled wrapper hides (it would then materialise the full fp32 logits)
                 val = evaluate_val(args, model, tokenizer, ctx, token_bytes, should_stop)
                 if val is None:
                     ctx.print0(f"step {step:05d} | validation abandoned: stop requested")
