@@ -34,3 +34,19 @@ def tiny_model(vocab_size: int, depth: int = 2, seq_len: int = 128, n_embd: int 
     model = GPT(config)
     model.init_weights()
     return model
+
+
+def make_base_checkpoint(base_dir, depth: int = 2, seq_len: int = 256, n_embd: int = 64, tag: str = "d2", step: int = 0,
+                         model=None):
+    """A base dir holding the chat tokenizer and one base checkpoint (a freshly initialised tiny model,
+    or `model`), as base training would leave them."""
+    from pathlib import Path
+
+    from nanochat import checkpoint_manager as ckpt
+
+    tok = chat_tokenizer()
+    tok.save(Path(base_dir) / "tokenizer")
+    model = model if model is not None else tiny_model(tok.get_vocab_size(), depth=depth, seq_len=seq_len, n_embd=n_embd)
+    ckpt.save_checkpoint(Path(base_dir) / "base_checkpoints" / tag, step, model.state_dict(), None,
+                         {"model_config": model.config.to_dict()})
+    return tok, model
