@@ -33,25 +33,22 @@ from nanochat.common import RuntimeContext, init_runtime
 from nanochat.optim import build_optimizer
 from nanochat.tasks import TaskDataError, build_mix
 
-try:  # the structure refactor's loop pieces
-    from nanochat.train_loop import (EXIT_CONFIG, EXIT_NONFINITE, EXIT_OK, EXIT_OOM, ConfigError, LoopState,
-                                     NonFiniteLoss, StopSignal, apply_schedule, restore_training_checkpoint,
-                                     save_training_checkpoint, train_step)
-except ImportError:  # until it lands on main
-    from nanochat._loop_interface import (EXIT_CONFIG, EXIT_NONFINITE, EXIT_OK, EXIT_OOM, ConfigError, LoopState,
-                                          NonFiniteLoss, StopSignal, apply_schedule, restore_training_checkpoint,
-                                          save_training_checkpoint, train_step)
+from nanochat.config import ConfigError, RunConfig
+from nanochat.train_loop import (EXIT_CONFIG, EXIT_NONFINITE, EXIT_OK, EXIT_OOM, LoopState, NonFiniteLoss, StopSignal,
+                                 TestHooks, apply_schedule, restore_training_checkpoint, save_training_checkpoint, train_step)
 
 LR_KEYS = ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr")
 DEFAULT_LRS = {"matrix_lr": 0.02, "embedding_lr": 0.3, "unembedding_lr": 0.008, "scalar_lr": 0.5}
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(RunConfig):
+    """Fine-tuning (scripts/chat_sft.py). `model_tag` names the output folder chatsft_checkpoints/<tag>
+    (default: the source's tag); `compile` and `run` (wandb) are not used by this phase."""
+
     source: str = "base"  # phase of the starting checkpoint: base | sft
-    model_tag: str | None = None  # of the source (default: its most recent)
+    source_tag: str | None = None  # the source's model tag (default: its most recent)
     source_step: int | None = None  # default: its last
-    out_tag: str | None = None  # chatsft_checkpoints/<out_tag> (default: the source tag)
     mix: str = "smoltalk,mmlu-aux*3,gsm8k*4"
     task_data: str | None = None
     train_size: int = -1  # > 0: only the first N conversations of the (shuffled) training mix
@@ -71,12 +68,6 @@ class SFTConfig:
     eval_steps: int = 20  # validation batches per rank
     chatcore_every: int = 0
     chatcore_max_problems: int = 100
-    save_every: int = -1
-    keep_last: int = -1
-    resume: str | None = None  # "latest" or a step
-    seed: int = 42
-    device_type: str | None = None
-    dtype: str | None = None
     quiet: bool = False
 
 
@@ -141,6 +132,11 @@ def run_sft(cfg: SFTConfig, ctx: RuntimeContext | None = None) -> int:
 
 def _run(cfg: SFTConfig, ctx: RuntimeContext) -> int:
     say = (lambda *a: None) if cfg.quiet else ctx.print0
+    cfg.validate()
+    if cfg.resume_from_step == "auto":
+        cfg = dataclasses.replace(cfg, resume_from_step="latest" if ckpt.list_steps(
+            rd.run_dir("sft", cfg.model_tag or cfg.source_tag or ckpt.find_last_tag(rd.phase_dir(cfg.source))))
+            else None)
     for name in ("device_batch_size", "grad_accum"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -150,18 +146,18 @@ def _run(cfg: SFTConfig, ctx: RuntimeContext) -> int:
         raise ConfigError(f"--source must be base or sft, got {cfg.source!r}")
 
     # --- the starting model -------------------------------------------------------------------
-    model, tokenizer, src_meta = ckpt.load_model(cfg.source, ctx.device, cfg.model_tag, cfg.source_step,
+    src_tag = cfg.source_tag or ckpt.find_last_tag(rd.phase_dir(cfg.source))
+    model, tokenizer, src_meta = ckpt.load_model(cfg.source, ctx.device, src_tag, cfg.source_step,
                                                  compute_dtype=ctx.dtype)
-    src_tag = cfg.model_tag or ckpt.find_last_tag(rd.phase_dir(cfg.source))
     model.train()
     model_config = model.config.to_dict()
     T = cfg.max_seq_len if cfg.max_seq_len > 0 else model.config.sequence_len
     if T > model.config.sequence_len:
         raise ConfigError(f"--max-seq-len {T} exceeds the model's context ({model.config.sequence_len})")
-    out_dir = rd.run_dir("sft", cfg.out_tag or src_tag)
-    if cfg.resume is None and ckpt.list_steps(out_dir):
+    out_dir = rd.run_dir("sft", cfg.model_tag or src_tag)
+    if cfg.resume_from_step is None and ckpt.list_steps(out_dir):
         raise ConfigError(f"{out_dir} already holds checkpoints (steps {ckpt.list_steps(out_dir)[-3:]}): pass "
-                          f"--resume latest to continue, choose another --out-tag, or delete the folder")
+                          f"--resume latest to continue, choose another --model-tag, or delete the folder")
     if ctx.is_master:
         out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -189,14 +185,14 @@ def _run(cfg: SFTConfig, ctx: RuntimeContext) -> int:
     state = LoopState()
     evals: dict = {}  # val_loss_start, val_loss: travel in the checkpoint meta
     resume_step = None
-    if cfg.resume is not None:
+    if cfg.resume_from_step is not None:
         if not ckpt.list_steps(out_dir):
-            raise ConfigError(f"--resume {cfg.resume}: no checkpoint in {out_dir} yet")
-        resume_step, state, resumed_meta = restore_training_checkpoint(out_dir, cfg.resume, ctx, model, optimizer,
+            raise ConfigError(f"--resume {cfg.resume_from_step}: no checkpoint in {out_dir} yet")
+        resume_step, state, resumed_meta = restore_training_checkpoint(out_dir, cfg.resume_from_step, ctx, model, optimizer,
                                                                        loader, model_config)
         evals = dict(resumed_meta.get("sft_evals") or {})
         say(f"resumed from step {resume_step} ({out_dir})")
-    run_info = {"args": dataclasses.asdict(cfg), "model_config": model_config,
+    run_info = {"config": cfg.to_dict(), "model_config": model_config,
                 "source": {"phase": cfg.source, "tag": src_tag, "step": src_meta.get("step")},
                 "sizing": {**lrs, "device_batch_size": cfg.device_batch_size, "max_seq_len": T,
                            "grad_accum_steps": cfg.grad_accum, "world_size": ctx.world_size,
@@ -221,7 +217,7 @@ def _run(cfg: SFTConfig, ctx: RuntimeContext) -> int:
         return every != 0 and (last or (every > 0 and state.step % every == 0))
 
     def save(reason: str) -> None:
-        meta = {"model_config": model_config, "args": dataclasses.asdict(cfg), "phase": "sft",
+        meta = {"model_config": model_config, "config": cfg.to_dict(), "phase": "sft",
                 "source": run_info["source"], "val_loss": evals.get("val_loss"), "sft_evals": evals}
         pruned = save_training_checkpoint(out_dir, state.step, model, optimizer, loader, state, ctx, meta,
                                           keep_last=cfg.keep_last)
@@ -231,6 +227,7 @@ def _run(cfg: SFTConfig, ctx: RuntimeContext) -> int:
         while True:
             yield next(loader)
 
+    hooks = TestHooks.from_env()  # NANOCHAT_TEST_NAN_STEP / NANOCHAT_TEST_HANG_STEP, as in base training
     p = progress()
     with StopSignal() as stop, contextlib.closing(loader):
         if state.step == 0 and cfg.eval_every != 0:
@@ -242,7 +239,8 @@ def _run(cfg: SFTConfig, ctx: RuntimeContext) -> int:
             apply_schedule(optimizer, lrm, 1.0, muon_momentum(state.step, cfg.momentum_warmup_steps))
             targets_before = loader.counts["target_tokens"]
             try:
-                result = train_step(model, optimizer, batches(), cfg.grad_accum, ctx, stop)
+                result = train_step(model, optimizer, batches(), cfg.grad_accum, ctx, stop, step=state.step,
+                                    hooks=hooks)
             except torch.OutOfMemoryError:
                 print(f"[rank {ctx.rank}] CUDA out of memory at step {state.step} with --device-batch-size="
                       f"{cfg.device_batch_size} (x {T} tokens): lower --device-batch-size and raise --grad-accum",
@@ -304,7 +302,10 @@ def config_parser(cls, description: str, help: dict | None = None):
         kind = hints[f.name]
         base = next((t for t in typing.get_args(kind) if t is not type(None)), kind) if typing.get_args(kind) else kind
         text = (help or {}).get(f.name, "") + f" (default: {f.default})"
-        if base is bool:
+        if f.name == "resume_from_step":
+            parser.add_argument(flag, "--resume", dest=f.name, type=resume_step, default=f.default,
+                                help="a checkpoint step of this run, 'latest', or 'auto' (latest if any, else fresh)")
+        elif base is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=text)
         else:
             parser.add_argument(flag, type=base, default=f.default, help=text)
@@ -312,4 +313,16 @@ def config_parser(cls, description: str, help: dict | None = None):
 
 
 def config_from_args(cls, args) -> object:
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+    return cls.from_dict(vars(args))
+
+
+def resume_step(value: str):
+    if value in ("latest", "auto"):
+        return value
+    try:
+        step = int(value)
+    except ValueError:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"expected a step number, 'latest' or 'auto', got {value!r}") from None
+    return step

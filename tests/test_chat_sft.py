@@ -69,7 +69,7 @@ def test_short_rows_finish_the_epoch_with_finite_losses(base):
 @pytest.mark.slow
 def test_resume_reproduces_the_uninterrupted_run(base):
     common = dict(num_iterations=10, train_size=120, eval_every=0)
-    assert run_sft(cfg(out_tag="full", save_every=4, **common)) == 0
+    assert run_sft(cfg(model_tag="full", save_every=4, **common)) == 0
     full = rd.run_dir("sft", "full")
     part = rd.run_dir("sft", "part")
     part.mkdir(parents=True)
@@ -77,7 +77,7 @@ def test_resume_reproduces_the_uninterrupted_run(base):
         if "000004" in f.name:
             shutil.copy(f, part / f.name)
     (part / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rd.read_metrics(full) if r["step"] <= 4))
-    assert run_sft(cfg(out_tag="part", resume="latest", **common)) == 0
+    assert run_sft(cfg(model_tag="part", resume_from_step="latest", **common)) == 0
     a, b = rd.read_metrics(full), rd.read_metrics(part)
     assert [r["step"] for r in b] == list(range(1, 11))
     assert [r["raw_loss"] for r in a] == [r["raw_loss"] for r in b]
@@ -92,7 +92,7 @@ def test_bad_configs_are_one_line_errors(base, capsys):
     assert "exceeds the model's context" in capsys.readouterr().err
     assert cli.main(["--mix", "nope", "--device-type", "cpu"]) == 2
     assert "unknown task 'nope'" in capsys.readouterr().err
-    assert cli.main(["--mix", "embedded", "--model-tag", "d9", "--device-type", "cpu"]) == 2
+    assert cli.main(["--mix", "embedded", "--source-tag", "d9", "--device-type", "cpu"]) == 2
     assert "d9" in capsys.readouterr().err
     assert cli.main(["--mix", "embedded", "--resume", "latest", "--device-type", "cpu"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
