@@ -35,7 +35,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +46,16 @@ from nanochat import checkpoint_manager as ckpt
 from nanochat import sizing
 from nanochat.common import RuntimeContext, init_runtime
 from nanochat.config import ConfigError, TrainConfig
+from nanochat.core_eval import (
+    EvalBundleError,
+    evaluate_core,
+    load_task_specs,
+    resolve_eval_bundle,
+)
 from nanochat.dataloader import DataLoader
+from nanochat.engine import Engine
 from nanochat.gpt import GPT
+from nanochat.loss_eval import evaluate_loss_and_bpb
 from nanochat.optim import build_optimizer
 from nanochat.run_dir import MetricsWriter, run_dir, write_run_json
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
@@ -145,24 +153,6 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(tensor(state["torch"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(tensor(state["cuda"]))
-
-
-def gather_to_all(ctx: RuntimeContext, obj) -> list:
-    """[obj of rank 0, obj of rank 1, ...] on every rank (a list of one when not distributed)."""
-    if not ctx.ddp:
-        return [obj]
-    out = [None] * ctx.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def gather_to_all(ctx: RuntimeContext, obj) -> list:
-    """[obj of rank 0, obj of rank 1, ...] on every rank (a list of one when not distributed)."""
-    if not ctx.ddp:
-        return [obj]
-    out = [None] * ctx.world_size
-    dist.all_gather_object(out, obj)
-    return out
 
 
 @dataclass
@@ -290,8 +280,8 @@ def save_training_checkpoint(out_dir: Path, step: int, model, optimizer, loader,
     """Checkpoint `step` (every rank calls it): weights (rank 0), each rank's optimizer, data-loader and RNG
     state, the loop state and `meta` (model_config, config, ...). Returns the steps pruned by keep_last."""
     full = dict(meta, val_bpb=state.val_bpb, world_size=ctx.world_size, loop_state=state.to_dict(),
-                dataloader_state=gather_to_all(ctx, loader.state_dict()),
-                rng_state=gather_to_all(ctx, rng_state(ctx.device_type)))
+                dataloader_state=ctx.all_gather_object(loader.state_dict()),
+                rng_state=ctx.all_gather_object(rng_state(ctx.device_type)))
     ckpt.save_checkpoint(out_dir, step, model.state_dict() if ctx.is_master else None, optimizer.state_dict(),
                          full, rank=ctx.rank, barrier=ctx.barrier)
     return ckpt.prune_checkpoints(out_dir, keep_last) if ctx.is_master else []
@@ -358,8 +348,6 @@ def evaluate_val(model, tokenizer, ctx: RuntimeContext, token_bytes, cfg: TrainC
                  should_stop=None) -> dict | None:
     """Validation bpb and mean loss in nats/token (loss_eval.evaluate_loss_and_bpb); None if
     `should_stop` ended it early."""
-    from nanochat.loss_eval import evaluate_loss_and_bpb
-
     steps = max(1, eval_tokens // (cfg.device_batch_size * cfg.max_seq_len * ctx.world_size))
     loader = make_loader(cfg, tokenizer, "val", ctx, 1, tokenizer.get_vocab_size())
     model.eval()
@@ -373,8 +361,6 @@ def evaluate_val(model, tokenizer, ctx: RuntimeContext, token_bytes, cfg: TrainC
 def core_preflight(cfg: TrainConfig, ctx: RuntimeContext) -> bool:
     """Find the CORE bundle and check the flags before training: False (after one warning) when the
     bundle is unavailable; ConfigError when --core-metric-max-per-task is too small for its few-shot tasks."""
-    from nanochat.core_eval import EvalBundleError, load_task_specs, resolve_eval_bundle
-
     try:
         specs = load_task_specs(resolve_eval_bundle())
     except (EvalBundleError, FileNotFoundError) as e:
@@ -388,8 +374,6 @@ def core_preflight(cfg: TrainConfig, ctx: RuntimeContext) -> bool:
 
 
 def run_core(model, tokenizer, ctx: RuntimeContext, max_per_task: int) -> float:
-    from nanochat.core_eval import evaluate_core
-
     try:
         return evaluate_core(model, tokenizer, ctx.device, max_per_task=max_per_task, verbose=False, ctx=ctx)["core"]
     finally:
@@ -397,8 +381,6 @@ def run_core(model, tokenizer, ctx: RuntimeContext, max_per_task: int) -> float:
 
 
 def print_samples(model, tokenizer, max_tokens: int = 16) -> None:
-    from nanochat.engine import Engine
-
     engine = Engine(model, tokenizer)
     bos = tokenizer.get_bos_token_id()
     model.eval()
