@@ -24,7 +24,6 @@ import math
 import time
 
 import torch
-import torch.distributed as dist
 
 from nanochat.tasks import EVAL_TASKS, TaskDataError
 
@@ -49,11 +48,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def _all_reduce_sum(ctx, values: list[float]) -> list[float]:
-    if ctx is None or not ctx.ddp:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=ctx.device)
-    dist.all_reduce(t)
-    return t.tolist()
+    return values if ctx is None else ctx.all_reduce_sum(values)
 
 
 def _rank_indices(n: int, ctx) -> range:

@@ -30,12 +30,12 @@ from nanochat import checkpoint_manager as ckpt
 from nanochat import run_dir as rd
 from nanochat.chat_data import ChatPackingLoader
 from nanochat.common import RuntimeContext, init_runtime
+from nanochat.config import ConfigError, RunConfig
 from nanochat.optim import build_optimizer
 from nanochat.tasks import TaskDataError, build_mix
-
-from nanochat.config import ConfigError, RunConfig
-from nanochat.train_loop import (EXIT_CONFIG, EXIT_NONFINITE, EXIT_OK, EXIT_OOM, LoopState, NonFiniteLoss, StopSignal,
-                                 TestHooks, apply_schedule, restore_training_checkpoint, save_training_checkpoint, train_step)
+from nanochat.training import (EXIT_CONFIG, EXIT_NONFINITE, EXIT_OK, EXIT_OOM, LoopState, NonFiniteLoss, StopSignal,
+                               TestHooks, apply_schedule, restore_training_checkpoint, save_training_checkpoint,
+                               train_step)
 
 LR_KEYS = ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr")
 DEFAULT_LRS = {"matrix_lr": 0.02, "embedding_lr": 0.3, "unembedding_lr": 0.008, "scalar_lr": 0.5}
@@ -100,8 +100,8 @@ def masked_val_loss(model, loader, steps: int, ctx: RuntimeContext | None = None
         for _, (x, y) in zip(range(steps), loader):
             loss = model(x, y, loss_reduction="sum")
             total += torch.stack([loss.double(), (y != -1).sum().double()])
-        if ctx is not None and ctx.ddp:
-            dist.all_reduce(total)
+        if ctx is not None:
+            total = ctx.all_reduce_sum(total)
         return float(total[0] / total[1].clamp(min=1))
     finally:
         model.train()

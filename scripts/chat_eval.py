@@ -23,7 +23,7 @@ from nanochat import run_dir as rd  # noqa: E402
 from nanochat.chat_eval import run_chat_eval, to_markdown  # noqa: E402
 from nanochat.common import init_runtime  # noqa: E402
 from nanochat.tasks import EVAL_TASKS  # noqa: E402
-from nanochat.train_loop import EXIT_CONFIG, EXIT_OK  # noqa: E402
+from nanochat.training import EXIT_CONFIG, EXIT_OK  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

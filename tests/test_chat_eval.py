@@ -3,7 +3,6 @@ batched categorical decisions equal one-at-a-time, generative scoring against an
 
 import itertools
 import json
-import math
 
 import pytest
 import torch
@@ -11,7 +10,7 @@ import torch
 from nanochat.chat_eval import (BASELINES, categorical_predictions, chatcore, pass_at_k, run_categorical,
                                 run_chat_eval, run_generative, to_markdown)
 from nanochat.engine import Engine
-from nanochat.tasks import MMLU, EmbeddedChat, Task, TaskDataError
+from nanochat.tasks import MMLU, Task, TaskDataError
 from tests.chat_helpers import chat_tokenizer, make_base_checkpoint, tiny_model
 
 
