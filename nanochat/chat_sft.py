@@ -194,7 +194,7 @@ def _run(cfg: SFTConfig, ctx: RuntimeContext) -> int:
         say(f"resumed from step {resume_step} ({out_dir})")
     run_info = {"config": cfg.to_dict(), "model_config": model_config,
                 "source": {"phase": cfg.source, "tag": src_tag, "step": src_meta.get("step")},
-                "sizing": {**lrs, "device_batch_size": cfg.device_batch_size, "max_seq_len": T,
+                "sizing": {**lrs, "base_lrs": base_learning_rates(src_meta), "device_batch_size": cfg.device_batch_size, "max_seq_len": T,
                            "grad_accum_steps": cfg.grad_accum, "world_size": ctx.world_size,
                            "conversations": len(train_task), "val_conversations": len(val_task),
                            "tokens_per_step": cfg.device_batch_size * T * cfg.grad_accum * ctx.world_size},
