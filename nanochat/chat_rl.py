@@ -264,7 +264,8 @@ def _run(cfg: RLConfig, ctx: RuntimeContext, train_task, eval_task) -> int:
                 f"lrm {lrm:.3f} | dt {dt * 1000:.0f}ms"
                 + "".join(f" | {k} {v:.4f}" for k, v in record.items() if k.startswith("pass@")))
             if stopping or last or (cfg.save_every > 0 and state.step % cfg.save_every == 0):
-                meta = {"model_config": model_config, "config": cfg.to_dict(), "phase": "rl", "reward": reward}
+                meta = {"model_config": model_config, "config": cfg.to_dict(), "phase": "rl", "reward": reward,
+                        "finished": last}
                 save_training_checkpoint(out_dir, state.step, model, optimizer, cursor, state, ctx, meta, cfg.keep_last)
                 say(f"saved checkpoint step {state.step} to {out_dir}")
             if stopping:

@@ -218,7 +218,8 @@ def _run(cfg: SFTConfig, ctx: RuntimeContext) -> int:
 
     def save(reason: str) -> None:
         meta = {"model_config": model_config, "config": cfg.to_dict(), "phase": "sft",
-                "source": run_info["source"], "val_loss": evals.get("val_loss"), "sft_evals": evals}
+                "source": run_info["source"], "val_loss": evals.get("val_loss"), "sft_evals": evals,
+                "finished": reason == "final"}
         pruned = save_training_checkpoint(out_dir, state.step, model, optimizer, loader, state, ctx, meta,
                                           keep_last=cfg.keep_last)
         say(f"saved checkpoint step {state.step} ({reason}) to {out_dir}" + (f"; removed {pruned}" if pruned else ""))
