@@ -95,6 +95,8 @@ def categorical_predictions(model, tokenizer, conversations: list[dict]) -> list
 def run_categorical(task, model, tokenizer, ctx=None, batch_size: int = 8, max_problems: int = -1) -> dict:
     n = len(task) if max_problems <= 0 else min(len(task), max_problems)
     indices = list(_rank_indices(n, ctx))
+    # batches of similar prompt lengths: less right padding (the decisions do not depend on the grouping)
+    indices.sort(key=lambda i: len(tokenizer.render_for_completion(task[i])))
     correct = 0
     model.eval()
     for start in range(0, len(indices), batch_size):
