@@ -96,3 +96,41 @@ def test_bad_configs_are_one_line_errors(base, capsys):
     assert "d9" in capsys.readouterr().err
     assert cli.main(["--mix", "embedded", "--resume", "latest", "--device-type", "cpu"]) == 2
     assert "no checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_two_ranks_under_torchrun_then_eval_on_two_ranks_equals_one(base):
+    import os
+    import subprocess
+    import sys
+
+    from tests.helpers import free_port
+
+    repo = str(rd.__file__).rsplit("/nanochat/", 1)[0]
+    env = dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1")
+
+    def torchrun(*args):
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                               "--master-addr=127.0.0.1", f"--master-port={free_port()}", *args],
+                              cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+
+    out = torchrun("scripts/chat_sft.py", "--mix", "embedded", "--train-size", "96", "--val-size", "32",
+                   "--device-batch-size", "4", "--max-seq-len", "128", "--eval-every", "-1", "--eval-steps", "2",
+                   "--device-type", "cpu")
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    folder = rd.run_dir("sft", "d2")
+    step = ckpt.find_last_step(folder)
+    assert (folder / f"optim_{step:06d}_rank1.pt").exists() and ckpt.load_meta(folder, step)["world_size"] == 2
+    records = rd.read_metrics(folder)
+    assert records[-1]["progress"] >= 1.0 and "val_loss" in records[-1]
+
+    two = torchrun("scripts/chat_eval.py", "--source", "sft", "-a", "EmbeddedChat", "-x", "6", "-m", "6",
+                   "--output", str(base / "two.json"), "--device-type", "cpu")
+    assert two.returncode == 0, two.stderr[-2000:]
+    from scripts import chat_eval
+
+    assert chat_eval.main(["--source", "sft", "-a", "EmbeddedChat", "-x", "6", "-m", "6", "--output",
+                           str(base / "one.json"), "--device-type", "cpu"]) == 0
+    r1 = json.loads((base / "one.json").read_text())["tasks"]["EmbeddedChat"]
+    r2 = json.loads((base / "two.json").read_text())["tasks"]["EmbeddedChat"]
+    assert (r1["n"], r1["accuracy"]) == (r2["n"], r2["accuracy"]) == (6, r1["accuracy"])
