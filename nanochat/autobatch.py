@@ -25,10 +25,10 @@ MEMORY_HEADROOM = 0.92  # a size "fits" when its peak stays under this fraction 
 
 
 def oom_message(device_batch_size: int, seq_len: int, fits: int | None = None, where: str = "training") -> str:
-    """One line for a CUDA OOM: the flag, the size that failed, and what to do."""
+    """One line for a CUDA OOM: where, the flag and size that failed, and what to do."""
     hint = (f"--device-batch-size {fits} fits (found by --device-batch-size auto)" if fits else
             "--device-batch-size auto finds the largest size that fits")
-    return (f"CUDA out of memory in {where} at --device-batch-size {device_batch_size} (x {seq_len} tokens): "
+    return (f"CUDA out of memory at {where} with --device-batch-size={device_batch_size} (x {seq_len} tokens): "
             f"lower --device-batch-size ({hint}); gradient accumulation keeps --total-batch-size")
 
 

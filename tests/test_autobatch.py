@@ -50,8 +50,9 @@ def test_probe_names_what_to_do_when_nothing_fits():
 
 
 def test_oom_message_names_the_flag_and_the_size_that_fits():
-    msg = oom_message(32, 2048, fits=16)
-    assert "--device-batch-size 32" in msg and "--device-batch-size 16 fits" in msg
+    msg = oom_message(32, 2048, fits=16, where="step 7")
+    assert msg.startswith("CUDA out of memory at step 7 with --device-batch-size=32 (x 2048 tokens)")
+    assert "--device-batch-size 16 fits" in msg
     assert "--total-batch-size" in msg
     assert "--device-batch-size auto" in oom_message(32, 2048)
 
