@@ -23,7 +23,8 @@ and MPS it is always SDPA (the numerics tests/test_golden.py pins).
 
 KV-cache decoding (q_offset > 0): FA3/FA4 take it directly (their causal mask is aligned to the
 bottom-right, i.e. q_offset = S - T); flex falls back to SDPA with an explicit mask for those calls
-(a block mask per decode step would cost more than it saves), stated in `Attention.decode_name`.
+(a block mask per decode step would cost more than it saves), stated in `Attention.decode_name`, and
+for sequence lengths other than the one `prepare` built masks for (the model's sequence_len).
 """
 
 from __future__ import annotations
@@ -136,6 +137,7 @@ class FlexAttention(Attention):
         # skips the masked-out blocks (nested inside a compiled model it is inlined)
         self._flex = torch.compile(flex_attention, dynamic=False) if compile else flex_attention
         self._masks: dict = {}
+        self.lengths: set[int] = set()  # sequence lengths prepared (the training shape); others go to SDPA
         if not compile:
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
 
@@ -156,14 +158,18 @@ class FlexAttention(Attention):
         return mask
 
     def prepare(self, seq_len: int, windows, device) -> None:
+        self.lengths.add(seq_len)
         for w in sorted(set(windows)):
             self.block_mask(seq_len, w, device)
 
     def __call__(self, q, k, v, window: int, q_offset: int = 0) -> torch.Tensor:
         T, S = q.size(1), k.size(1)
-        if q_offset != 0 or T != S or (self.device_type == "cpu" and torch.is_grad_enabled()
-                                       and (q.requires_grad or k.requires_grad or v.requires_grad)):
-            # KV-cache calls, and CPU training (torch has no CPU backward for flex): SDPA, same math
+        if q_offset != 0 or T != S or (self.lengths and T not in self.lengths) or (
+                self.device_type == "cpu" and torch.is_grad_enabled()
+                and (q.requires_grad or k.requires_grad or v.requires_grad)):
+            # KV-cache calls; lengths other than the prepared training shape (CORE's varying prompts would
+            # otherwise recompile the kernel per length); CPU training (torch has no CPU backward for
+            # flex): SDPA, same math
             return sdpa_attend(q, k, v, window, q_offset)
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         y = self._flex(qh, kh, vh, block_mask=self.block_mask(T, window, q.device),

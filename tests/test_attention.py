@@ -184,3 +184,15 @@ def test_sdpa_with_windows_on_cuda_warns_what_to_install(monkeypatch):
         resolve_attention("sdpa", "cuda", torch.bfloat16, windowed=True)
         resolve_attention("sdpa", "cuda", torch.bfloat16, windowed=False)
     assert not records, [str(r.message) for r in records]
+
+
+def test_flex_runs_the_prepared_length_and_leaves_others_to_sdpa():
+    flex = FlexAttention("cpu")
+    flex.prepare(64, [16, 64], "cpu")
+    calls = []
+    real = flex._flex
+    flex._flex = lambda *a, **k: calls.append(a[0].shape) or real(*a, **k)  # a spy: the real kernel runs
+    for T in (64, 40):
+        q, k, v = qkv(T=T, H=4, K=2)
+        torch.testing.assert_close(flex(q, k, v, 16), reference(q, k, v, 16), atol=1e-5, rtol=1e-5)
+    assert calls == [(2, 4, 64, 16)]  # only the prepared training length went through flex
