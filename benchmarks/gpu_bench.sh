@@ -174,7 +174,8 @@ pq.write_table(pa.table({"text": texts[half:]}), f"{dst}/shard_00001.parquet")
 EOF
     # its own package first (and run from its folder): our repo leaves the import path
     OTHERS=$(echo "${PYTHONPATH:-}" | tr ':' '\n' | grep -vxF "$REPO" | paste -sd: -)
-    REFPY=(env PYTHONPATH="$REFSRC:$RS${OTHERS:+:$OTHERS}" NANOCHAT_BASE_DIR="$RB" "$PY")
+    # (at toy size on CPU its unconditional torch.compile would take minutes: eager there)
+    REFPY=(env PYTHONPATH="$REFSRC:$RS${OTHERS:+:$OTHERS}" NANOCHAT_BASE_DIR="$RB" ${CPU:+TORCHDYNAMO_DISABLE=1} "$PY")
     (cd "$REFSRC" && "${REFPY[@]}" -m scripts.tok_train --vocab-size $REF_VOCAB --max-chars 50000000) > "$B/ref_tok.log" 2>&1
     (cd "$REFSRC" && "${REFPY[@]}" -m scripts.base_train "${REF[@]}" --window-pattern=SSSL --run=dummy \
        --eval-every=-1 --core-metric-every=-1 --sample-every=-1 --warmup-steps=2) > "$B/ref_d20.log" 2>&1
