@@ -84,7 +84,7 @@ if [ -n "$CPU" ]; then
   D12=(--device-type cpu --depth 2 --aspect-ratio 32 --head-dim 32 --max-seq-len 64 --device-batch-size 4
        --total-batch-size 512 --num-iterations 6 --save-every 2 --warmup-steps 2 --eval-every -1 --eval-tokens 1024
        --core-metric-every -1 --core-metric-max-per-task 12 --sample-every -1 --weight-decay 0)
-  HANG_STEP=3; RESUME_STEP=2; CORE_PER_TASK=4; REF_VOCAB=512
+  HANG_STEP=3; RESUME_STEP=2; CORE_PER_TASK=12; REF_VOCAB=512
   REF=(--device-type=cpu --depth=2 --aspect-ratio=32 --head-dim=32 --max-seq-len=64 --device-batch-size=4
        --total-batch-size=256 --num-iterations=4)
   EST=(60 60 60 120 120 60 60 60)
@@ -148,6 +148,28 @@ if want d24 "${EST[2]}" && prepare_data; then
   md "- bf16 loss $(last_loss d24_bf16)"
   train d24_fp8 "${D24[@]}" "${RECIPE[@]}" "${QUIET[@]}" --fp8 --model-tag d24_fp8
   md "- fp8 loss $(last_loss d24_fp8)"
+  md ""; md '```'
+  # time to GPT-2 (CORE > 0.2565) on 8 such GPUs: the record recipe (d24, 32K vocab, tokens:params 8) at the
+  # FLOP rate each run achieved, perfect scaling across GPUs, no evaluation time
+  "$PY" - "$CK/d24_bf16" "$CK/d24_fp8" >> "$RESULT" 2>&1 <<'EOF'
+import json, statistics, sys
+from pathlib import Path
+from nanochat import sizing
+from nanochat.run_dir import read_run_json
+target = sizing.model_config(24, vocab_size=32768, window_pattern="SSSL", value_embeds=True, resid_scalars=True)
+total_flops = sizing.flops_per_token(target) * 8 * sizing.count_params(target)["scaling"]
+for d in map(Path, sys.argv[1:]):
+    info = read_run_json(d)
+    if not info or not (d / "metrics.jsonl").exists():
+        continue
+    recs = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines() if l.strip()][3:]
+    if not recs:
+        continue
+    flops_per_s = info["sizing"]["flops_per_token"] * statistics.median(r["tok_per_sec"] for r in recs)
+    print(f"{d.name}: time-to-GPT-2 estimate on 8 GPUs {total_flops / (8 * flops_per_s) / 3600:.2f} h "
+          f"({total_flops:.3g} FLOPs at 8 x {flops_per_s / 1e12:.0f} TFLOP/s; linear scaling, no evals)")
+EOF
+  md '```'
 fi
 
 # --- the reference at depth 20 -----------------------------------------------------------------------
@@ -232,7 +254,7 @@ fi
 
 # --- --device-batch-size auto ---------------------------------------------------------------------------
 if want auto "${EST[5]}"; then
-  md ""; md "## --device-batch-size auto, depth 20 (flex, record recipe)"
+  md ""; md "## --device-batch-size auto, depth 20 (record recipe, --attention auto)"
   AUTO=("${D20[@]}")
   for i in "${!AUTO[@]}"; do [ "${AUTO[$i]}" = "--device-batch-size" ] && AUTO[$((i + 1))]=auto; done
   train d20_auto --synthetic-data "${AUTO[@]}" "${RECIPE[@]}" --num-iterations 4 --model-tag d20_auto
