@@ -301,11 +301,10 @@ class GPT(nn.Module):
             logits = cap * torch.tanh(logits / cap)
         if targets is None:
             return logits
-        if loss_reduction not in ("mean", "sum", "none"):
+        if loss_reduction not in ("mean", "sum"):  # ("none" was handled above, in chunks)
             raise ValueError(f"loss_reduction must be mean, sum or none, not {loss_reduction!r}")
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                reduction=loss_reduction)
-        return loss.view(B, T) if loss_reduction == "none" else loss
 
     def _per_token_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """(B, T) cross-entropy per target (0 where ignored), the fp32 logits made a chunk of rows at a time."""

@@ -12,11 +12,10 @@ Inductor itself (the real CUDA compile) is covered by tests/test_cuda.py and ben
 
 import pytest
 import torch
+import torch._dynamo
 
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.optim import muon_tail, normuon_scale
-
-torch._dynamo = pytest.importorskip("torch._dynamo")
 
 CONFIGS = {
     "default": dict(),
