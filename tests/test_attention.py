@@ -196,3 +196,31 @@ def test_flex_runs_the_prepared_length_and_leaves_others_to_sdpa():
         q, k, v = qkv(T=T, H=4, K=2)
         torch.testing.assert_close(flex(q, k, v, 16), reference(q, k, v, 16), atol=1e-5, rtol=1e-5)
     assert calls == [(2, 4, 64, 16)]  # only the prepared training length went through flex
+
+
+def test_record_recipe_default_and_cli_choices(base_dir, capsys):
+    import json
+    import re
+
+    from nanochat.config import TrainConfig
+    from scripts.base_train import main
+
+    recipe = TrainConfig().with_device_defaults(record_recipe=True)
+    assert (recipe.window_pattern, recipe.value_embeds, recipe.resid_scalars) == ("SSSL", True, True)
+    plain = TrainConfig().with_device_defaults(record_recipe=False)
+    assert (plain.window_pattern, plain.value_embeds, plain.resid_scalars) == ("L", False, False)
+    explicit = TrainConfig(window_pattern="SL", value_embeds=False).with_device_defaults(record_recipe=True)
+    assert (explicit.window_pattern, explicit.value_embeds, explicit.resid_scalars) == ("SL", False, True)
+    synth = ["--synthetic-data", "--vocab-size", "300", "--depth", "2", "--aspect-ratio", "32", "--head-dim", "32",
+             "--max-seq-len", "32", "--device-batch-size", "4", "--total-batch-size", "128", "--num-iterations", "1",
+             "--device-type", "cpu"]
+    assert main(synth + ["--attention", "flex", "--model-tag", "flex"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^ +attention +flex \(KV-cache decode: sdpa\)$", out, re.M), out
+    info = json.loads((base_dir / "base_checkpoints" / "flex" / "run.json").read_text())
+    assert info["env"]["attention"] == "flex (KV-cache decode: sdpa)"
+    assert info["args"]["window_pattern"] == "L"  # CPU: the default architecture is unchanged
+    assert main(synth + ["--attention", "fa3", "--model-tag", "fa3"]) == 2
+    assert "--attention fa3 cannot run here" in capsys.readouterr().err
+    assert main(synth + ["--fp8", "--model-tag", "fp8"]) == 2
+    assert "--fp8 needs a GPU with fp8 tensor cores" in capsys.readouterr().err

@@ -78,3 +78,26 @@ def test_optimizer_reserve_counts_every_parameter_twice_in_fp32():
                        value_embeds=True, resid_scalars=True)
     model = GPT(config)
     assert optimizer_state_bytes(model) == 8 * sum(p.numel() for p in model.parameters())
+
+
+SYNTH = ["--synthetic-data", "--vocab-size", "300", "--depth", "1", "--aspect-ratio", "32", "--head-dim", "32",
+         "--max-seq-len", "32", "--total-batch-size", "384", "--num-iterations", "2", "--warmup-steps", "1",
+         "--weight-decay", "0", "--device-type", "cpu"]
+
+
+def test_cli_auto_batch_keeps_the_total_batch(base_dir, capsys):
+    import json
+    import re
+
+    from scripts.base_train import main
+
+    assert main(SYNTH + ["--device-batch-size", "auto", "--model-tag", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "--device-batch-size auto: 4 (no probe on cpu; 12 rows per rank per step)" in out
+    assert re.search(r"tokens per step +384 = 4 x 32 x 1 ranks x 3 accumulation", out), out
+    info = json.loads((base_dir / "base_checkpoints" / "auto" / "run.json").read_text())
+    assert info["args"]["device_batch_size"] == 4  # the resolved size, which a resume reuses
+    assert main(SYNTH + ["--device-batch-size", "auto", "--model-tag", "auto", "--num-iterations", "3",
+                         "--resume", "latest"]) == 0
+    with pytest.raises(SystemExit):
+        main(SYNTH + ["--device-batch-size", "many"])
