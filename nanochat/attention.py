@@ -142,7 +142,8 @@ class FlexAttention(Attention):
             warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
 
     def block_mask(self, T: int, window: int, device):
-        key = (T, min(window, T), str(device))
+        device = torch.device(device)
+        key = (T, min(window, T), device.type, device.index)  # plain values: cheap for dynamo to guard
         mask = self._masks.get(key)
         if mask is None:
             w = key[1]
