@@ -134,3 +134,10 @@ def test_two_ranks_under_torchrun_then_eval_on_two_ranks_equals_one(base):
     r1 = json.loads((base / "one.json").read_text())["tasks"]["EmbeddedChat"]
     r2 = json.loads((base / "two.json").read_text())["tasks"]["EmbeddedChat"]
     assert (r1["n"], r1["accuracy"]) == (r2["n"], r2["accuracy"]) == (6, r1["accuracy"])
+
+
+def test_nonfinite_loss_stops_before_the_update_and_keeps_the_last_checkpoint(base, monkeypatch, capsys):
+    monkeypatch.setenv("NANOCHAT_TEST_NAN_STEP", "3")
+    assert run_sft(cfg(quiet=False, num_iterations=6, save_every=2, train_size=64, eval_every=0)) == 3
+    out = rd.run_dir("sft", "d2")
+    assert ckpt.list_steps(out) == [2] and "no update was applied" in capsys.readouterr().out
