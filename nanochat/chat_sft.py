@@ -68,6 +68,7 @@ class SFTConfig(RunConfig):
     eval_steps: int = 20  # validation batches per rank
     chatcore_every: int = 0
     chatcore_max_problems: int = 100
+    chatcore_tasks: str = ""  # comma-separated eval tasks ("": the five ChatCORE tasks; e.g. EmbeddedChat offline)
     quiet: bool = False
 
 
@@ -269,9 +270,11 @@ def _run(cfg: SFTConfig, ctx: RuntimeContext) -> int:
             if not stopping and due(cfg.chatcore_every, last):
                 from nanochat.chat_eval import run_chat_eval
 
-                out = run_chat_eval(model, tokenizer, ctx, tasks=None, task_data=cfg.task_data,
+                names = [t.strip() for t in cfg.chatcore_tasks.split(",") if t.strip()] or None
+                out = run_chat_eval(model, tokenizer, ctx, tasks=names, task_data=cfg.task_data,
                                     max_problems=cfg.chatcore_max_problems, quiet=True)
                 record["chatcore"] = evals["chatcore"] = out["chatcore"]
+                record["chat_accuracy"] = {k: v["accuracy"] for k, v in out["tasks"].items()}
                 model.train()
             metrics.write(record)
             say(f"step {state.step:05d} | loss {state.smooth_loss:.4f} (raw {result.loss:.4f}) | lrm {lrm:.3f} | "

@@ -60,10 +60,13 @@ def test_sft_lowers_masked_val_loss_by_a_nat(base):
 
 @pytest.mark.slow
 def test_short_rows_finish_the_epoch_with_finite_losses(base):
-    assert run_sft(cfg(max_seq_len=24, train_size=200, eval_every=0)) == 0
+    assert run_sft(cfg(max_seq_len=24, train_size=200, eval_every=0, chatcore_every=-1,
+                       chatcore_tasks="EmbeddedChat", chatcore_max_problems=4)) == 0
     records = rd.read_metrics(rd.run_dir("sft", "d2"))
     assert records and all(torch.isfinite(torch.tensor(r["raw_loss"])) for r in records)
     assert records[-1]["progress"] >= 1.0
+    # the in-training chat eval ran on the last step (EmbeddedChat is not one of ChatCORE's five tasks)
+    assert "EmbeddedChat" in records[-1]["chat_accuracy"] and records[-1]["chatcore"] is None
 
 
 @pytest.mark.slow
