@@ -132,7 +132,8 @@ def _run(cfg: RLConfig, ctx: RuntimeContext, train_task, eval_task) -> int:
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
     if cfg.examples_per_step % ctx.world_size:
-        raise ConfigError(f"--examples-per-step {cfg.examples_per_step} must be divisible by the {ctx.world_size} ranks")
+        raise ConfigError(f"--examples-per-step {cfg.examples_per_step} must be divisible by the "
+                          f"{ctx.world_size} ranks")
     if train_task is None:
         if cfg.task not in MIX_TASKS:
             raise ConfigError(f"unknown --task {cfg.task!r}; known: {', '.join(MIX_TASKS)}")

@@ -189,14 +189,14 @@ def _run(cfg: SFTConfig, ctx: RuntimeContext) -> int:
     if cfg.resume_from_step is not None:
         if not ckpt.list_steps(out_dir):
             raise ConfigError(f"--resume {cfg.resume_from_step}: no checkpoint in {out_dir} yet")
-        resume_step, state, resumed_meta = restore_training_checkpoint(out_dir, cfg.resume_from_step, ctx, model, optimizer,
-                                                                       loader, model_config)
+        resume_step, state, resumed_meta = restore_training_checkpoint(out_dir, cfg.resume_from_step, ctx, model,
+                                                                       optimizer, loader, model_config)
         evals = dict(resumed_meta.get("sft_evals") or {})
         say(f"resumed from step {resume_step} ({out_dir})")
     run_info = {"config": cfg.to_dict(), "model_config": model_config,
                 "source": {"phase": cfg.source, "tag": src_tag, "step": src_meta.get("step")},
-                "sizing": {**lrs, "base_lrs": base_learning_rates(src_meta), "device_batch_size": cfg.device_batch_size, "max_seq_len": T,
-                           "grad_accum_steps": cfg.grad_accum, "world_size": ctx.world_size,
+                "sizing": {**lrs, "base_lrs": base_learning_rates(src_meta), "device_batch_size": cfg.device_batch_size,
+                           "max_seq_len": T, "grad_accum_steps": cfg.grad_accum, "world_size": ctx.world_size,
                            "conversations": len(train_task), "val_conversations": len(val_task),
                            "tokens_per_step": cfg.device_batch_size * T * cfg.grad_accum * ctx.world_size},
                 "resumed_from": resume_step}

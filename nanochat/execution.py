@@ -116,7 +116,8 @@ def execute_code(program: str, timeout: float = 5.0, memory_mb: int = 1024, pyth
                           stderr=stderr, timed_out=timed_out, memory_exceeded=memory)
 
 
-def execute_many(programs: list[str], timeout: float = 5.0, memory_mb: int = 1024, workers: int | None = None) -> list[ExecResult]:
+def execute_many(programs: list[str], timeout: float = 5.0, memory_mb: int = 1024,
+                 workers: int | None = None) -> list[ExecResult]:
     """`execute_code` of each program, `workers` at a time (default: the CPU count), results in order."""
     workers = workers or os.cpu_count() or 1
     with cf.ThreadPoolExecutor(max_workers=workers) as pool:

@@ -219,7 +219,8 @@ def chat_section(evals: dict[str, dict | None], sft: dict | None = None) -> str:
         text += f"\n### Sample conversations ({phases[-1][0]})\n\n"
         for s in samples[:2]:
             reply = s["reply"].strip().replace("\n", " / ")
-            text += f"- **user:** {s['prompt'].strip()}\n  **assistant:** {reply} ({'right' if s['correct'] else 'wrong'})\n"
+            verdict = "right" if s["correct"] else "wrong"
+            text += f"- **user:** {s['prompt'].strip()}\n  **assistant:** {reply} ({verdict})\n"
     return text
 
 

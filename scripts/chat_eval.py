@@ -53,8 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else None
     unknown = [t for t in tasks or [] if t not in EVAL_TASKS]
     if unknown or args.num_samples < 1 or args.batch_size < 1:
-        print(f"chat_eval: error: {f'unknown task(s) {unknown}; known: {list(EVAL_TASKS)}' if unknown else '-n and -b must be >= 1'}",
-              file=sys.stderr)
+        why = f"unknown task(s) {unknown}; known: {list(EVAL_TASKS)}" if unknown else "-n and -b must be >= 1"
+        print(f"chat_eval: error: {why}", file=sys.stderr)
         return EXIT_CONFIG
     ctx = init_runtime(args.device_type, args.dtype)
     try:
@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     result.update(source=args.source, model_tag=tag, step=meta.get("step"),
                   settings={k: v for k, v in vars(args).items() if k not in ("output",)})
     if ctx.is_master:
-        out = Path(args.output) if args.output else rd.run_dir(args.source, tag) / f"chat_eval_{meta.get('step', 0):06d}.json"
+        default = rd.run_dir(args.source, tag) / f"chat_eval_{meta.get('step', 0):06d}.json"
+        out = Path(args.output) if args.output else default
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=1) + "\n")
         md = to_markdown(result, f"Chat evaluation: {args.source}/{tag} step {meta.get('step')}")

@@ -32,7 +32,8 @@ class Long(Task):
         msgs = []
         for t in range(turns):
             user = "What does the word mean? " * (40 if i % 10 == 3 else 1 + t)
-            msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": f"It means {i} and {t}. " * (1 + i % 5)}]
+            reply = f"It means {i} and {t}. " * (1 + i % 5)
+            msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
         return {"messages": msgs}
 
 
