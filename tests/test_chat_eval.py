@@ -155,3 +155,18 @@ def test_cli_writes_json_and_markdown(tok, base_dir, capsys):
     assert len(out["samples"]["EmbeddedChat"]) == 2
     assert chat_eval.main(["-a", "Nope"]) == 2
     assert "unknown task" in capsys.readouterr().err
+
+
+def test_report_chat_section_tables_phases_and_samples():
+    from nanochat.report import chat_section
+
+    base = {"tasks": {"ARC-Easy": {"accuracy": 0.25}, "EmbeddedChat": {"accuracy": 0.0}}, "chatcore": 0.0,
+            "chatcore_tasks": ["ARC-Easy"], "samples": {}}
+    sft = {"tasks": {"ARC-Easy": {"accuracy": 0.4}, "EmbeddedChat": {"accuracy": 0.3}}, "chatcore": 0.2,
+           "chatcore_tasks": ["ARC-Easy"],
+           "samples": {"EmbeddedChat": [{"prompt": "Who are you?", "reply": "I am nanochat.", "correct": True}]}}
+    text = chat_section({"base": base, "sft": sft, "rl": None}, {"val_loss_start": 5.0, "val_loss": 2.5, "steps": 10})
+    assert "| task | base | SFT |" in text and "| EmbeddedChat | 0.0000 | 0.3000 |" in text
+    assert "| **ChatCORE** |" in text and "over the tasks that ran: ARC-Easy" in text
+    assert "5.0000 before, 2.5000 after 10 steps" in text and "**user:** Who are you?" in text and "(right)" in text
+    assert chat_section({}) == "## Chat\n\nNo chat evaluation yet.\n"
