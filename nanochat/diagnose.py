@@ -29,14 +29,14 @@ import numpy as np
 
 from nanochat.foreign_runs import _SIZE_RE, explain_size_gap
 from nanochat.foreign_runs import parse as parse_run
-from nanochat.scaling import CHINCHILLA, single_threaded_blas
+from nanochat.scaling import CHINCHILLA, CHINCHILLA_TOKENS_PER_PARAM, single_threaded_blas
 from nanochat.sizing import COMPUTE_OPTIMAL_RATIO
 
 # what a well-tuned bf16 run of this architecture reaches on H100-class GPUs (REFERENCE section 9:
 # reference d12 ~41%, d18 ~46%, d24 ~50%); below WARN_MFU something is leaving the GPU idle
 EXPECTED_MFU = (0.40, 0.50)
 WARN_MFU = 0.30
-CHINCHILLA_RATIO = 20.0  # Chinchilla's compute-optimal tokens per (total) parameter
+CHINCHILLA_RATIO = CHINCHILLA_TOKENS_PER_PARAM
 
 # Dense (no sparsity) bf16 tensor-core peaks, FLOP/s. GeForce cards at the FP32-accumulate rate, the one
 # PyTorch's bf16 matmuls run at (NVIDIA's Ampere/Ada/Blackwell whitepapers and datasheets). V100 and T4
