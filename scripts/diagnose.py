@@ -38,13 +38,21 @@ def resolve_run_path(arg: str) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("path", help="run folder, model tag, nanoGPT / nanochat console log, or wandb history .csv/.jsonl")
+    p.add_argument("path", nargs="?", help="run folder, model tag, nanoGPT / nanochat console log, or wandb history .csv/.jsonl")
     p.add_argument("--config", default=None, help="the run's config .py (nanoGPT style; read with ast, never executed)")
-    p.add_argument("--gpu", default=None, help="the GPU that ran it (e.g. h100, a100, 4090): re-bases MFU on its dense bf16 peak")
+    p.add_argument("--gpu", default=None, help="the GPU that ran it (e.g. h100, a100, 4090): re-bases MFU on its dense bf16 "
+                   "peak; --gpu list prints the table")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
     p.add_argument("--fit", default=None, help="JSON from scripts/scaling_fit.py --json: its law sets the optimal ratio")
     p.add_argument("--strict", action="store_true", help="exit 1 when any check warns")
     args = p.parse_args(argv)
+    if args.gpu == "list":
+        print("dense bf16 peak TFLOP/s (GeForce cards at the FP32-accumulate rate; V100/T4: fp16, no bf16)")
+        for name, peak in GPU_PEAKS:
+            print(f"  {name:<14} {peak / 1e12:8.1f}")
+        return 0
+    if args.path is None:
+        p.error("give a run folder, model tag or log file")
     if args.gpu and gpu_peak(args.gpu) is None:
         print(f"error: unknown --gpu {args.gpu!r}; known: {', '.join(g for g, _ in GPU_PEAKS)}", file=sys.stderr)
         return 2

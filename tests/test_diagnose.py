@@ -330,3 +330,14 @@ def test_cli_foreign_and_errors(tmp_path, capsys):
     assert main([str(junk)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_gpu_table_agrees_with_the_training_loop_and_prints(capsys):
+    from nanochat.common import GPU_PEAK_FLOPS
+    from scripts.diagnose import main
+
+    for name, peak in GPU_PEAK_FLOPS:  # the peaks base_train divides by: the doctor re-bases on the same values
+        assert dg.gpu_peak(name)[1] == peak, name
+    assert main(["--gpu", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "RTX 4090" in out and "165.0" in out
