@@ -377,23 +377,36 @@ def check_tokens_ratio(run: Run, law=None) -> Finding:
         where += f"; so far {_fmt(so_far)} = {so_far / n_run:.3g} per {count} parameter"
     if law is not None:
         where += f"; the law's optimum here is {opt:.3g} per {count} parameter"
-    # the same compute as a compute-optimal model, under the law in use (Chinchilla's if none was given)
+    # the same compute as a compute-optimal model, under the law in use (Chinchilla's if none was given;
+    # its fit spans 70M-16B parameters, so outside ~10M-100B only the ratio's optimum is given)
     law_used = law if law is not None else CHINCHILLA
     n_law = (scaling if law_used.param_count == "scaling" else total) or n_run
     eq = compute_equivalent(law_used, n_law, D)
+    in_range = law is not None or (1e7 <= n_law <= 1e11 and 1e7 <= eq["optimal_params"] <= 1e11)
     nums.update(same_compute=eq, same_compute_law="fitted" if law is not None else "Chinchilla (nats, MassiveText)")
+    n_alt = eq["optimal_params"] if in_range else nums["optimal_params"]
+    d_alt = eq["optimal_tokens"] if in_range else opt * nums["optimal_params"]
+    count_alt = law_used.param_count if in_range else count
+    depth_txt = ""
     try:
         from nanochat.scaling import depth_for_params
 
-        nums["optimal_depth"], _ = depth_for_params(eq["optimal_params"], count=law_used.param_count, **_shape_kwargs(run))
+        dd, dn = depth_for_params(n_alt, count=count_alt, **_shape_kwargs(run))
+        nums["optimal_depth"] = dd
+        if not run.foreign:
+            depth_txt = (f", nanochat depth {dd}" if 1 / 1.5 <= dn / n_alt <= 1.5 else
+                         f", {'smaller' if n_alt < dn else 'larger'} than depth {dd}, the nearest the depth dial gives")
     except Exception:  # noqa: BLE001 -- a shape this version cannot build
         pass
-    alt = (f"the same {eq['compute']:.3g} FLOPs as a {eq['optimal_params'] / n_law:.2g}x "
-           f"{'bigger' if eq['optimal_params'] > n_law else 'smaller'} model ({_fmt(eq['optimal_params'])} params"
-           + (f", nanochat depth {nums['optimal_depth']}" if "optimal_depth" in nums and not run.foreign else "")
-           + f") on {_fmt(eq['optimal_tokens'])} tokens would reach "
-           f"{eq['law_loss_gap']:.3g} lower loss under {nums['same_compute_law']}; this run's loss costs that model "
-           f"{eq['compute_fraction_needed']:.2g}x the compute")
+    size = f"{n_alt / n_run:.2g}x {'bigger' if n_alt > n_run else 'smaller'} model ({_fmt(n_alt)} params{depth_txt})"
+    if in_range:
+        alt = (f"the same {eq['compute']:.3g} FLOPs as a {size} on {_fmt(d_alt)} tokens would reach "
+               f"{eq['law_loss_gap']:.3g} lower loss under {nums['same_compute_law']}; this run's loss costs that model "
+               f"{eq['compute_fraction_needed']:.2g}x the compute")
+    else:
+        alt = (f"the same {eq['compute']:.3g} FLOPs as a {size} on {_fmt(d_alt)} tokens sits at the ratio's optimum "
+               "(how much lower its loss would be is not quantified: Chinchilla's law was fitted on 70M-16B parameters; "
+               "pass --fit with your own sweep)")
     m = ratio / opt
     if m > 3:
         return Finding(name, "warn", f"{m:.2g}x past compute-optimal: {where}", nums,

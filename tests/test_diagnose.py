@@ -341,3 +341,17 @@ def test_gpu_table_agrees_with_the_training_loop_and_prints(capsys):
     assert main(["--gpu", "list"]) == 0
     out = capsys.readouterr().out
     assert "RTX 4090" in out and "165.0" in out
+
+
+def test_compute_equivalent_against_the_law():
+    """A 1B model on 1T tokens (~1000 tokens/param): the compute-optimal split of the same compute is bigger
+    and lower; the fraction of compute it needs to match the run is where its loss equals the run's."""
+    from nanochat.scaling import CHINCHILLA
+
+    eq = dg.compute_equivalent(CHINCHILLA, 1e9, 1e12)
+    N, D = (float(v) for v in CHINCHILLA.compute_optimal(6e21))
+    assert eq["optimal_params"] == pytest.approx(N) and eq["optimal_params"] > 1e9
+    assert eq["law_loss_gap"] == pytest.approx(float(CHINCHILLA.loss(1e9, 1e12) - CHINCHILLA.loss(N, D)))
+    n_f, d_f = CHINCHILLA.compute_optimal(6e21 * eq["compute_fraction_needed"])
+    assert float(CHINCHILLA.loss(n_f, d_f)) == pytest.approx(float(CHINCHILLA.loss(1e9, 1e12)), abs=1e-9)
+    assert 0 < eq["compute_fraction_needed"] < 1
