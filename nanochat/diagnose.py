@@ -391,7 +391,7 @@ def check_tokens_ratio(run: Run, law=None) -> Finding:
     try:
         from nanochat.scaling import depth_for_params
 
-        dd, dn = depth_for_params(n_alt, count=count_alt, **_shape_kwargs(run))
+        dd, dn = depth_for_params(n_alt, count=count_alt, depths=range(1, 65), **_shape_kwargs(run))
         nums["optimal_depth"] = dd
         if not run.foreign:
             depth_txt = (f", nanochat depth {dd}" if 1 / 1.5 <= dn / n_alt <= 1.5 else
@@ -404,7 +404,7 @@ def check_tokens_ratio(run: Run, law=None) -> Finding:
                f"{eq['law_loss_gap']:.3g} lower loss under {nums['same_compute_law']}; this run's loss costs that model "
                f"{eq['compute_fraction_needed']:.2g}x the compute")
     else:
-        alt = (f"the same {eq['compute']:.3g} FLOPs as a {size} on {_fmt(d_alt)} tokens sits at the ratio's optimum "
+        alt = (f"the same {6 * n_run * D:.3g} FLOPs as a {size} on {_fmt(d_alt)} tokens sits at the ratio's optimum "
                "(how much lower its loss would be is not quantified: Chinchilla's law was fitted on 70M-16B parameters; "
                "pass --fit with your own sweep)")
     m = ratio / opt
