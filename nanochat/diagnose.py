@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nanochat.common import GPU_PEAK_FLOPS
 from nanochat.foreign_runs import _SIZE_RE, explain_size_gap
 from nanochat.foreign_runs import parse as parse_run
 from nanochat.scaling import CHINCHILLA, CHINCHILLA_TOKENS_PER_PARAM, single_threaded_blas
@@ -38,17 +39,15 @@ EXPECTED_MFU = (0.40, 0.50)
 WARN_MFU = 0.30
 CHINCHILLA_RATIO = CHINCHILLA_TOKENS_PER_PARAM
 
-# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s. GeForce cards at the FP32-accumulate rate, the one
-# PyTorch's bf16 matmuls run at (NVIDIA's Ampere/Ada/Blackwell whitepapers and datasheets). V100 and T4
-# have no bf16: their fp16 peak is listed. First match wins, so longer names come first.
-GPU_PEAKS: list[tuple[str, float]] = [
-    ("H100 PCIe", 756e12), ("H100 NVL", 835e12), ("GH200", 989e12), ("H100", 989e12), ("H200", 989e12),
-    ("H800", 989e12), ("B200", 2.25e15), ("B100", 1.75e15), ("A100", 312e12), ("A800", 312e12),
-    ("A10G", 70e12), ("A10", 125e12), ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A6000", 155e12),
-    ("RTX 6000 Ada", 364e12), ("V100", 125e12), ("T4", 65e12), ("MI300X", 1307e12), ("MI250X", 383e12),
-    ("RTX 4090", 165e12), ("RTX 4080", 97.5e12), ("RTX 4070 Ti", 80e12), ("RTX 3090 Ti", 80e12),
-    ("RTX 3090", 71e12), ("RTX 3080 Ti", 68e12), ("RTX 3080", 59.5e12), ("RTX 3070", 40.6e12),
-]
+# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s: the training loop's table (nanochat.common, what
+# base_train divides by) plus cards it does not list. GeForce cards at the FP32-accumulate rate, the one
+# PyTorch's bf16 matmuls run at (NVIDIA's Ampere/Ada whitepapers); V100 and T4 have no bf16: their fp16
+# peak. First match wins, so the "Ti" names come before their base cards.
+GPU_PEAKS: list[tuple[str, float]] = (
+    [("RTX 3090 Ti", 80e12), ("RTX 3080 Ti", 68e12), ("RTX 4070 Ti", 80e12)]
+    + list(GPU_PEAK_FLOPS)
+    + [("V100", 125e12), ("T4", 65e12), ("MI300X", 1307e12), ("MI250X", 383e12), ("RTX 3080", 59.5e12),
+       ("RTX 3070", 40.6e12)])
 
 
 def gpu_peak(name: str | None) -> tuple[str, float] | None:
