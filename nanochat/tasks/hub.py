@@ -81,6 +81,16 @@ def probe_endpoint(timeout: float = PROBE_TIMEOUT) -> None:
         raise OSError(f"cannot reach {endpoint} ({reason})") from e
 
 
+def cached_copy_exists(repo: str) -> bool:
+    """Whether `datasets` or the hub cache holds anything of `repo` (checked without importing `datasets`,
+    whose import alone takes seconds): `<HF_DATASETS_CACHE>/<org>___<name>` or `<HF_HUB_CACHE>/datasets--org--name`."""
+    home = Path(os.environ.get("HF_HOME", Path.home() / ".cache" / "huggingface")).expanduser()
+    ds_cache = Path(os.environ.get("HF_DATASETS_CACHE", home / "datasets")).expanduser()
+    hub_cache = Path(os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or home / "hub").expanduser()
+    return ((ds_cache / repo.replace("/", "___")).exists()
+            or (hub_cache / ("datasets--" + repo.replace("/", "--"))).exists())
+
+
 def load_rows(key: str, split: str, task_data: str | os.PathLike | None = None) -> list[dict]:
     """All rows of one task table (list of dicts with the hub's columns)."""
     if key not in HUB_TABLES:
@@ -99,7 +109,11 @@ def load_rows(key: str, split: str, task_data: str | os.PathLike | None = None) 
                 return rows
         raise TaskDataError(f"no local table for {key}/{split} under {local}: expected "
                             f"{local / key / split}.jsonl or .parquet with the columns of {repo}")
-    if not _hub_offline():
+    if _hub_offline():
+        if not cached_copy_exists(repo):
+            raise TaskDataError(f"{key}: HF_HUB_OFFLINE is set and no cached copy of {repo} exists; "
+                                f"{_override_hint(key, split)}")
+    else:
         try:
             probe_endpoint()
         except OSError as e:
