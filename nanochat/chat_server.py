@@ -5,7 +5,7 @@
                                 with `usage`; `stream: true` -> Server-Sent Events of `chat.completion.chunk`
                                 objects ending with `data: [DONE]`
     GET  /v1/models             the loaded model
-    GET  /health                ready?, workers busy / free, requests queued
+    GET  /health                ready?, workers busy / free, requests queued, the sampling defaults
     GET  /stats                 requests, tokens, time to first token, decode speed, per worker
 
 Workers: one model (an Engine) per GPU, or on CPU as many copies as asked; a request waits in a
@@ -330,7 +330,7 @@ def create_app(engines: list, model_name: str, temperature: float = 0.6, top_k: 
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "ready": True, "model": model_name,
+        return {"status": "ok", "ready": True, "model": model_name, "context": context, "defaults": defaults,
                 "workers": {"total": len(pool.workers), "busy": pool.busy, "free": len(pool.workers) - pool.busy},
                 "queued": pool.waiting}
 
