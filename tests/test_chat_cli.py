@@ -92,3 +92,21 @@ def test_missing_checkpoint_is_a_one_line_error(base, monkeypatch, capsys):
     assert main(["--source", "rl", "-p", "hi"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "cannot load a rl model" in lines[0] and "chat_rl.py" in lines[0]
+
+
+def test_an_empty_reply_is_fine(base, capsys):
+    """A model that ends its turn at once: an empty line, no error, and the next turn still works."""
+    from nanochat.chat_session import fit_prompt
+    from nanochat.engine import Engine
+    from nanochat.tokenizer import get_tokenizer
+    from scripts.chat_cli import parse_args, reply
+    from tests.test_engine import ScriptedModel
+
+    tok = get_tokenizer(base)
+    messages = [{"role": "user", "content": "hi"}]
+    prompt = fit_prompt(tok, messages, 64, 16).tokens
+    engine = Engine(ScriptedModel(prompt + [tok.encode_special("<|assistant_end|>")], tok.get_vocab_size()), tok)
+    assert reply(engine, tok, messages, parse_args([]), 0) == ""
+    assert capsys.readouterr().out == "\n"
+    messages += [{"role": "assistant", "content": ""}, {"role": "user", "content": "again"}]
+    assert fit_prompt(tok, messages, 64, 16).tokens[:len(prompt)] == prompt
