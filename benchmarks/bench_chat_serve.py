@@ -6,9 +6,9 @@ the same replies with the Engine directly (no server, one after another).
     python benchmarks/bench_chat_serve.py --workers 1,2 --rounds 3 --out benchmarks/results/chat_serve.md
     python benchmarks/bench_chat_serve.py --source sft --model-tag d12    # a trained checkpoint
 
-The synthetic model (random weights, a tokenizer trained on this package's source) never samples a stop token, so every reply
-is exactly --max-tokens long and the measurements compare like with like. Rounds interleave the
-baseline and every concurrency, so load from other processes hits them alike.
+The synthetic model (random weights, a tokenizer trained on this package's source) never samples a stop
+token, so every reply is exactly --max-tokens long and the measurements compare like with like. Rounds
+interleave the baseline and every concurrency, so load from other processes hits them alike.
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def main():
     p.add_argument("--workers", default="1", help="comma-separated worker counts to measure (CPU: model copies)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (1: on a loaded 2-core machine 2 OpenMP threads made the main thread ~30x slower)")
+                   help="torch threads (1: on a loaded 2-core machine, 2 OpenMP threads decoded ~30x slower)")
     p.add_argument("--out", default=None, help="write the markdown table here too")
     args = p.parse_args()
     if args.threads:

@@ -52,8 +52,9 @@ def parse_args(argv=None):
     return args
 
 
-def reply(engine: Engine, tokenizer, messages: list[dict], args, seed: int, out=sys.stdout) -> str:
-    """Stream one assistant reply to `out`; return its text (tool calls as <<expr=result>>)."""
+def reply(engine: Engine, tokenizer, messages: list[dict], args, seed: int, out=None) -> str:
+    """Stream one assistant reply to `out` (stdout); return its text (tool calls as <<expr=result>>)."""
+    out = out if out is not None else sys.stdout
     context = engine.model.config.sequence_len
     fitted = fit_prompt(tokenizer, messages, context, reserve=args.max_tokens)
     if fitted.dropped_messages or fitted.cropped:

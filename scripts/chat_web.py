@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 = every interface)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--num-workers", type=int, default=None,
-                   help="models serving requests in parallel: one per GPU (default: all GPUs), copies on CPU (default 1)")
+                   help="models serving requests in parallel: one per GPU (default: all), copies on CPU (default 1)")
     p.add_argument("-t", "--temperature", type=float, default=0.6, help="default temperature of requests (0.6)")
     p.add_argument("-k", "--top-k", type=int, default=50, help="default top-k of requests (50)")
     p.add_argument("--max-tokens", type=int, default=512, help="default max_tokens of requests (512)")

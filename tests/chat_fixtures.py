@@ -6,11 +6,14 @@
 - `base_checkpoints/long`: an untrained GPT with a 4096-token context whose stop tokens are
   (practically) never sampled, for replies that run as long as asked (cancellation, concurrency).
 
-Built once per test session by `chat_base_dir(tmp_path_factory)`.
+Built once per test session by `chat_base_dir(tmp_path_factory)`; `shared_server(base, kind)` starts
+`scripts/chat_web.py` once per session for each of the two ("sft": 2 workers, temperature 0 by default;
+"long": 1 worker), stopped at exit.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import subprocess
 import sys
@@ -134,9 +137,23 @@ class Server:
         return self.log.read()[-3000:]
 
     def close(self) -> None:
+        if self.proc.poll() is not None:
+            return
         self.proc.terminate()
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
+
+
+SERVER_FLAGS = {"sft": ("--source", "sft", "--num-workers", "2", "--temperature", "0"),
+                "long": ("--source", "base", "--model-tag", "long", "--num-workers", "1")}
+_SERVERS: dict[str, Server] = {}
+
+
+def shared_server(base: Path, kind: str) -> Server:
+    if kind not in _SERVERS:
+        _SERVERS[kind] = Server(base, *SERVER_FLAGS[kind])
+        atexit.register(_SERVERS[kind].close)
+    return _SERVERS[kind]

@@ -17,6 +17,18 @@ def base(tmp_path_factory):
     return chat_base_dir(tmp_path_factory)
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """In-process tests decode on one thread, like the subprocesses (OMP_NUM_THREADS=1): on a loaded
+    2-core machine two OpenMP threads made decoding ~30x slower (benchmarks/results/chat_serve.md)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def spawn(base, *flags, timeout=90):
     return pexpect.spawn(sys.executable, ["-m", "scripts.chat_cli", *flags], cwd=str(REPO_ROOT),
                          env=subprocess_env(base), encoding="utf-8", timeout=timeout, dimensions=(40, 200))

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from nanochat.chat_server import SSEReader
-from tests.chat_fixtures import EMOJI_REPLY, Server, chat_base_dir
+from tests.chat_fixtures import EMOJI_REPLY, chat_base_dir, shared_server
 
 pytestmark = pytest.mark.slow
 HI = [{"role": "user", "content": "hi"}]
@@ -25,16 +25,12 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(base):
-    s = Server(base, "--source", "sft", "--num-workers", "2")
-    yield s
-    s.close()
+    return shared_server(base, "sft")
 
 
 @pytest.fixture(scope="module")
 def long_server(base):
-    s = Server(base, "--source", "base", "--model-tag", "long", "--num-workers", "1")
-    yield s
-    s.close()
+    return shared_server(base, "long")
 
 
 def post(server, body, **kw):
@@ -56,7 +52,8 @@ def stream_events(server, body, max_events=None) -> list[dict | str]:
 
 
 def content_of(events) -> str:
-    return "".join(e["choices"][0]["delta"].get("content") or "" for e in events if isinstance(e, dict) and e["choices"])
+    chunks = [e for e in events if isinstance(e, dict) and e["choices"]]
+    return "".join(e["choices"][0]["delta"].get("content") or "" for e in chunks)
 
 
 def test_models_health_stats_and_page(server):

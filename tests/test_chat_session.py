@@ -19,7 +19,8 @@ def tok():
 def conv(n_pairs, last="hi"):
     msgs = []
     for i in range(n_pairs):
-        msgs += [{"role": "user", "content": f"question {i} how are you"}, {"role": "assistant", "content": f"fine {i}"}]
+        msgs += [{"role": "user", "content": f"question {i} how are you"},
+                 {"role": "assistant", "content": f"fine {i}"}]
     return msgs + [{"role": "user", "content": last}]
 
 

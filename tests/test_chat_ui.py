@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.chat_fixtures import EMOJI_REPLY, REPO_ROOT, Server, chat_base_dir
+from tests.chat_fixtures import EMOJI_REPLY, REPO_ROOT, chat_base_dir, shared_server
 
 sync_api = pytest.importorskip("playwright.sync_api")
 expect = sync_api.expect
@@ -45,9 +45,7 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(base):
-    s = Server(base, "--source", "sft", "--temperature", "0")
-    yield s
-    s.close()
+    return shared_server(base, "sft")  # 2 workers, temperature 0 by default
 
 
 @pytest.fixture
@@ -144,21 +142,21 @@ def test_chat_in_the_browser(server, page, tmp_path):
 
 
 def test_stop_button_ends_a_long_reply(base, page):
-    s = Server(base, "--source", "base", "--model-tag", "long")
-    try:
-        page.goto(s.url + "/")
-        page.fill("#max-tokens", "4000")
-        page.fill("#input", "hi")
-        page.press("#input", "Enter")
-        expect(page.locator(".msg.assistant.streaming")).to_have_text(re.compile(r"[\s\S]{10,}"), timeout=30000)
-        assert page.is_visible("#stop") and not page.is_visible("#send")
-        page.click("#stop")
-        expect(page.locator(".msg.assistant.done")).to_have_count(1, timeout=10000)
-        assert page.is_visible("#send")
-        deadline = time.time() + 10
-        while httpx.get(s.url + "/health").json()["workers"]["busy"] and time.time() < deadline:
-            page.wait_for_timeout(100)
-        stats = httpx.get(s.url + "/stats").json()
-        assert stats["requests"]["cancelled"] == 1 and stats["tokens_generated"] < 2000
-    finally:
-        s.close()
+    s = shared_server(base, "long")
+    before = httpx.get(s.url + "/stats").json()
+    page.goto(s.url + "/")
+    expect(page.locator("#max-tokens")).to_have_value("512")  # the server's default, then ours
+    page.fill("#max-tokens", "4000")
+    page.fill("#input", "hi")
+    page.press("#input", "Enter")
+    expect(page.locator(".msg.assistant.streaming")).to_have_text(re.compile(r"[\s\S]{10,}"), timeout=30000)
+    assert page.is_visible("#stop") and not page.is_visible("#send")
+    page.click("#stop")
+    expect(page.locator(".msg.assistant.done")).to_have_count(1, timeout=10000)
+    assert page.is_visible("#send")
+    deadline = time.time() + 10
+    while httpx.get(s.url + "/health").json()["workers"]["busy"] and time.time() < deadline:
+        page.wait_for_timeout(100)
+    stats = httpx.get(s.url + "/stats").json()
+    assert stats["requests"]["cancelled"] == before["requests"]["cancelled"] + 1
+    assert stats["tokens_generated"] - before["tokens_generated"] < 2000
