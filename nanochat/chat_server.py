@@ -44,6 +44,7 @@ from nanochat.chat_session import ChatError, ReplyStream, fit_prompt
 MAX_MESSAGES = 500
 MAX_MESSAGE_CHARS = 8000
 MAX_TOTAL_CHARS = 32000
+MAX_BODY_BYTES = 2 * 2 ** 20  # 32,000 characters fit many times over, even JSON-escaped
 TEMPERATURE_RANGE = (0.0, 2.0)
 TOP_K_RANGE = (0, 200)
 MAX_TOKENS_RANGE = (1, 4096)
@@ -356,7 +357,12 @@ def create_app(engines: list, model_name: str, temperature: float = 0.6, top_k: 
     @app.post("/v1/chat/completions")
     async def completions(request: Request):
         try:
-            raw = await request.body()
+            raw = bytearray()
+            async for chunk in request.stream():  # read at most MAX_BODY_BYTES, whatever Content-Length says
+                raw += chunk
+                if len(raw) > MAX_BODY_BYTES:
+                    raise RequestError(f"the request body is larger than {MAX_BODY_BYTES // 2 ** 20} MiB "
+                                       f"(messages may hold {MAX_TOTAL_CHARS:,} characters in all)", status=413)
             try:
                 body = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -190,6 +190,14 @@ def test_bad_input_is_a_4xx_with_a_message(server, case):
     assert err["type"] == "invalid_request_error" and len(err["message"]) > 10
 
 
+def test_oversized_body_is_a_413(server):
+    body = json.dumps({"messages": HI, "padding": "x" * (3 * 2 ** 20)}).encode()
+    r = httpx.post(server.url + "/v1/chat/completions", content=body, timeout=30,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "larger than 2 MiB" in r.json()["error"]["message"]
+    assert httpx.get(server.url + "/health").json()["ready"]
+
+
 def test_eight_concurrent_streams_all_complete(server):
     """2 workers, 8 clients at once: the rest wait in the queue; every reply is whole and the same as alone."""
     results, errors = {}, []
