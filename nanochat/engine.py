@@ -160,18 +160,17 @@ class Engine:
         mask 1: the model sampled the token; 0: the engine forced it (calculator output). A sample's
         stop token is yielded (mask 1) on the step it is sampled; after that the sample's entries are
         (None, 0). The generator returns once every sample is done, after `max_tokens` steps, when
-        prompt + reply reach the model's context length, or when `should_stop()` returns True.
+        prompt + reply reach the model's context length (at once, yielding nothing, for a prompt that
+        already fills it), or when `should_stop()` returns True.
         """
         if not tokens:
             raise ValueError("generate needs a non-empty prompt (start it with the BOS token)")
         if num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {num_samples}")
         model, device = self.model, self.model.get_device()
-        context = model.config.sequence_len
-        if len(tokens) >= context:
-            raise ValueError(f"the prompt has {len(tokens)} tokens but the model's context is {context}: "
-                             f"shorten it (chat front ends drop the oldest turns)")
-        max_tokens = min(max_tokens, context - len(tokens))  # prompt + reply fit the context
+        # prompt + reply fit the context; a prompt that already fills it gets no reply (chat front ends
+        # drop the oldest turns before they get here: nanochat.chat_session.fit_prompt)
+        max_tokens = min(max_tokens, model.config.sequence_len - len(tokens))
         if max_tokens <= 0:
             return
         stops = self._stop_tokens(stop_tokens)
