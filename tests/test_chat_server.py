@@ -70,6 +70,15 @@ def test_models_health_stats_and_page(server):
         assert needle not in page.text
 
 
+def test_no_cross_origin_access(server):
+    """No CORS headers at all: another site's page in the user's browser cannot read the API."""
+    pre = httpx.options(server.url + "/v1/chat/completions", headers={
+        "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"})
+    r = post(server, {"messages": HI, "max_tokens": 1}, headers={"Origin": "https://evil.example"})
+    for resp in (pre, r):
+        assert not any(h.lower().startswith("access-control-allow") for h in resp.headers)
+
+
 def test_non_streaming_completion_with_usage(server, base):
     from nanochat.tokenizer import get_tokenizer
 
