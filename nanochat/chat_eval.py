@@ -134,6 +134,9 @@ def run_generative(task, model, tokenizer, ctx=None, num_samples: int = 1, max_n
     model.eval()
     ks = sorted({1, num_samples})
     sums = [0.0] * len(ks)
+    from nanochat.tasks.embedded import KINDS  # problems with a "kind" (the embedded mix) are also scored per kind
+
+    by_kind = [0.0] * (2 * len(KINDS))  # (pass@1 sum, count) per kind
     limit = model.config.sequence_len
     for i in indices:
         conv = task[i]
@@ -144,11 +147,18 @@ def run_generative(task, model, tokenizer, ctx=None, num_samples: int = 1, max_n
         c = sum(bool(task.evaluate(conv, r)) for r in replies)
         for j, k in enumerate(ks):
             sums[j] += pass_at_k(num_samples, c, k)
+        if conv.get("kind") in KINDS:
+            kind = KINDS.index(conv["kind"])
+            by_kind[2 * kind] += c / num_samples
+            by_kind[2 * kind + 1] += 1
         if examples is not None and len(examples) < 2:
             examples.append({"prompt": conv["messages"][0]["content"], "reply": replies[0], "correct": c > 0})
-    totals = _all_reduce_sum(ctx, sums + [len(indices)])
+    totals = _all_reduce_sum(ctx, sums + by_kind + [len(indices)])
     total = totals[-1]
     out = {f"pass@{k}": (totals[j] / total if total else 0.0) for j, k in enumerate(ks)}
+    kinds = totals[len(ks):-1]
+    if any(kinds[1::2]):
+        out["by_kind"] = {name: kinds[2 * i] / kinds[2 * i + 1] for i, name in enumerate(KINDS) if kinds[2 * i + 1]}
     out.update(accuracy=out["pass@1"], n=int(total), num_samples=num_samples)
     return out
 
@@ -204,6 +214,8 @@ def to_markdown(result: dict, title: str = "Chat evaluation") -> str:
     for name, r in result["tasks"].items():
         centered = f"{r['centered']:.4f}" if "centered" in r else "-"
         lines.append(f"| {name} | {r['type']} | {r['accuracy']:.4f} | {centered} | {r['n']} |")
+        for kind, acc in (r.get("by_kind") or {}).items():
+            lines.append(f"| {name}: {kind} | | {acc:.4f} | - | |")
     for name, why in result["missing"].items():
         lines.append(f"| {name} | - | not run | - | {why.split(';')[0]} |")
     if result["chatcore"] is not None:

@@ -152,6 +152,8 @@ def test_cli_writes_json_and_markdown(tok, base_dir, capsys):
     out = json.loads((base_dir / "base_checkpoints" / "d2" / "chat_eval_000000.json").read_text())
     r = out["tasks"]["EmbeddedChat"]
     assert r["n"] == 8 and 0.0 <= r["accuracy"] <= 1.0 and out["chatcore"] is None
+    assert set(r["by_kind"]) == {"verse", "arithmetic", "letters", "identity"}  # 8 problems: 2 of each kind
+    assert r["accuracy"] == pytest.approx(sum(r["by_kind"].values()) / 4)
     assert len(out["samples"]["EmbeddedChat"]) == 2
     assert chat_eval.main(["-a", "Nope"]) == 2
     assert "unknown task" in capsys.readouterr().err
