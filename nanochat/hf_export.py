@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from nanochat.gpt import VE_GATE_CHANNELS, GPTConfig
+from nanochat.model_config import VE_GATE_CHANNELS, GPTConfig
 from nanochat.tokenizer import SPECIAL_TOKENS, Tokenizer, gpt2_byte_to_unicode
 
 NATIVE_TYPE = "nanochat"
@@ -395,7 +395,7 @@ def model_card(config: GPTConfig, num_params: dict, fmt: str, source: str, recor
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         f"model = {load}",
-        "tok = AutoTokenizer.from_pretrained(path)",
+        f"tok = AutoTokenizer.from_pretrained(path{'' if fmt == 'native' else ', trust_remote_code=True'})",
         "ids = tok.apply_chat_template([{\"role\": \"user\", \"content\": \"Hi\"}], add_generation_prompt=True,"
         " return_tensors=\"pt\", return_dict=True)",
         "out = model.generate(**ids, max_new_tokens=64)",

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-from nanochat.gpt import GPTConfig
 from nanochat.hf_export import NATIVE_TYPE, PADDING_FILE, REMOTE_TYPE, load_tensors
+from nanochat.model_config import GPTConfig
 from nanochat.tokenizer import Tokenizer, gpt2_byte_to_unicode
 
 

@@ -13,7 +13,6 @@ import ast
 import json
 import os
 import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -130,7 +129,7 @@ def test_plain_config_exports_native_and_matches_logits(plain, tok, docs):
 
 
 def test_full_config_exports_remote_and_matches_logits(full, tok, docs):
-    model, out, result, hf = full
+    model, _, result, hf = full
     assert result.format == "remote"
     assert {"window_pattern", "value_embeds", "resid_scalars", "qk_gain"} == {
         m.split("=")[0] for m in result.mismatches}
