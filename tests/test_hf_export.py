@@ -220,9 +220,13 @@ def varied_strings(docs: list[str]) -> list[str]:
     return out
 
 
-def test_tokenizer_matches_ours_on_varied_strings(hf_tok, tok, docs):
+def test_tokenizer_matches_ours_on_varied_strings(hf_tok, tok, docs, shared_data_optional):
     strings = varied_strings(docs)
     assert len(strings) >= 300
+    web = shared_data_optional / "text" / "dclm_web" / "majority_data.jsonl" if shared_data_optional else None
+    if web is not None and web.is_file():  # web pages: markup, URLs, odd whitespace, many scripts
+        lines = web.read_text(encoding="utf-8").splitlines()[:150]
+        strings += [json.loads(line)["text"][:3000] for line in lines if line.strip()]
     for s in strings:
         ids = tok.encode(s)
         assert hf_tok.encode(s, add_special_tokens=False) == ids, repr(s)
@@ -343,9 +347,17 @@ def test_bf16_export_top1_agreement_on_real_text(tok, docs, tmp_path, shared_dat
         ids += tok.encode(t, prepend="<|bos|>")
     idx = torch.tensor(ids[:16 * 64]).view(-1, 64)
     with torch.no_grad():
-        ours, theirs = model(idx).argmax(-1), hf(input_ids=idx).logits.argmax(-1)
-    agreement = (ours == theirs).float().mean().item()
-    assert idx.numel() == 1024 and agreement >= 0.99, agreement
+        theirs = hf(input_ids=idx).logits.argmax(-1)
+        ours_fp32 = model(idx).argmax(-1)
+        model.compute_dtype = torch.bfloat16  # our own bf16 inference (what the engine runs on bf16 GPUs)
+        ours_bf16 = model(idx).argmax(-1)
+    assert idx.numel() == 1024
+    agree_bf16 = (ours_bf16 == theirs).float().mean().item()
+    agree_fp32 = (ours_fp32 == theirs).float().mean().item()
+    assert agree_bf16 >= 0.99, agree_bf16  # measured 1.000
+    # against fp32 the bf16 rounding flips near-ties; this briefly trained tiny model has flat predictions
+    # (measured 0.989-0.997 over seeds and texts), so the bound leaves room for them
+    assert agree_fp32 >= 0.98, agree_fp32
 
 
 def test_padding_rows_saved_beside_native_weights(plain, tok):
