@@ -44,14 +44,9 @@ def _one_thread():
 
 
 def _documents() -> list[str]:
-    try:
-        from nanochat.data_prep import embedded_documents
-    except ImportError:
-        from nanochat.dataset import embedded_documents
-    try:
-        return embedded_documents(install=False)[:400]
-    except Exception as e:  # the corpus package is part of the dev install; say so rather than fail obscurely
-        pytest.skip(f"embedded corpus unavailable ({e})")
+    from nanochat.data_prep import embedded_documents
+
+    return embedded_documents(install=False)[:400]  # the King James Bible: a dependency of the package
 
 
 @pytest.fixture(scope="module")

@@ -54,10 +54,8 @@ def base_env(base: Path):
 @pytest.fixture(scope="module")
 def base(tmp_path_factory) -> Path:
     """A base dir with a tokenizer, data shards and two checkpoints (tags plain / full) with run records."""
-    try:
-        from nanochat.data_prep import prepare
-    except ImportError:
-        from nanochat.dataset import prepare
+    from nanochat.data_prep import prepare
+
     docs = _documents()
     base = tmp_path_factory.mktemp("base")
     tok = Tokenizer.train_from_iterator(docs, vocab_size=VOCAB)
