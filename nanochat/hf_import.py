@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from nanochat.hf_export import NATIVE_TYPE, PADDING_FILE, REMOTE_TYPE, load_tensors
+from nanochat.hf_export import NATIVE_TYPE, PADDING_FILE, REMOTE_TYPE, RMS_NORM_EPS, load_tensors
 from nanochat.model_config import GPTConfig
 from nanochat.tokenizer import Tokenizer, gpt2_byte_to_unicode
 
@@ -160,4 +160,9 @@ def import_folder(folder: str | Path) -> tuple[GPTConfig, dict, Tokenizer, dict]
     if tokenizer.get_vocab_size() != config.vocab_size:
         raise HFImportError(f"tokenizer.json holds {tokenizer.get_vocab_size():,} tokens, config.json says "
                            f"vocab_size {config.vocab_size:,}")
-    return config, state, tokenizer, dict(cfg.get("nanochat_source") or {})
+    info = dict(cfg.get("nanochat_source") or {})
+    eps = cfg.get("rms_norm_eps")
+    if cfg["model_type"] == NATIVE_TYPE and eps is not None and abs(eps - RMS_NORM_EPS) > 1e-12:
+        info["notes"] = [f"rms_norm_eps {eps:g} in config.json, ours is {RMS_NORM_EPS:g} (float32 eps): logits "
+                         f"differ from the HF model's in the last digits"]
+    return config, state, tokenizer, info

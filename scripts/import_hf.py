@@ -70,6 +70,8 @@ def main(argv=None) -> int:
         return 2
     meta = {"model_config": config.to_dict(), "imported_from": str(folder.resolve()), "phase": phase}
     save_checkpoint(out, step, state, None, meta)
+    for note in source.get("notes", []):
+        print(f"note: {note}")
     print(f"imported {folder} as {phase}/{tag} step {step} ({sum(t.numel() for t in state.values()):,} parameters) "
           f"into {out}")
     return 0
