@@ -125,14 +125,12 @@ def native_mismatches(config: GPTConfig, state_dict: dict | None = None) -> list
         out.append(f"qk_gain={config.qk_gain}: the native attention scale is fixed at 1/sqrt(head_dim) after a "
                    f"parameter-free QK norm (ours is qk_gain^2/sqrt(head_dim))")
     if state_dict is not None:
-        for key in state_dict:
-            if _native_tensor_name(key) is None and not any(m.startswith(f"tensor {key}") for m in out):
-                out.append(f"tensor {key} {tuple(state_dict[key].shape)}: no counterpart in the native type")
-    # the mismatches above already explain the tensors they imply (value_embeds.*, ve_gate, lambdas)
-    if any(s.startswith("value_embeds") for s in out):
-        out = [s for s in out if not (s.startswith("tensor value_embeds.") or ".ve_gate." in s)]
-    if any(s.startswith("resid_scalars") for s in out):
-        out = [s for s in out if not s.startswith(("tensor resid_lambdas", "tensor x0_lambdas"))]
+        # tensors that the mismatches above already account for are not listed again
+        explained = (("value_embeds.", ".ve_gate.") if config.value_embeds else ()) + \
+                    (("resid_lambdas", "x0_lambdas") if config.resid_scalars else ())
+        for key, t in state_dict.items():
+            if _native_tensor_name(key) is None and not any(e in key for e in explained):
+                out.append(f"tensor {key} {tuple(t.shape)}: no counterpart in the native type")
     return out
 
 
