@@ -392,6 +392,7 @@ def model_card(config: GPTConfig, num_params: dict, fmt: str, source: str, recor
         f" weights in {dtype}.", "",
         "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "path = \"path/to/this/folder\"",
         f"model = {load}",
         f"tok = AutoTokenizer.from_pretrained(path{'' if fmt == 'native' else ', trust_remote_code=True'})",
         "ids = tok.apply_chat_template([{\"role\": \"user\", \"content\": \"Hi\"}], add_generation_prompt=True,"
