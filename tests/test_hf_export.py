@@ -364,3 +364,20 @@ def test_padding_rows_saved_beside_native_weights(plain, tok):
     assert torch.equal(pad["lm_head.weight"], model.lm_head.weight[VOCAB:].detach())
     gen = json.loads((out / "generation_config.json").read_text())
     assert gen["eos_token_id"] == [tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()]
+
+
+def test_tokenizer_conversion_at_a_larger_vocab_on_web_text(shared_data, docs):
+    """More merges, more chances for BPE and tiktoken to part ways: a 4096-token vocab trained on C4."""
+    from nanochat.hf_export import hf_tokenizer_object
+
+    c4 = shared_data / "text" / "c4" / "c4_en_train_first1000.jsonl"
+    web = shared_data / "text" / "dclm_web" / "majority_data.jsonl"
+    if not c4.is_file() or not web.is_file():
+        pytest.skip("C4 / DCLM samples not in the shared data")
+    train = [json.loads(line)["text"] for line in c4.read_text(encoding="utf-8").splitlines() if line.strip()]
+    held_out = [json.loads(line)["text"] for line in web.read_text(encoding="utf-8").splitlines() if line.strip()]
+    big = Tokenizer.train_from_iterator(train, vocab_size=4096)
+    hf = hf_tokenizer_object(big)
+    strings = varied_strings(docs) + held_out[:300]
+    for s in strings:
+        assert hf.encode(s, add_special_tokens=False).ids == big.encode(s), repr(s[:80])
