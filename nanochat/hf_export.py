@@ -221,7 +221,7 @@ def save_tensors(tensors: dict, folder: Path, max_shard_bytes: int = DEFAULT_MAX
     `max_shard_bytes`. Returns the file names."""
     from safetensors.torch import save_file
 
-    tensors = {k: t.detach().contiguous().clone() for k, t in tensors.items()}  # no shared storage
+    tensors = {k: t.detach().contiguous() for k, t in tensors.items()}
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     if total <= max_shard_bytes:
         save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
