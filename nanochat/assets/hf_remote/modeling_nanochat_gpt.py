@@ -70,8 +70,12 @@ class NanoChatGPTAttention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T, D)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)  # (B, K, S, D): what this layer's cache still holds
-        mask = positions.mask(k.size(2), self.window)  # (B, 1, T, S)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=self.n_head != self.n_kv_head)
+        mask = positions.mask(k.size(2), self.window)  # (B, 1, T, S) or None
+        gqa = self.n_head != self.n_kv_head
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=gqa)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -117,13 +121,19 @@ class _Positions:
             valid = attention_mask.to(device).bool()
             key_pos = valid.long().cumsum(-1) - 1
         q_pos = key_pos[:, past:] if position_ids is None else position_ids.to(device).expand(B, T)
-        self.valid, self.key_pos, self.q_pos = valid, key_pos, q_pos
+        self.valid, self.key_pos, self.q_pos, self.T = valid, key_pos, q_pos, T
+        # no padding and no explicit positions: plain causal attention is exact whenever the window
+        # covers every returned key (then SDPA may use its fused kernels)
+        self.unpadded = position_ids is None and (attention_mask is None or bool(valid.all()))
         self.key_idx = torch.arange(total, device=device)
         self.q_idx = self.key_idx[past:]
         self._masks = {}
 
     def mask(self, S, window):
-        """(B, 1, T, S) boolean mask over the last S keys (the ones the layer's cache returned)."""
+        """(B, 1, T, S) boolean mask over the last S keys (the ones the layer's cache returned), or None
+        when causal attention over all of them is exact (no padding, window >= S, and T == S or T == 1)."""
+        if self.unpadded and window >= S and (self.T == S or self.T == 1):
+            return None
         if (S, window) not in self._masks:
             kp, kv, ki = self.key_pos[:, None, -S:], self.valid[:, None, -S:], self.key_idx[None, None, -S:]
             qp, qi = self.q_pos[:, :, None], self.q_idx[None, :, None]
