@@ -8,7 +8,8 @@ Two formats (REFERENCE section 12):
   (and every tensor) that has no place in it; a native export of such a checkpoint fails with that
   list instead of dropping tensors. The LM head and embedding keep `vocab_size` rows; the padding
   rows (`VOCAB_PAD_MULTIPLE`) go to `nanochat_padding.safetensors`, which transformers never reads and
-  the importer uses to restore the checkpoint bit for bit.
+  the importer uses to restore the checkpoint bit for bit. Past the training context the native model
+  attends to every earlier token, ours to the last `sequence_len` (identical within the context).
 - **remote**: `configuration_nanochat_gpt.py` + `modeling_nanochat_gpt.py` (torch + transformers
   only; copied from nanochat/assets/hf_remote/) with `auto_map`, loaded with `trust_remote_code=True`.
   Any config of nanochat/gpt.py, generation with a KV cache whose short-window layers slide.
