@@ -116,15 +116,17 @@ class HFTokenizer:
         return lengths.to(device)
 
 
-def load_hf(path: str, device):
-    """(model wrapper, tokenizer wrapper) of a local directory or hub name (hub needs the network)."""
+def load_hf(path: str, device, trust_remote_code: bool = False):
+    """(model wrapper, tokenizer wrapper) of a local directory or hub name (hub needs the network).
+
+    `trust_remote_code` runs the modeling code shipped in the folder (nanochat's remote-code exports)."""
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError as e:
         raise SystemExit("--hf-path needs the transformers package: pip install transformers") from e
     try:
-        hf_tok = AutoTokenizer.from_pretrained(path)
-        hf_model = AutoModelForCausalLM.from_pretrained(path)
+        hf_tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        hf_model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code)
     except OSError as e:
         raise SystemExit(f"could not load a Hugging Face model from {path!r} ({e}); give a local directory "
                          f"holding config.json, the weights and the tokenizer files, or a hub name on a "
@@ -214,6 +216,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-tag", default=None, help="checkpoint tag under <base>/base_checkpoints (default: latest)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     p.add_argument("--hf-path", default=None, help="evaluate a Hugging Face causal LM (local dir or hub name)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="with --hf-path: run the model code in the folder (nanochat remote-code exports)")
     p.add_argument("--eval", default="core,bpb,sample", help="comma-separated parts: core, bpb, sample")
     p.add_argument("--max-per-task", type=int, default=-1, help="CORE examples per task (-1 = all)")
     p.add_argument("--tasks", default="", help="comma-separated CORE task labels (default: all)")
@@ -250,7 +254,7 @@ def main(argv=None) -> dict:
             raise SystemExit(f"base_eval: {e}") from None
     t_start = time.time()
     if args.hf_path:
-        model, tokenizer = load_hf(args.hf_path, ctx.device)
+        model, tokenizer = load_hf(args.hf_path, ctx.device, args.trust_remote_code)
         max_seq_len = model.max_seq_len
         token_bytes = tokenizer.token_bytes(ctx.device)
         name = args.hf_path
