@@ -104,6 +104,11 @@ class Packer:
             texts = self.reader.read(self.units[c % len(self.units)])
         except DataError as e:
             return e
+        bad = next((t for t in texts if not isinstance(t, str)), None)
+        if bad is not None:
+            unit = self.units[c % len(self.units)]
+            return DataError(f"{unit.path} row group {unit.index}: the text column holds {type(bad).__name__} values, "
+                             f"not strings; re-prepare the data (`python -m nanochat.dataset prepare --input ...`)")
         keep = [i for i, t in enumerate(texts) if t.strip()]
         ids = self.tokenizer.encode([texts[i] for i in keep], prepend=self.bos, num_threads=self.tokenizer_threads)
         out: list[np.ndarray | None] = [None] * len(texts)
@@ -276,6 +281,26 @@ def _produce(packer: Packer, out: queue.Queue, stop: threading.Event, pin: bool,
         out.put(e)
 
 
+def _check_text_column(units: list[Unit]) -> None:
+    """A parquet `text` column that is not strings (ints, lists: someone else's parquet files) is a one-line
+    DataError at construction, not an AttributeError from the tokenizer thread later."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for path in dict.fromkeys(u.path for u in units if u.path.suffix == ".parquet"):
+        try:
+            schema = pq.read_schema(path)
+        except (pa.ArrowException, OSError):
+            continue  # unreadable files are reported (or skipped) by the reader
+        if "text" not in schema.names:
+            raise DataError(f"{path} has no 'text' column (columns: {', '.join(schema.names)}); prepare the data with "
+                            f"`python -m nanochat.dataset prepare --input ...`")
+        kind = schema.field("text").type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise DataError(f"{path}: the 'text' column is {kind}, not strings; prepare the data with "
+                            f"`python -m nanochat.dataset prepare --input ...`")
+
+
 class DataLoader:
     """Iterator of `(inputs, targets)` (B, T) int64 on `device`; see the module docstring.
 
@@ -292,6 +317,7 @@ class DataLoader:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         reader = ShardReader(text_field, encoding_errors)  # the last two matter for raw jsonl/txt folders only
         units, self.skipped_files = list_units(split, data_dir, reader, skip_corrupt)
+        _check_text_column(units)
         self.split, self.rank, self.world_size = split, rank, world_size
         self.device = torch.device(device)
         self.prefetch, self.max_batches = prefetch, max_batches
