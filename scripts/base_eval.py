@@ -139,21 +139,31 @@ def hub_reachable(timeout: float = 3.0) -> bool:
 def load_hf(path: str, device):
     """(model wrapper, tokenizer wrapper) of a local directory or hub name (hub needs the network, else the
     local hub cache is used; neither: a one-line error within seconds)."""
+    local = Path(path).expanduser().is_dir()
+    offline = not local and not hub_reachable()
+    offline_hint = (f"--hf-path {path!r} is not a local folder, the Hugging Face hub cannot be reached and the model "
+                    f"is not in the local hub cache: on a networked machine run `hf download {path} --local-dir DIR`, "
+                    f"copy DIR here and pass --hf-path DIR")
+    if offline:  # answer before the (slow) transformers import when the hub cache has nothing either
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = isinstance(try_to_load_from_cache(path, "config.json"), str)
+        except Exception:  # noqa: BLE001  (an invalid repo id, or no huggingface_hub: let transformers decide)
+            cached = True
+        if not cached:
+            fail(offline_hint)
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
     except ImportError:
         fail("--hf-path needs the transformers package: pip install transformers")
-    local = Path(path).expanduser().is_dir()
-    offline = not local and not hub_reachable()
     kwargs = {"local_files_only": True} if local or offline else {}
     try:
         hf_tok = AutoTokenizer.from_pretrained(path, **kwargs)
         hf_model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     except (OSError, ValueError) as e:
         if offline:
-            fail(f"--hf-path {path!r} is not a local folder, the Hugging Face hub cannot be reached and the model "
-                 f"is not in the local hub cache: on a networked machine run `hf download {path} --local-dir DIR`, "
-                 f"copy DIR here and pass --hf-path DIR")
+            fail(offline_hint)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         fail(f"could not load a Hugging Face model from {path!r} ({first}); give a local directory holding "
              f"config.json, the weights and the tokenizer files, or a hub name on a machine with network access")
