@@ -383,3 +383,144 @@ def test_progress_lines_say_done_total_rate_and_eta(capsys):
                                 progress_every=0.0)
     printed = capsys.readouterr().out
     assert out["tokens"] == 4 * 2 * 16 and "val bpb: 3/4 batches (75%)" in printed and "ETA" in printed
+
+
+# ---------------------------------------------------------------------------------------------
+# the training run: scripts/base_train.py on the tiny artifact dir of tests/test_base_train.py
+
+from tests.test_base_train import TINY, read_metrics, run_dir, subprocess_env, tiny_base, torchrun  # noqa: E402,F401
+
+
+def train_run(base: Path, *flags: str, timeout: int = 300, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scripts.base_train", *flags], cwd=REPO,
+                          env=subprocess_env(base, **env), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def own_base(tiny_base, tmp_path) -> Path:
+    """A private copy of the tiny artifact dir (these tests break its files)."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base, ignore=shutil.ignore_patterns("base_checkpoints"))
+    return base
+
+
+@pytest.mark.slow
+def test_concurrent_runs_with_one_tag_the_second_stops_naming_the_first(own_base):
+    flags = [*TINY, "--num-iterations", "4", "--model-tag", "same"]
+    first = subprocess.Popen([sys.executable, "-m", "scripts.base_train", *flags], cwd=REPO, text=True,
+                             env=subprocess_env(own_base, NANOCHAT_TEST_HANG_STEP=2), stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT)
+    try:
+        for line in first.stdout:
+            if "hanging at step 2" in line:
+                break
+        second = train_run(own_base, *flags, "--resume", "auto")
+        line = one_line_error(second.stderr, "base_train: error:")
+        assert second.returncode == 2 and f"in use by process {first.pid}" in line and "--model-tag" in line
+        records = read_metrics(own_base, "same")
+        assert [r["step"] for r in records] == [1, 2]  # the first run's records, untouched
+    finally:
+        first.kill()
+        first.wait()
+    # after a kill -9 the lock is free, and the leftovers of the killed save are cleaned on the next start
+    d = run_dir(own_base, "same")
+    (d / "model_000003.pt").write_bytes(b"half a model")
+    (d / "optim_000003_rank0.pt.tmp999999").write_bytes(b"x" * 100)
+    again = train_run(own_base, *flags, "--resume", "auto")
+    assert again.returncode == 0, again.stderr
+    assert "removed model_000003.pt" in again.stdout and "removed optim_000003_rank0.pt.tmp999999" in again.stdout
+    assert not list(d.glob("*.tmp*")) and [r["step"] for r in read_metrics(own_base, "same")] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_truncated_newest_checkpoint_resume_falls_back_and_tokenizer_swap_is_refused(own_base):
+    from nanochat.tokenizer import Tokenizer
+    from tests.test_base_train import generated_documents
+
+    flags = [*TINY, "--num-iterations", "4", "--save-every", "1", "--model-tag", "t"]
+    done = train_run(own_base, *flags)
+    assert done.returncode == 0, done.stderr
+    d = run_dir(own_base, "t")
+    before = read_metrics(own_base, "t")
+    model4 = d / "model_000004.pt"
+    model4.write_bytes(model4.read_bytes()[:1000])  # a copy cut short
+    out = train_run(own_base, *flags, "--resume", "auto")
+    assert out.returncode == 0, out.stderr
+    assert "model_000004.pt cannot be read" in out.stdout and "falling back to step 3" in out.stdout
+    after = read_metrics(own_base, "t")
+    assert [r["step"] for r in after] == [1, 2, 3, 4] and after[3]["raw_loss"] == before[3]["raw_loss"]
+
+    # a tokenizer retrained at the same vocab size: --resume refuses it, naming both hashes and the kept copy
+    old = Tokenizer.from_directory(own_base / "tokenizer")
+    new = Tokenizer.train_from_iterator(generated_documents(600, seed=7)[::-1][:300], vocab_size=old.get_vocab_size())
+    assert new.identity != old.identity
+    new.save(own_base / "tokenizer")
+    refused = train_run(own_base, *flags, "--num-iterations", "5", "--resume", "latest")
+    line = one_line_error(refused.stderr, "base_train: error:")
+    assert refused.returncode == 2 and old.identity in line and new.identity in line and str(d / "tokenizer") in line
+    assert [r["step"] for r in read_metrics(own_base, "t")] == [1, 2, 3, 4]  # nothing written
+
+
+@pytest.mark.slow
+def test_bad_runs_fail_at_start_with_one_line_and_leave_no_folder(own_base):
+    cases = [(["--device-type", "cuda"], "cuda"), (["--dtype", "fp8"], "fp8"),
+             (["--resume", "latest"], "no complete checkpoint")]
+    if torch.cuda.is_available():
+        cases = cases[1:]
+    for extra, needle in cases:
+        out = train_run(own_base, *TINY, "--num-iterations", "2", "--model-tag", "bad", *extra)
+        assert out.returncode == 2 and needle in one_line_error(out.stderr, "base_train: error:"), extra
+        assert not run_dir(own_base, "bad").exists(), extra
+    # a truncated validation shard is found before training, not after it
+    from nanochat.dataset import list_shards
+
+    val = list_shards("val", own_base / "base_data")[0]
+    val.write_bytes(val.read_bytes()[:200])
+    out = train_run(own_base, *TINY, "--num-iterations", "2", "--eval-every", "2", "--model-tag", "bad")
+    line = one_line_error(out.stderr, "base_train: error:")
+    assert out.returncode == 2 and val.name in line and "step 00001" not in out.stdout
+    assert not run_dir(own_base, "bad").exists()
+
+
+def _c4_base(shared_data: Path, base: Path) -> None:
+    from nanochat.dataset import prepare
+    from nanochat.tokenizer import Tokenizer
+
+    docs = [json.loads(line)["text"] for line in (shared_data / "text" / "c4").glob("*.jsonl").__next__().open()][:400]
+    Tokenizer.train_from_iterator(docs, vocab_size=512).save(base / "tokenizer")
+    prepare(docs, data_dir=base / "base_data", val_fraction=0.1, rows_per_group=8, verbose=False)
+
+
+@pytest.mark.slow
+def test_elastic_resume_on_real_text_continues_the_uninterrupted_run(shared_data, tmp_path):
+    """1 process x 2 accumulation == 2 processes x 1 on real web text; a 2-process run resumed on 1 process
+    with another --device-batch-size, and back on 2 processes, gives the uninterrupted run's losses."""
+    base = tmp_path / "base"
+    _c4_base(shared_data, base)
+    flags = [*TINY, "--max-seq-len", "64", "--total-batch-size", "512", "--num-iterations", "4", "--save-every", "1",
+             "--eval-every", "4"]
+    one = train_run(base, *flags, "--model-tag", "one")
+    assert one.returncode == 0, one.stderr
+    assert "x 1 ranks x 2 accumulation" in one.stdout
+    two = torchrun(base, 2, *flags, "--model-tag", "two")
+    out, _ = two.communicate(timeout=300)
+    assert two.returncode == 0, out
+    assert "x 2 ranks x 1 accumulation" in out
+    straight = read_metrics(base, "one")
+    losses = [r["raw_loss"] for r in straight]
+    assert losses[0] != losses[-1]
+    assert [r["raw_loss"] for r in read_metrics(base, "two")] == pytest.approx(losses, rel=1e-5)
+    # 2 -> 1 process, micro-batch 4 -> 2 (4 accumulation steps): steps 3 and 4 again
+    down = train_run(base, *flags, "--model-tag", "two", "--device-batch-size", "2", "--resume-from-step", "2")
+    assert down.returncode == 0, down.stderr
+    assert "x 1 ranks x 4 accumulation" in down.stdout and "it was written by 2" in down.stdout
+    # and back: 1 -> 2 processes from the step the single process saved
+    up = torchrun(base, 2, *flags, "--model-tag", "two", "--resume-from-step", "3")
+    out, _ = up.communicate(timeout=300)
+    assert up.returncode == 0, out
+    resumed = read_metrics(base, "two")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4]
+    assert [r["raw_loss"] for r in resumed] == pytest.approx(losses, rel=1e-5)
+    assert resumed[3]["val_bpb"] == pytest.approx(straight[3]["val_bpb"], rel=1e-5)
