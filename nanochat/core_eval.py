@@ -107,7 +107,11 @@ def resolve_eval_bundle(bundle_dir: str | os.PathLike | None = None, base_dir: s
     from filelock import FileLock
 
     base_dir.mkdir(parents=True, exist_ok=True)
+    # the lock is an flock (filelock on POSIX): a killed holder releases it, so a leftover eval_bundle.lock
+    # file never blocks; what a killed download leaves is its temporary folder, removed here under the lock
     with FileLock(str(base_dir / "eval_bundle.lock")):
+        for leftover in base_dir.glob(".eval_bundle_tmp_*"):
+            shutil.rmtree(leftover, ignore_errors=True)
         if not _is_bundle(target):  # another process may have finished while we waited
             _download_bundle(url, target, timeout)
     return target

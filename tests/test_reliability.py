@@ -397,6 +397,28 @@ def train_run(base: Path, *flags: str, timeout: int = 300, **env) -> subprocess.
 
 
 @pytest.fixture
+def train_here(monkeypatch, capsys):
+    """base_train's main() in this process (no interpreter start-up): (returncode, stdout, stderr)."""
+    from scripts.base_train import main
+
+    def run(base: Path, *flags: str):
+        monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base))
+        for k in ("NANOCHAT_TEST_NAN_STEP", "NANOCHAT_TEST_HANG_STEP", "NANOCHAT_DEVICE", "NANOCHAT_DTYPE"):
+            monkeypatch.delenv(k, raising=False)
+        capsys.readouterr()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            code = main(list(flags))
+        finally:
+            torch.set_num_threads(threads)
+        out = capsys.readouterr()
+        return subprocess.CompletedProcess(flags, code, out.out, out.err)
+
+    return run
+
+
+@pytest.fixture
 def own_base(tiny_base, tmp_path) -> Path:
     """A private copy of the tiny artifact dir (these tests break its files)."""
     import shutil
@@ -435,18 +457,18 @@ def test_concurrent_runs_with_one_tag_the_second_stops_naming_the_first(own_base
 
 
 @pytest.mark.slow
-def test_truncated_newest_checkpoint_resume_falls_back_and_tokenizer_swap_is_refused(own_base):
+def test_truncated_newest_checkpoint_resume_falls_back_and_tokenizer_swap_is_refused(own_base, train_here):
     from nanochat.tokenizer import Tokenizer
     from tests.test_base_train import generated_documents
 
     flags = [*TINY, "--num-iterations", "4", "--save-every", "1", "--model-tag", "t"]
-    done = train_run(own_base, *flags)
+    done = train_here(own_base, *flags)
     assert done.returncode == 0, done.stderr
     d = run_dir(own_base, "t")
     before = read_metrics(own_base, "t")
     model4 = d / "model_000004.pt"
     model4.write_bytes(model4.read_bytes()[:1000])  # a copy cut short
-    out = train_run(own_base, *flags, "--resume", "auto")
+    out = train_here(own_base, *flags, "--resume", "auto")
     assert out.returncode == 0, out.stderr
     assert "model_000004.pt cannot be read" in out.stdout and "falling back to step 3" in out.stdout
     after = read_metrics(own_base, "t")
@@ -457,20 +479,20 @@ def test_truncated_newest_checkpoint_resume_falls_back_and_tokenizer_swap_is_ref
     new = Tokenizer.train_from_iterator(generated_documents(600, seed=7)[::-1][:300], vocab_size=old.get_vocab_size())
     assert new.identity != old.identity
     new.save(own_base / "tokenizer")
-    refused = train_run(own_base, *flags, "--num-iterations", "5", "--resume", "latest")
+    refused = train_here(own_base, *flags, "--num-iterations", "5", "--resume", "latest")
     line = one_line_error(refused.stderr, "base_train: error:")
     assert refused.returncode == 2 and old.identity in line and new.identity in line and str(d / "tokenizer") in line
     assert [r["step"] for r in read_metrics(own_base, "t")] == [1, 2, 3, 4]  # nothing written
 
 
 @pytest.mark.slow
-def test_bad_runs_fail_at_start_with_one_line_and_leave_no_folder(own_base):
+def test_bad_runs_fail_at_start_with_one_line_and_leave_no_folder(own_base, train_here):
     cases = [(["--device-type", "cuda"], "cuda"), (["--dtype", "fp8"], "fp8"),
              (["--resume", "latest"], "no complete checkpoint")]
     if torch.cuda.is_available():
         cases = cases[1:]
     for extra, needle in cases:
-        out = train_run(own_base, *TINY, "--num-iterations", "2", "--model-tag", "bad", *extra)
+        out = train_here(own_base, *TINY, "--num-iterations", "2", "--model-tag", "bad", *extra)
         assert out.returncode == 2 and needle in one_line_error(out.stderr, "base_train: error:"), extra
         assert not run_dir(own_base, "bad").exists(), extra
     # a truncated validation shard is found before training, not after it
@@ -478,7 +500,7 @@ def test_bad_runs_fail_at_start_with_one_line_and_leave_no_folder(own_base):
 
     val = list_shards("val", own_base / "base_data")[0]
     val.write_bytes(val.read_bytes()[:200])
-    out = train_run(own_base, *TINY, "--num-iterations", "2", "--eval-every", "2", "--model-tag", "bad")
+    out = train_here(own_base, *TINY, "--num-iterations", "2", "--eval-every", "2", "--model-tag", "bad")
     line = one_line_error(out.stderr, "base_train: error:")
     assert out.returncode == 2 and val.name in line and "step 00001" not in out.stdout
     assert not run_dir(own_base, "bad").exists()
@@ -494,14 +516,14 @@ def _c4_base(shared_data: Path, base: Path) -> None:
 
 
 @pytest.mark.slow
-def test_elastic_resume_on_real_text_continues_the_uninterrupted_run(shared_data, tmp_path):
+def test_elastic_resume_on_real_text_continues_the_uninterrupted_run(shared_data, tmp_path, train_here):
     """1 process x 2 accumulation == 2 processes x 1 on real web text; a 2-process run resumed on 1 process
     with another --device-batch-size, and back on 2 processes, gives the uninterrupted run's losses."""
     base = tmp_path / "base"
     _c4_base(shared_data, base)
     flags = [*TINY, "--max-seq-len", "64", "--total-batch-size", "512", "--num-iterations", "4", "--save-every", "1",
              "--eval-every", "4"]
-    one = train_run(base, *flags, "--model-tag", "one")
+    one = train_here(base, *flags, "--model-tag", "one")
     assert one.returncode == 0, one.stderr
     assert "x 1 ranks x 2 accumulation" in one.stdout
     two = torchrun(base, 2, *flags, "--model-tag", "two")
@@ -513,7 +535,7 @@ def test_elastic_resume_on_real_text_continues_the_uninterrupted_run(shared_data
     assert losses[0] != losses[-1]
     assert [r["raw_loss"] for r in read_metrics(base, "two")] == pytest.approx(losses, rel=1e-5)
     # 2 -> 1 process, micro-batch 4 -> 2 (4 accumulation steps): steps 3 and 4 again
-    down = train_run(base, *flags, "--model-tag", "two", "--device-batch-size", "2", "--resume-from-step", "2")
+    down = train_here(base, *flags, "--model-tag", "two", "--device-batch-size", "2", "--resume-from-step", "2")
     assert down.returncode == 0, down.stderr
     assert "x 1 ranks x 4 accumulation" in down.stdout and "it was written by 2" in down.stdout
     # and back: 1 -> 2 processes from the step the single process saved
@@ -524,3 +546,28 @@ def test_elastic_resume_on_real_text_continues_the_uninterrupted_run(shared_data
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     assert [r["raw_loss"] for r in resumed] == pytest.approx(losses, rel=1e-5)
     assert resumed[3]["val_bpb"] == pytest.approx(straight[3]["val_bpb"], rel=1e-5)
+
+
+def test_leftovers_of_a_killed_bundle_download_do_not_block_the_next(tmp_path, monkeypatch):
+    import shutil
+    import zipfile
+
+    from nanochat import core_eval as ce
+    from tests.test_core_eval import make_bundle
+
+    monkeypatch.delenv(ce.EVAL_BUNDLE_ENV, raising=False)
+    src = make_bundle(tmp_path / "src")
+    archive = tmp_path / "eval_bundle.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for p in src.rglob("*"):
+            zf.write(p, Path("eval_bundle") / p.relative_to(src))
+    base = tmp_path / "base"
+    stale = base / ".eval_bundle_tmp_killed"
+    stale.mkdir(parents=True)
+    (stale / "eval_bundle.zip").write_bytes(b"half a download")
+    (base / "eval_bundle.lock").write_text("")  # the lock file of a process killed mid-download
+    got = ce.resolve_eval_bundle(base_dir=base, url=archive.as_uri(), timeout=5)
+    assert got == base / "eval_bundle" and [s.label for s in ce.load_task_specs(got)] == \
+        [s.label for s in ce.load_task_specs(src)]
+    assert not stale.exists() and not list(base.glob(".eval_bundle_tmp_*"))
+    shutil.rmtree(src)
