@@ -404,10 +404,13 @@ def keep_tokenizer_copy(run_folder, tokenizer) -> dict:
     record = {"hash": tokenizer.identity, "vocab_size": tokenizer.get_vocab_size(),
               "source": str(getattr(tokenizer, "path", "") or ""), "copy": str(copy)}
     if (copy / "ranks.tiktoken").is_file():
-        try:
-            kept = Tokenizer.from_directory(copy).identity
-        except Exception as e:  # noqa: BLE001  (a damaged copy: rewrite it)
-            kept = f"unreadable ({_short(e)})"
+        mark = copy / "IDENTITY"  # written with the copy, so later saves need not re-read the ranks
+        kept = mark.read_text().strip() if mark.is_file() else None
+        if kept != tokenizer.identity:
+            try:
+                kept = Tokenizer.from_directory(copy).identity
+            except Exception as e:  # noqa: BLE001  (a damaged copy: rewrite it)
+                kept = f"unreadable ({_short(e)})"
         if kept == tokenizer.identity:
             return record
         if list_steps(run_folder):
@@ -417,6 +420,7 @@ def keep_tokenizer_copy(run_folder, tokenizer) -> dict:
     tmp = run_folder / f"{TOKENIZER_COPY}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tokenizer.save(tmp)
+    (tmp / "IDENTITY").write_text(tokenizer.identity + "\n")
     shutil.rmtree(copy, ignore_errors=True)
     os.replace(tmp, copy)
     return record
