@@ -571,3 +571,23 @@ def test_leftovers_of_a_killed_bundle_download_do_not_block_the_next(tmp_path, m
         [s.label for s in ce.load_task_specs(src)]
     assert not stale.exists() and not list(base.glob(".eval_bundle_tmp_*"))
     shutil.rmtree(src)
+
+
+@pytest.mark.slow
+def test_disk_full_during_training_is_one_line_and_keeps_the_last_checkpoint(own_base, train_here, monkeypatch):
+    real_open = cm._open_for_write
+
+    def open_for_write(path):  # the disk fills up while step 2's model is written
+        return FullDisk(path, 500) if "model_000002" in path.name else real_open(path)
+
+    monkeypatch.setattr(cm, "_open_for_write", open_for_write)
+    out = train_here(own_base, *TINY, "--num-iterations", "3", "--save-every", "1", "--model-tag", "full")
+    line = one_line_error(out.stderr, "base_train: error:")
+    d = run_dir(own_base, "full")
+    assert out.returncode == 2
+    assert f"No space left on device while writing {d / 'model_000002.pt'}, previous checkpoint step 1 kept" in line
+    assert cm.list_steps(d) == [1] and not list(d.glob("*.tmp*")) and not (d / "model_000002.pt").exists()
+    monkeypatch.setattr(cm, "_open_for_write", real_open)
+    again = train_here(own_base, *TINY, "--num-iterations", "3", "--save-every", "1", "--model-tag", "full",
+                       "--resume", "auto")
+    assert again.returncode == 0 and cm.list_steps(d) == [1, 2, 3]
