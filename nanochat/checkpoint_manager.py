@@ -32,11 +32,13 @@ from pathlib import Path
 
 import torch
 
-from nanochat.common import get_base_dir
+from nanochat.common import resolve_dtype
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.run_dir import PHASE_DIRS as _PHASE_DIRS
+from nanochat.run_dir import phase_dir
 
-# checkpoint folder per training phase, under the base dir
-PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
-              "rl": "chatrl_checkpoints"}
+PHASE_NAMES = tuple(_PHASE_DIRS)
+from nanochat.tokenizer import Tokenizer, get_tokenizer
 
 _META_RE = re.compile(r"^meta_(\d+)\.json$")
 
@@ -367,9 +369,6 @@ def config_mismatch(saved: dict, current: dict) -> list[str]:
 
 def build_model(model_config: dict, device, compute_dtype: torch.dtype | None = None):
     """An uninitialised GPT of `model_config` on `device` (weights to be loaded)."""
-    from nanochat.common import resolve_dtype
-    from nanochat.gpt import GPT, GPTConfig
-
     device = torch.device(device)
     config = GPTConfig(**model_config)
     dtype = compute_dtype if compute_dtype is not None else resolve_dtype(device.type)
@@ -397,8 +396,6 @@ def keep_tokenizer_copy(run_folder, tokenizer) -> dict:
     """Copy the tokenizer's files into `<run folder>/tokenizer/` (once per run folder; a copy of another
     tokenizer there is an error: one run, one tokenizer) and return the record stored in checkpoint metas:
     {"hash", "vocab_size", "source", "copy"}."""
-    from nanochat.tokenizer import Tokenizer
-
     run_folder = Path(run_folder)
     copy = run_folder / TOKENIZER_COPY
     record = {"hash": tokenizer.identity, "vocab_size": tokenizer.get_vocab_size(),
@@ -447,8 +444,8 @@ def runs_trained_with(tokenizer, base_dir=None) -> list[Path]:
     """Run folders (every phase) whose newest checkpoint was trained with `tokenizer`: its hash is recorded, or
     (checkpoints older than the record) its vocabulary size matches."""
     found = []
-    for phase in PHASE_DIRS.values():
-        root = Path(base_dir or get_base_dir()) / phase
+    for phase in PHASE_NAMES:
+        root = phase_dir(phase, base_dir)
         if not root.is_dir():
             continue
         for folder in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -476,14 +473,10 @@ def load_model(phase: str, device, model_tag: str | None = None, step: int | Non
     Defaults: the most recently written model tag of the phase, and its last step. Refuses a tokenizer other
     than the one the checkpoint was trained with (`TokenizerMismatch`).
     """
-    from nanochat.tokenizer import get_tokenizer
-
-    if phase not in PHASE_DIRS:
-        raise ValueError(f"unknown phase {phase!r}: use one of {sorted(PHASE_DIRS)}")
-    phase_dir = Path(base_dir or get_base_dir()) / PHASE_DIRS[phase]
+    folder = phase_dir(phase, base_dir)
     if model_tag is None:
-        model_tag = find_last_tag(phase_dir)
-    checkpoint_dir = phase_dir / model_tag
+        model_tag = find_last_tag(folder)
+    checkpoint_dir = folder / model_tag
     if step is None:
         step = find_last_step(checkpoint_dir)
     model_state, _, meta = load_checkpoint(checkpoint_dir, step, device=device)

@@ -347,12 +347,12 @@ def test_corrupt_task_line_names_file_and_line_and_keeps_the_scored_tasks(tmp_pa
 
 
 def test_check_eval_data_names_a_truncated_val_shard(tmp_path):
-    from nanochat import dataset
+    from nanochat import data_prep, dataset
     from nanochat.dataset import DataError
     from nanochat.loss_eval import check_eval_data
     from tests.test_dataloader import make_docs
 
-    dataset.prepare(make_docs(300), tmp_path, val_fraction=0.2, rows_per_group=13, docs_per_shard=100, verbose=False)
+    data_prep.prepare(make_docs(300), tmp_path, val_fraction=0.2, rows_per_group=13, docs_per_shard=100, verbose=False)
     ok = check_eval_data("val", tmp_path)
     assert ok["docs"] == 60 and ok["row_groups"] >= 4
     assert check_eval_data("val", tmp_path, tokens=10)["row_groups"] == 1  # reads only what the eval needs
@@ -419,7 +419,7 @@ def train_here(monkeypatch, capsys):
 
 
 @pytest.fixture
-def own_base(tiny_base, tmp_path) -> Path:
+def own_base(tiny_base, tmp_path) -> Path:  # noqa: F811  (the imported fixture)
     """A private copy of the tiny artifact dir (these tests break its files)."""
     import shutil
 
@@ -507,7 +507,7 @@ def test_bad_runs_fail_at_start_with_one_line_and_leave_no_folder(own_base, trai
 
 
 def _c4_base(shared_data: Path, base: Path) -> None:
-    from nanochat.dataset import prepare
+    from nanochat.data_prep import prepare
     from nanochat.tokenizer import Tokenizer
 
     docs = [json.loads(line)["text"] for line in (shared_data / "text" / "c4").glob("*.jsonl").__next__().open()][:400]
