@@ -649,7 +649,8 @@ def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task: int =
     is missing is listed in `missing` and CORE is the mean over the tasks present. A task whose data file is
     corrupt (`TaskDataError`: file and line) is listed in `failed` ({label: message}) and the evaluation goes
     on: the tasks scored are kept and reported, CORE is the mean over them (callers should treat a
-    non-empty `failed` as a failed evaluation). Rank 0 prints per-task progress every `progress_every` s.
+    non-empty `failed` as a failed evaluation). Rank 0 prints per-task progress every `progress_every` s
+    (also when not `verbose`; None: never).
     `dump_examples`: a jsonl path that receives every example's decision (rank 0 writes it).
     `share_prefix`: run each multiple-choice context once through a KV cache (see `run_examples`);
     None = on for CPU devices with a KV-cache model, off elsewhere (GPUs prefer the packed forwards).
@@ -690,7 +691,7 @@ def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task: int =
         t0 = time.time()
         res = evaluate_task(model, tokenizer, data, device, spec, max_seq_len=max_seq_len, batched=batched,
                             batch_tokens=batch_tokens, collect_examples=dump_examples is not None,
-                            share_prefix=share_prefix, ctx=ctx, progress_every=progress_every if verbose else None)
+                            share_prefix=share_prefix, ctx=ctx, progress_every=progress_every)
         seconds = time.time() - t0
         centered = centered_score(res["accuracy"], spec.random_baseline)
         results[spec.label] = {"accuracy": res["accuracy"], "centered": centered, "n": res["n"],
