@@ -591,3 +591,23 @@ def test_disk_full_during_training_is_one_line_and_keeps_the_last_checkpoint(own
     again = train_here(own_base, *TINY, "--num-iterations", "3", "--save-every", "1", "--model-tag", "full",
                        "--resume", "auto")
     assert again.returncode == 0 and cm.list_steps(d) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_resume_with_another_device_batch_size_continues_the_run(tiny_base, tmp_path, train_here):  # noqa: F811
+    """What the OOM message tells users to do: a smaller --device-batch-size, same total batch, more accumulation."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_base, base, ignore=shutil.ignore_patterns("base_checkpoints"))
+    flags = [*TINY, "--num-iterations", "4", "--save-every", "2", "--eval-every", "4", "--model-tag", "dbs"]
+    first = train_here(base, *flags)
+    assert first.returncode == 0 and "x 1 ranks x 2 accumulation" in first.stdout
+    before = read_metrics(base, "dbs")
+    again = train_here(base, *flags, "--device-batch-size", "2", "--resume-from-step", "2")
+    assert again.returncode == 0, again.stderr
+    assert "x 1 ranks x 4 accumulation" in again.stdout
+    after = read_metrics(base, "dbs")
+    assert [r["step"] for r in after] == [1, 2, 3, 4]
+    assert [r["raw_loss"] for r in after] == pytest.approx([r["raw_loss"] for r in before], rel=1e-5)
+    assert after[3]["val_bpb"] == pytest.approx(before[3]["val_bpb"], rel=1e-5)
