@@ -18,7 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nanochat import data_prep  # noqa: E402
+from nanochat import data_prep, dataset  # noqa: E402
 from nanochat.dataloader import DataLoader  # noqa: E402
 
 SHARED_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text"
