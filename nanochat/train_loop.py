@@ -364,7 +364,7 @@ def _train(cfg: TrainConfig, ctx: RuntimeContext) -> int:
 
 
 def _train_locked(cfg: TrainConfig, ctx: RuntimeContext, tokenizer, vocab_size: int, plan: sizing.RunPlan) -> int:
-    N, A = plan.num_iterations, plan.grad_accum_steps
+    auto_batch = cfg.device_batch_size == "auto"
     out_dir, resume_which = _setup_run_folder(cfg, ctx)
 
     with torch.device("meta"):
