@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from nanochat import scaling as sc
+from nanochat.config import TrainConfig
+from nanochat.sizing import count_params, model_config, plan_run
 
 DEFAULT_LAW_NOTE = ("Epoch AI's refit of Chinchilla (arXiv 2404.10102): all-parameter counting, loss in nats per "
                     "token on MassiveText. Absolute losses are indicative only; pass --fit with your own sweep's fit.")
@@ -32,8 +34,6 @@ def realise(law: sc.LossLaw, N: float, D: float, shape: dict, peak: float | None
     the depth nearest N), or, with `keep_loss`, the tokens that bring a depth to the plan's predicted
     loss, choosing among the depths around N the one with the lowest lifetime cost.
     """
-    from nanochat.sizing import auto_total_batch_size, count_params, flops_per_token, model_config, reference_tokens
-
     depth, n_depth = sc.depth_for_params(N, count=law.param_count, depths=depths, **shape)
     if keep_loss is None:
         D_depth = N * D / n_depth
@@ -50,12 +50,15 @@ def realise(law: sc.LossLaw, N: float, D: float, shape: dict, peak: float | None
         if best is None:
             raise ValueError(f"no depth in {min(depths)}..{max(depths)} reaches the predicted loss {keep_loss:.4g}")
         _, depth, n_depth, D_depth = best
-    cfg = model_config(depth, **shape)
-    counts = count_params(cfg)
+    counts = count_params(model_config(depth, **shape))
     ratio = D_depth / counts["scaling"]  # tokens per scaling parameter, the ratio base_train takes
-    batch = auto_total_batch_size(D_depth, reference_tokens(cfg, ratio))
-    steps = max(1, round(D_depth / batch))
-    flops = flops_per_token(cfg) * steps * batch
+    # batch, steps and FLOPs exactly as base_train will plan them (sizing.plan_run, the one computation);
+    # the micro-batch does not change the plan, so one row per pass keeps every batch size divisible
+    train_cfg = TrainConfig(depth=depth, target_param_data_ratio=ratio, device_batch_size=1,
+                            **{k: shape[k] for k in ("aspect_ratio", "head_dim", "max_seq_len", "n_kv_head")
+                               if k in shape}).with_device_defaults(record_recipe=False)
+    plan = plan_run(train_cfg, shape.get("vocab_size", 32768), world_size=1)
+    batch, steps, flops = plan.tokens_per_step, plan.num_iterations, plan.total_flops
     flags = (f"--depth={depth} --target-param-data-ratio={ratio:.4g}"
              + (f" --aspect-ratio={shape['aspect_ratio']}" if shape.get("aspect_ratio", 64) != 64 else "")
              + (f" --head-dim={shape['head_dim']}" if shape.get("head_dim", 128) != 128 else "")
