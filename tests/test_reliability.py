@@ -231,6 +231,11 @@ def test_retrained_tokenizer_at_the_same_vocab_size_is_refused(base_dir, tmp_pat
         cm.load_model("base", "cpu", model_tag="d1")
     msg = str(e.value)
     assert first.identity in msg and second.identity in msg and str(run / "tokenizer") in msg
+    from nanochat.chat_session import ChatError, load_chat_model  # the chat tools load through load_model
+
+    with pytest.raises(ChatError) as e:
+        load_chat_model("base", "cpu", model_tag="d1")
+    assert first.identity in str(e.value) and second.identity in str(e.value)
     # restoring the kept copy makes the checkpoint loadable again
     import shutil
 
