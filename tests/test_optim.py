@@ -11,7 +11,13 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import nanochat.optim as optim_module
-from nanochat.optim import MuonAdamW, build_optimizer, merge_rank_states, normuon_scale, orthogonalize
+from nanochat.optim import (
+    MuonAdamW,
+    build_optimizer,
+    merge_rank_states,
+    normuon_scale,
+    orthogonalize,
+)
 from tests.helpers import free_port
 
 
@@ -398,7 +404,7 @@ def test_distributed_matches_single_process(world, tmp_path):
     assert sum(bool(s[0]) for s in emb_states) == 1
     assert all(s[1]["exp_avg"].shape == (12 // world, 8) for s in emb_states)
     # elastic resume: 1 process -> W processes, and W processes -> 1 process, continue the uninterrupted run
-    straight, straight_opt = _train(CONFIGS[0], STEPS)
+    straight, _ = _train(CONFIGS[0], STEPS)
     for r, res in enumerate(ranks):
         for name, p in straight.named_parameters():
             torch.testing.assert_close(res["from_single"][name], p.detach(), rtol=1e-5, atol=1e-5,

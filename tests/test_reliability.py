@@ -21,6 +21,14 @@ import torch
 
 from nanochat import checkpoint_manager as cm
 from nanochat.run_dir import RunLock, RunLockedError, clean_run_dir, remove_if_unused
+from tests.test_base_train import (
+    TINY,
+    read_metrics,
+    run_dir,
+    subprocess_env,
+    tiny_base,  # noqa: F401  (a fixture, used by name)
+    torchrun,
+)
 from tests.test_checkpoint_manager import save, tiny_model, trained_state
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,7 +100,7 @@ def test_clean_run_dir_removes_dead_temp_files_and_uncommitted_steps_only(tmp_pa
     assert removed == {f"optim_000010_rank0.pt.tmp{dead.pid}", "model_000010.pt", f"tokenizer.tmp{dead.pid}"}
     assert live.exists()
     assert cm.list_steps(tmp_path) == [5]
-    state, optim, meta = cm.load_checkpoint(tmp_path, 5, load_optimizer=True)  # step 5 untouched
+    _, optim, meta = cm.load_checkpoint(tmp_path, 5, load_optimizer=True)  # step 5 untouched
     assert meta["step"] == 5 and optim is not None
 
 
@@ -150,7 +158,7 @@ class FullDisk:
     """A file whose write() fails with ENOSPC once `room` bytes are written (what a full disk does)."""
 
     def __init__(self, path, room):
-        self.f, self.room = open(path, "wb"), room
+        self.f, self.room = open(path, "wb"), room  # noqa: SIM115  (closed by __exit__, like a real file)
 
     def write(self, data):
         if self.room < len(data):
@@ -231,7 +239,10 @@ def test_retrained_tokenizer_at_the_same_vocab_size_is_refused(base_dir, tmp_pat
         cm.load_model("base", "cpu", model_tag="d1")
     msg = str(e.value)
     assert first.identity in msg and second.identity in msg and str(run / "tokenizer") in msg
-    from nanochat.chat_session import ChatError, load_chat_model  # the chat tools load through load_model
+    from nanochat.chat_session import (  # the chat tools load through load_model
+        ChatError,
+        load_chat_model,
+    )
 
     with pytest.raises(ChatError) as e:
         load_chat_model("base", "cpu", model_tag="d1")
@@ -269,7 +280,7 @@ def test_identity_depends_on_ranks_and_specials_not_on_the_folder(tmp_path):
                                         ({"NANOCHAT_DEPTH": "abc"}, "NANOCHAT_DEPTH='abc' is not a positive integer")])
 def test_speedrun_bad_environment_is_one_line(tmp_path, env, needle):
     out = subprocess.run([sys.executable, "-m", "scripts.speedrun"], cwd=REPO, env=py_env(tmp_path, **env),
-                         capture_output=True, text=True, timeout=120)
+                         capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 2
     assert needle in one_line_error(out.stderr, "speedrun: error:")
     assert not any(tmp_path.iterdir())  # nothing was started
@@ -280,7 +291,7 @@ def test_base_eval_bad_device_or_dtype_is_one_line(tmp_path, flags, needle):
     if needle == "cuda" and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     out = subprocess.run([sys.executable, "-m", "scripts.base_eval", "--eval", "bpb", *flags], cwd=REPO,
-                         env=py_env(tmp_path), capture_output=True, text=True, timeout=120)
+                         env=py_env(tmp_path), capture_output=True, text=True, timeout=120, check=False)
     assert out.returncode == 2 and needle in one_line_error(out.stderr, "base_eval: error:")
 
 
@@ -290,7 +301,7 @@ def test_hf_path_offline_fails_within_seconds(tmp_path):
     t0 = time.time()
     out = subprocess.run([sys.executable, "-m", "scripts.base_eval", "--hf-path", "openai-community/gpt2", "--eval",
                           "bpb", "--device-type", "cpu"], cwd=REPO, env=env, capture_output=True, text=True,
-                         timeout=120)
+                         timeout=120, check=False)
     seconds = time.time() - t0
     line = one_line_error(out.stderr, "base_eval: error:")
     assert out.returncode == 2 and seconds < 10, (seconds, out.stderr)
@@ -393,12 +404,10 @@ def test_progress_lines_say_done_total_rate_and_eta(capsys):
 # ---------------------------------------------------------------------------------------------
 # the training run: scripts/base_train.py on the tiny artifact dir of tests/test_base_train.py
 
-from tests.test_base_train import TINY, read_metrics, run_dir, subprocess_env, tiny_base, torchrun  # noqa: E402,F401
-
 
 def train_run(base: Path, *flags: str, timeout: int = 300, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "scripts.base_train", *flags], cwd=REPO,
-                          env=subprocess_env(base, **env), capture_output=True, text=True, timeout=timeout)
+                          env=subprocess_env(base, **env), capture_output=True, text=True, timeout=timeout, check=False)
 
 
 @pytest.fixture
@@ -424,7 +433,7 @@ def train_here(monkeypatch, capsys):
 
 
 @pytest.fixture
-def own_base(tiny_base, tmp_path) -> Path:  # noqa: F811  (the imported fixture)
+def own_base(tiny_base, tmp_path) -> Path:  # noqa: F811  (the fixture)
     """A private copy of the tiny artifact dir (these tests break its files)."""
     import shutil
 
