@@ -141,9 +141,11 @@ def hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
-def load_hf(path: str, device):
+def load_hf(path: str, device, trust_remote_code: bool = False):
     """(model wrapper, tokenizer wrapper) of a local directory or hub name (hub needs the network, else the
-    local hub cache is used; neither: a one-line error within seconds)."""
+    local hub cache is used; neither: a one-line error within seconds).
+
+    `trust_remote_code` runs the modeling code shipped in the folder (nanochat's remote-code exports)."""
     local = Path(path).expanduser().is_dir()
     offline = not local and not hub_reachable()
     offline_hint = (f"--hf-path {path!r} is not a local folder, the Hugging Face hub cannot be reached and the model "
@@ -164,8 +166,8 @@ def load_hf(path: str, device):
         fail("--hf-path needs the transformers package: pip install transformers")
     kwargs = {"local_files_only": True} if local or offline else {}
     try:
-        hf_tok = AutoTokenizer.from_pretrained(path, **kwargs)
-        hf_model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        hf_tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+        hf_model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as e:
         if offline:
             fail(offline_hint)
@@ -257,6 +259,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-tag", default=None, help="checkpoint tag under <base>/base_checkpoints (default: latest)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     p.add_argument("--hf-path", default=None, help="evaluate a Hugging Face causal LM (local dir or hub name)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="with --hf-path: run the model code in the folder (nanochat remote-code exports)")
     p.add_argument("--eval", default="core,bpb,sample", help="comma-separated parts: core, bpb, sample")
     p.add_argument("--max-per-task", type=int, default=-1, help="CORE examples per task (-1 = all)")
     p.add_argument("--tasks", default="", help="comma-separated CORE task labels (default: all)")
@@ -326,7 +330,7 @@ def _main(args, ctx) -> dict:
 def _evaluate(args, ctx, base) -> dict:
     t_start = time.time()
     if args.hf_path:
-        model, tokenizer = load_hf(args.hf_path, ctx.device)
+        model, tokenizer = load_hf(args.hf_path, ctx.device, args.trust_remote_code)
         max_seq_len = model.max_seq_len
         token_bytes = tokenizer.token_bytes(ctx.device)
         name = args.hf_path
