@@ -44,7 +44,7 @@ from nanochat.engine import Engine
 from nanochat.gpt import GPT
 from nanochat.loss_eval import check_eval_data, evaluate_loss_and_bpb
 from nanochat.optim import build_optimizer
-from nanochat.run_dir import (MetricsWriter, RunLock, RunLockedError, clean_run_dir, read_run_json, remove_if_unused,
+from nanochat.run_dir import (MetricsWriter, RunLock, RunLockedError, clean_run_dir, remove_if_unused,
                               run_dir, write_run_json)
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (EXIT_CONFIG, EXIT_EVAL, EXIT_NONFINITE, EXIT_OK, EXIT_OOM, LoopState, NonFiniteLoss,
@@ -387,14 +387,9 @@ def _train_locked(cfg: TrainConfig, ctx: RuntimeContext, tokenizer, vocab_size: 
         model.before_compile()
     train_model = torch.compile(model, dynamic=False) if compile_model else model
     if auto_batch:
-        if resume_which is not None:  # a resumed run keeps its batch (the loader state depends on it)
-            found = ((read_run_json(out_dir) or {}).get("args") or {}).get("device_batch_size")
-            if not isinstance(found, int):
-                raise ConfigError(f"--device-batch-size auto on resume reads the batch of the run being resumed from "
-                                  f"{out_dir}/run.json, which has none: pass the run's --device-batch-size")
-        else:
-            found = find_device_batch_size(model, train_model, cfg.max_seq_len, vocab_size, plan.tokens_per_step,
-                                           ctx.world_size, log=ctx.print0)
+        # a resume probes again: the loader state is in global rows, so another micro-batch continues exactly
+        found = find_device_batch_size(model, train_model, cfg.max_seq_len, vocab_size, plan.tokens_per_step,
+                                       ctx.world_size, log=ctx.print0)
         cfg = replace(cfg, device_batch_size=int(found))
         plan = sizing.plan_run(replace(cfg, total_batch_size=plan.tokens_per_step), vocab_size, ctx.world_size)
     N, A = plan.num_iterations, plan.grad_accum_steps
