@@ -144,3 +144,32 @@ def test_nonfinite_loss_stops_before_the_update_and_keeps_the_last_checkpoint(ba
     assert run_sft(cfg(quiet=False, num_iterations=6, save_every=2, train_size=64, eval_every=0)) == 3
     out = rd.run_dir("sft", "d2")
     assert ckpt.list_steps(out) == [2] and "no update was applied" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_sigkill_mid_step_then_resume_reproduces_the_losses(base):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    common = dict(num_iterations=8, train_size=96, eval_every=0, save_every=3)
+    assert run_sft(cfg(model_tag="whole", **common)) == 0
+    repo = str(rd.__file__).rsplit("/nanochat/", 1)[0]
+    env = dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1", NANOCHAT_TEST_HANG_STEP="4")
+    flags = ["--mix", "embedded", "--train-size", "96", "--val-size", "64", "--device-batch-size", "8",
+             "--max-seq-len", "256", "--eval-every", "0", "--num-iterations", "8", "--save-every", "3",
+             "--model-tag", "killed", "--device-type", "cpu"]
+    proc = subprocess.Popen([sys.executable, "scripts/chat_sft.py", *flags], cwd=repo, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:  # step 4 (0-based) hangs after backward, before its update
+        if "hanging at step 4" in line:
+            break
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    killed = rd.run_dir("sft", "killed")
+    assert ckpt.list_steps(killed) == [3]
+    assert run_sft(cfg(model_tag="killed", resume_from_step="latest", **common)) == 0
+    a, b = rd.read_metrics(rd.run_dir("sft", "whole")), rd.read_metrics(killed)
+    assert [r["step"] for r in b] == list(range(1, 9))
+    assert [r["raw_loss"] for r in a] == [r["raw_loss"] for r in b]
