@@ -323,6 +323,27 @@ class RuntimeContext:
         if self.ddp:
             dist.barrier()
 
+    def all_reduce_sum(self, values: list[float] | torch.Tensor) -> list[float] | torch.Tensor:
+        """Sum across ranks (identity in a single process): a list of floats gives a list of floats, a
+        tensor gives the summed tensor. NCCL reduces only CUDA tensors and gloo only CPU ones, so the
+        reduction runs on the process group's own device and the result comes back where it came from."""
+        as_list = not isinstance(values, torch.Tensor)
+        t = torch.tensor(values, dtype=torch.float64) if as_list else values
+        if self.ddp:
+            where = self.device if self.backend == "nccl" else torch.device("cpu")
+            moved = t.to(where)
+            dist.all_reduce(moved)
+            t = moved.to(t.device) if moved is not t else moved
+        return t.tolist() if as_list else t
+
+    def all_gather_object(self, obj) -> list:
+        """[obj of rank 0, obj of rank 1, ...] on every rank (a list of one in a single process)."""
+        if not self.ddp:
+            return [obj]
+        out = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
     def synchronize(self) -> None:
         if self.device_type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -349,6 +370,19 @@ class RuntimeContext:
 
     def __exit__(self, *exc) -> None:
         self.teardown()
+
+
+def context_for(device, ctx: RuntimeContext | None = None) -> RuntimeContext:
+    """`ctx` itself, or (for a library call made without one) a context that describes this process as
+    torch.distributed sees it: rank and world size of the initialised process group, else a single process."""
+    if ctx is not None:
+        return ctx
+    device = torch.device(device)
+    dtype = resolve_dtype(device.type)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return RuntimeContext(device_type=device.type, device=device, dtype=dtype, ddp=True, rank=dist.get_rank(),
+                              world_size=dist.get_world_size(), backend=dist.get_backend())
+    return RuntimeContext(device_type=device.type, device=device, dtype=dtype)
 
 
 def is_torchrun() -> bool:

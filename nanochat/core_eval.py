@@ -26,7 +26,6 @@ Distributed: rank r evaluates examples r, r+W, ... and the correct counts are al
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import math
 import os
@@ -43,10 +42,11 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
 from jinja2 import Environment
+
+from nanochat.common import RuntimeContext, context_for
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 EVAL_BUNDLE_ENV = "NANOCHAT_EVAL_BUNDLE"
@@ -422,21 +422,14 @@ def decide(example: PreparedExample, results: list[tuple[float, bool]]) -> dict:
 
 
 def accepts_positions(model) -> bool:
-    """`model(idx, positions=(rows, cols)) -> (N, V)` logits at chosen positions (our GPT; not HF wrappers)."""
-    forward = getattr(model, "forward", None)
-    try:
-        return forward is not None and "positions" in inspect.signature(forward).parameters
-    except (TypeError, ValueError):
-        return False
+    """`model(idx, positions=(rows, cols)) -> (N, V)` logits at chosen positions: declared by the model class
+    (`supports_positions`; our GPT has it, Hugging Face wrappers do not)."""
+    return bool(getattr(model, "supports_positions", False))
 
 
 def supports_kv_cache(model) -> bool:
-    """Our GPT: `model(idx, kv_cache=cache)` with a `nanochat.engine.KVCache` (Hugging Face wrappers: no)."""
-    forward = getattr(model, "forward", None)
-    try:
-        return forward is not None and "kv_cache" in inspect.signature(forward).parameters and hasattr(model, "config")
-    except (TypeError, ValueError):
-        return False
+    """`model(idx, kv_cache=cache)` with a `nanochat.engine.KVCache`: declared by the model class."""
+    return bool(getattr(model, "supports_kv_cache", False))
 
 
 def _worth_sharing(ex: PreparedExample, min_shared_tokens: int) -> bool:
@@ -523,43 +516,26 @@ def run_examples(model, examples: list[PreparedExample], pad_id: int, device, ba
 # tasks and the CORE aggregate
 
 
-def _dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _all_reduce_sum(values: list[float], device) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.get_backend() == "nccl":
-        t = t.to(device if torch.device(device).type == "cuda" else "cuda")
-    dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t.cpu().tolist()
-
-
 def evaluate_task(model, tokenizer, data: list[dict], device, spec: TaskSpec, max_seq_len: int | None = None,
                   batched: bool = True, batch_tokens: int = 8192, collect_examples: bool = False,
-                  share_prefix: bool = False) -> dict:
+                  share_prefix: bool = False, ctx: RuntimeContext | None = None) -> dict:
     """Accuracy of `model` on one task's (already shuffled/truncated) `data`, across all ranks.
 
     Returns {accuracy, correct, n, examples (rank 0, when collect_examples: every example's decision)}.
     """
-    rank, world = _dist_info()
-    indices = list(range(rank, len(data), world))
+    ctx = context_for(device, ctx)
+    indices = list(range(ctx.rank, len(data), ctx.world_size))
     prepared = prepare_examples(data, indices, spec, tokenizer, max_seq_len)
     decisions = run_examples(model, prepared, tokenizer.get_bos_token_id(), device, batched, batch_tokens,
                              share_prefix=share_prefix)
     correct = float(sum(d["correct"] for d in decisions))
     n_cropped = float(sum(ex.cropped for ex in prepared))
-    if world > 1:
-        correct, n_cropped = _all_reduce_sum([correct, n_cropped], device)
+    correct, n_cropped = ctx.all_reduce_sum([correct, n_cropped])
     out = {"accuracy": correct / len(data) if data else float("nan"), "correct": int(correct), "n": len(data),
            "cropped": int(n_cropped)}
     if collect_examples:
-        if world > 1:
-            gathered = [None] * world
-            dist.all_gather_object(gathered, decisions)
-            decisions = sorted((d for part in gathered for d in part), key=lambda d: d["idx"])
+        gathered = ctx.all_gather_object(decisions)
+        decisions = sorted((d for part in gathered for d in part), key=lambda d: d["idx"])
         out["examples"] = decisions
     return out
 
@@ -588,7 +564,7 @@ def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task: int =
                   max_seq_len: int | None = None, tasks: list[str] | None = None, batched: bool = True,
                   batch_tokens: int = 8192, share_prefix: bool | None = None,
                   dump_examples: str | os.PathLike | None = None,
-                  base_dir=None, verbose: bool = True) -> dict:
+                  base_dir=None, verbose: bool = True, ctx: RuntimeContext | None = None) -> dict:
     """Evaluate CORE. Returns {core, tasks: {label: {accuracy, centered, n, ...}}, missing, n_tasks,
     n_examples, seconds, examples_per_second}.
 
@@ -615,8 +591,8 @@ def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task: int =
         max_seq_len = _default_max_seq_len(model)
     if share_prefix is None:
         share_prefix = batched and torch.device(device).type == "cpu" and supports_kv_cache(model)
-    rank, _ = _dist_info()
-    log = print if (verbose and rank == 0) else (lambda *a, **k: None)
+    ctx = context_for(device, ctx)
+    log = print if (verbose and ctx.is_master) else (lambda *a, **k: None)
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
@@ -631,7 +607,7 @@ def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task: int =
         t0 = time.time()
         res = evaluate_task(model, tokenizer, data, device, spec, max_seq_len=max_seq_len, batched=batched,
                             batch_tokens=batch_tokens, collect_examples=dump_examples is not None,
-                            share_prefix=share_prefix)
+                            share_prefix=share_prefix, ctx=ctx)
         seconds = time.time() - t0
         centered = centered_score(res["accuracy"], spec.random_baseline)
         results[spec.label] = {"accuracy": res["accuracy"], "centered": centered, "n": res["n"],
@@ -646,7 +622,7 @@ def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task: int =
     core = aggregate_core(results)
     if missing:
         log(f"CORE over {len(results)} of {len(specs)} tasks: missing {', '.join(missing)}", flush=True)
-    if dump_examples is not None and rank == 0:
+    if dump_examples is not None and ctx.is_master:
         Path(dump_examples).parent.mkdir(parents=True, exist_ok=True)
         with open(dump_examples, "w", encoding="utf-8") as f:
             for d in dump:

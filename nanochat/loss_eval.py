@@ -10,23 +10,14 @@ division (a mean of per-rank bpb values would weight ranks with fewer bytes too 
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Iterable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
-
-def _accepts_loss_reduction(model) -> bool:
-    """True when `model(x, y, loss_reduction="none")` returns per-token losses (our GPT does)."""
-    forward = getattr(model, "forward", model)
-    try:
-        params = inspect.signature(forward).parameters
-    except (TypeError, ValueError):
-        return False
-    return "loss_reduction" in params
+from nanochat.common import RuntimeContext, context_for
+from nanochat.dataloader import DataLoader
 
 
 def per_token_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -35,7 +26,7 @@ def per_token_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     Uses the model's own per-token loss when it has one (cheaper: it never materialises the
     full fp32 logits), else any `model(idx) -> logits (B, T, V)` (e.g. a Hugging Face wrapper).
     """
-    if _accepts_loss_reduction(model):
+    if getattr(model, "supports_loss_reduction", False):  # declared by the model class (nanochat.gpt.GPT)
         loss_BT = model(x, y, loss_reduction="none")
         return loss_BT.float().view(y.shape)
     logits_BTV = model(x)
@@ -45,19 +36,20 @@ def per_token_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate_bpb(model, batches: Iterable, steps: int, token_bytes: torch.Tensor) -> float:
+def evaluate_bpb(model, batches: Iterable, steps: int, token_bytes: torch.Tensor,
+                 ctx: RuntimeContext | None = None) -> float:
     """Bits per byte of `model` over `steps` batches of (inputs, targets) from `batches`.
 
     `token_bytes`: LongTensor (vocab,) of raw byte lengths per token id (0 = special token).
     Summed across ranks when torch.distributed is initialised (every rank must call this with
     the same `steps`).
     """
-    return evaluate_loss_and_bpb(model, batches, steps, token_bytes)["bpb"]
+    return evaluate_loss_and_bpb(model, batches, steps, token_bytes, ctx=ctx)["bpb"]
 
 
 @torch.no_grad()
 def evaluate_loss_and_bpb(model, batches: Iterable, steps: int, token_bytes: torch.Tensor,
-                          should_stop=None) -> dict | None:
+                          should_stop=None, ctx: RuntimeContext | None = None) -> dict | None:
     """`evaluate_bpb` plus the mean loss in nats per token over every non-ignored target (special
     tokens included), i.e. measured exactly like the training loss, so the two can be compared.
 
@@ -88,11 +80,7 @@ def evaluate_loss_and_bpb(model, batches: Iterable, steps: int, token_bytes: tor
         zero = torch.zeros_like(loss_BT)
         sums += torch.stack([torch.where(counted, loss_BT, zero).sum(), nbytes_BT.sum(),
                              torch.where(valid, loss_BT, zero).sum(), valid.sum()]).to(acc_dtype)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        if dist.get_backend() == "nccl" and sums.device.type != "cuda":
-            sums = sums.cuda()
-        dist.all_reduce(sums, op=dist.ReduceOp.SUM)
-    nats, nbytes, all_nats, ntokens = sums.tolist()
+    nats, nbytes, all_nats, ntokens = context_for(device, ctx).all_reduce_sum(sums).tolist()
     if nbytes == 0:
         raise ValueError("evaluate_bpb: the targets contain no bytes (only special tokens or ignored "
                          "positions); check the data and the token_bytes table")
@@ -103,14 +91,12 @@ def evaluate_loss_and_bpb(model, batches: Iterable, steps: int, token_bytes: tor
 def evaluate_split_bpb(model, tokenizer, token_bytes, ctx, split: str, split_tokens: int, batch_size: int,
                        seq_len: int) -> float:
     """bpb of `model` on the first `split_tokens` tokens of a data split (the pinned validation shard for "val")."""
-    from nanochat.dataloader import DataLoader
-
     tokens_per_step = batch_size * seq_len * ctx.world_size
     steps = max(1, split_tokens // tokens_per_step)
     loader = DataLoader(tokenizer, batch_size, seq_len, split=split, device=ctx.device, rank=ctx.rank,
                         world_size=ctx.world_size)
     try:
-        return evaluate_bpb(model, loader, steps, token_bytes)
+        return evaluate_bpb(model, loader, steps, token_bytes, ctx=ctx)
     finally:
         close = getattr(loader, "close", None)
         if close is not None:

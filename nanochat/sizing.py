@@ -9,8 +9,10 @@ planner and the scaling-law tools alike. Rules and constants are those of REFERE
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from dataclasses import fields as dataclass_fields
 
-from nanochat.gpt import VE_GATE_CHANNELS, GPTConfig
+from nanochat.model_config import VE_GATE_CHANNELS, GPTConfig
 
 # Compute-optimal tokens per *scaling* parameter (block matrices + LM head). The reference's Jan 2026
 # IsoFLOP sweep of this exact architecture fitted ~10.5 (its default is a slightly longer 12); with
@@ -148,3 +150,104 @@ def muon_momentum(step: int, start: float = 0.85, end: float = 0.97, ramp_steps:
 def weight_decay_multiplier(step: int, num_iterations: int) -> float:
     """Cosine decay of the weight decay to zero over training."""
     return 0.5 * (1 + math.cos(math.pi * min(step, num_iterations) / max(1, num_iterations)))
+
+
+# ---------------------------------------------------------------------------------------------
+# the run plan: everything a training configuration implies, computed once
+
+
+@dataclass
+class RunPlan:
+    """What a run will do, from its config: the model, batch split, horizon, LRs, weight decay, schedule.
+
+    Field names are the keys of run.json's "sizing" record (`to_dict()`), which the report card, the
+    doctor and the planner read. `model_config` is stored beside it, as run.json's "model_config".
+    """
+
+    model_config: GPTConfig
+    num_params: int
+    scaling_params: int
+    embedding_params: int
+    scalar_params: int
+    flops_per_token: float
+    tokens_per_step: int
+    num_iterations: int
+    horizon_source: str
+    target_param_data_ratio: float
+    matrix_lr: float
+    embedding_lr: float
+    unembedding_lr: float
+    scalar_lr: float
+    weight_decay: float
+    warmup_steps: int
+    warmdown_ratio: float
+    final_lr_frac: float
+    world_size: int
+    device_batch_size: int
+    max_seq_len: int
+    grad_accum_steps: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.tokens_per_step * self.num_iterations
+
+    @property
+    def total_flops(self) -> float:
+        return self.flops_per_token * self.total_tokens
+
+    @property
+    def tokens_per_scaling_param(self) -> float:
+        return self.total_tokens / self.scaling_params
+
+    @property
+    def lrs(self) -> dict[str, float]:
+        return {"matrix_lr": self.matrix_lr, "embedding_lr": self.embedding_lr,
+                "unembedding_lr": self.unembedding_lr, "scalar_lr": self.scalar_lr}
+
+    def lr_multiplier(self, step: int) -> float:
+        return lr_multiplier(step, self.num_iterations, self.warmup_steps, self.warmdown_ratio, self.final_lr_frac)
+
+    def weight_decay_multiplier(self, step: int) -> float:
+        return weight_decay_multiplier(step, self.num_iterations)
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclass_fields(self) if f.name != "model_config"}
+        d.update(total_tokens=self.total_tokens, total_flops=self.total_flops,
+                 tokens_per_scaling_param=self.tokens_per_scaling_param)
+        return d
+
+
+def plan_run(cfg, vocab_size: int, world_size: int = 1) -> RunPlan:
+    """The RunPlan of a pretraining config (nanochat.config.TrainConfig or anything with its fields).
+
+    Horizon precedence as the reference: --num-iterations > --target-flops > tokens:params ratio; the
+    total batch is automatic (-1) from that horizon; weight decay automatic (-1) from batch and horizon.
+    ValueError (with the flag to change) for shapes that do not fit.
+    """
+    config = model_config(cfg.depth, aspect_ratio=cfg.aspect_ratio, head_dim=cfg.head_dim,
+                          max_seq_len=cfg.max_seq_len, vocab_size=vocab_size, n_kv_head=cfg.n_kv_head,
+                          window_pattern=cfg.window_pattern, value_embeds=cfg.value_embeds,
+                          resid_scalars=cfg.resid_scalars)
+    params = count_params(config)
+    fpt = flops_per_token(config)
+    ratio = cfg.target_param_data_ratio if cfg.target_param_data_ratio > 0 else COMPUTE_OPTIMAL_RATIO
+    ref_tokens = reference_tokens(config, ratio)
+    if cfg.total_batch_size > 0:
+        total_batch_size = cfg.total_batch_size
+    else:
+        horizon_tokens = cfg.target_flops / fpt if cfg.target_flops > 0 else ratio * params["scaling"]
+        total_batch_size = auto_total_batch_size(horizon_tokens, ref_tokens)
+    accum = grad_accum_steps(total_batch_size, cfg.device_batch_size, cfg.max_seq_len, world_size)
+    steps, source = resolve_horizon(total_batch_size, params["scaling"], fpt, cfg.num_iterations,
+                                    cfg.target_flops, ratio)
+    lrs = learning_rates(total_batch_size, config.n_embd, matrix_lr=cfg.matrix_lr, embedding_lr=cfg.embedding_lr,
+                         unembedding_lr=cfg.unembedding_lr, scalar_lr=cfg.scalar_lr)
+    wd = cfg.weight_decay if cfg.weight_decay >= 0 else weight_decay(
+        total_batch_size, steps * total_batch_size, ref_tokens, matrix_lr=cfg.matrix_lr)
+    return RunPlan(model_config=config, num_params=params["total"], scaling_params=params["scaling"],
+                   embedding_params=params["embedding"], scalar_params=params["scalar"], flops_per_token=fpt,
+                   tokens_per_step=total_batch_size, num_iterations=steps, horizon_source=source,
+                   target_param_data_ratio=cfg.target_param_data_ratio, **lrs, weight_decay=wd,
+                   warmup_steps=cfg.warmup_steps, warmdown_ratio=cfg.warmdown_ratio,
+                   final_lr_frac=cfg.final_lr_frac, world_size=world_size,
+                   device_batch_size=cfg.device_batch_size, max_seq_len=cfg.max_seq_len, grad_accum_steps=accum)

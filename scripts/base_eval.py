@@ -47,7 +47,12 @@ PARTS = ("core", "bpb", "sample")
 
 
 class HFModel(nn.Module):
-    """`model(idx) -> fp32 logits (B, T, V)` over a transformers causal LM."""
+    """`model(idx) -> fp32 logits (B, T, V)` over a transformers causal LM: the plain forward only, so the
+    evaluators take their generic paths (full logits, no KV-cache prefix sharing)."""
+
+    supports_loss_reduction = False
+    supports_positions = False
+    supports_kv_cache = False
 
     def __init__(self, hf_model, max_seq_len: int | None):
         super().__init__()
@@ -298,7 +303,7 @@ def main(argv=None) -> dict:
         with autocast:
             core = evaluate_core(model, tokenizer, ctx.device, args.eval_bundle, args.max_per_task,
                                  max_seq_len=max_seq_len, tasks=tasks, batch_tokens=args.batch_tokens,
-                                 dump_examples=args.dump_examples)
+                                 dump_examples=args.dump_examples, ctx=ctx)
         result["core"] = core["core"]
         result["tasks"] = {k: {"accuracy": v["accuracy"], "centered": v["centered"], "n": v["n"],
                                "task_type": v["task_type"], "num_fewshot": v["num_fewshot"]}

@@ -7,7 +7,8 @@
 See docs/multinode.md for several nodes. The loop itself lives in nanochat/train_loop.py.
 Output: <base dir>/base_checkpoints/<model tag>/ (run.json, metrics.jsonl, model/meta/optim files per step).
 Exit codes: 0 done (or stopped by SIGTERM/SIGINT after saving a checkpoint), 2 bad flags / missing
-tokenizer, data or checkpoint, 3 non-finite loss (last good checkpoint kept), 4 CUDA out of memory.
+tokenizer, data or checkpoint, 3 non-finite loss (last good checkpoint kept), 4 CUDA out of memory,
+5 training finished and saved but an evaluation failed (its error is printed).
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python scripts/base_train.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nanochat import sizing
+from nanochat import sizing  # noqa: E402
+from nanochat.checkpoint_manager import CheckpointError  # noqa: E402
+from nanochat.config import ConfigError, TrainConfig  # noqa: E402
+from nanochat.dataset import DataError  # noqa: E402
+from nanochat.tokenizer import TokenizerError  # noqa: E402
+from nanochat.train_loop import EXIT_CONFIG, train  # noqa: E402
 
 
 def resume_step(value: str):
@@ -64,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--final-lr-frac", type=float, default=0.05)
     g = p.add_argument_group("evaluation and output")
     g.add_argument("--eval-every", type=int, default=250, help="val bpb every N steps (-1: only at the end, 0: never)")
-    g.add_argument("--eval-tokens", type=int, default=10 * 2**19)
+    g.add_argument("--eval-tokens", type=int, default=-1,
+                   help="validation tokens per evaluation (-1: 10 x 2^19 on CUDA, a tenth of the training tokens "
+                        "elsewhere, at most 10 x 2^19)")
     g.add_argument("--core-metric-every", type=int, default=2000, help="-1: only at the end, 0: never")
     g.add_argument("--core-metric-max-per-task", type=int, default=500)
     g.add_argument("--sample-every", type=int, default=2000, help="-1: only at the end, 0: never")
@@ -97,15 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from nanochat.checkpoint_manager import CheckpointError
-    from nanochat.dataset import DataError
-    from nanochat.tokenizer import TokenizerError
-    from nanochat.train_loop import EXIT_CONFIG, ConfigError, train
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
-        return train(args)
+        return train(TrainConfig.from_dict(vars(args)))
     except (ConfigError, CheckpointError, DataError, TokenizerError, FileNotFoundError) as e:
         # inconsistent flags, missing tokenizer / data / checkpoint: one line saying what to do, no traceback
         print(f"base_train: error: {e}", file=sys.stderr, flush=True)

@@ -353,7 +353,7 @@ def test_sigterm_saves_at_end_of_step_and_exits_cleanly(env_base):
 
     d = run_dir(env_base, "preempt")
     assert list_steps(d) == [3]
-    assert load_meta(d, 3)["loop_state"]["smooth_loss"]["n"] == 3
+    assert load_meta(d, 3)["loop_state"]["smooth_n"] == 3
 
 
 def test_sigterm_during_a_long_validation_saves_without_waiting_for_it(env_base):
