@@ -44,7 +44,7 @@ import torch.distributed as dist
 
 from nanochat import checkpoint_manager as ckpt
 from nanochat import sizing
-from nanochat.common import RuntimeContext, init_runtime
+from nanochat.common import RuntimeContext, init_runtime, matmul_probe_shapes
 from nanochat.config import ConfigError, TrainConfig
 from nanochat.dataloader import DataLoader
 from nanochat.gpt import GPT
@@ -491,7 +491,7 @@ def sizing_table(plan: sizing.RunPlan, ctx: RuntimeContext, model) -> str:
         ("schedule", f"warmup {p.warmup_steps}, warmdown {p.warmdown_ratio:g}, final {p.final_lr_frac:g}"),
         ("weight decay (Muon)", f"{p.weight_decay:.4g}"),
         ("world size", f"{ctx.world_size} ({ctx.device_name})"),
-        ("dtype", str(ctx.dtype).replace("torch.", "")),
+        ("dtype", ctx.dtype_summary()),
     ]
     width = max(len(k) for k, _ in rows)
     lines = ["=" * 80, "sizing"] + [f"  {k:<{width}}  {v}" for k, v in rows] + ["model:", str(model), "=" * 80]
@@ -552,14 +552,15 @@ def _train(cfg: TrainConfig, ctx: RuntimeContext) -> int:
     N, A = plan.num_iterations, plan.grad_accum_steps
     out_dir, resume_which = _setup_run_folder(cfg, ctx)
 
+    mc = plan.model_config  # --dtype auto on CPU: the GEMM probe again at this model's shapes (cached)
+    ctx.probe_at(matmul_probe_shapes(mc.n_embd, plan.device_batch_size * plan.max_seq_len, mc.padded_vocab_size))
     with torch.device("meta"):
         model = GPT(plan.model_config, compute_dtype=ctx.dtype)
     model.to_empty(device=ctx.device)
     model.init_weights()
-    # bf16 matmuls on CPUs without bf16 units run ~10x slower than fp32 (measured: Muon step 24 s vs 2 s at
-    # depth 4), so the orthogonalisation runs in fp32 there; GPUs keep the recipe's bf16
-    extra = {"orth_dtype": torch.float32} if ctx.device_type == "cpu" else {}
-    optimizer = build_optimizer(model, weight_decay=plan.weight_decay, **plan.lrs, **extra)
+    # Muon's orthogonalisation: bf16 on GPUs and where the CPU probe chose bf16; fp32 on other CPUs, whose
+    # emulated bf16 matmuls run ~10x slower (measured: Muon step 24 s vs 2 s at depth 4)
+    optimizer = build_optimizer(model, weight_decay=plan.weight_decay, **plan.lrs, orth_dtype=ctx.orth_dtype)
     for group in optimizer.param_groups:
         group["initial_weight_decay"] = group.get("weight_decay", 0.0)
     train_loader = make_loader(cfg, tokenizer, "train", ctx, A, vocab_size)

@@ -40,7 +40,7 @@ def train(vocab_size: int, max_chars: int, doc_cap: int, input_path: str | None 
           base_dir: str | None = None, out_dir: str | None = None) -> Path:
     stats = TextStats()
     if input_path:
-        texts = iter_text_files(input_path, stats, pack_chars=doc_cap)
+        texts = iter_text_files(input_path, stats)
         source = input_path
     else:
         texts = pretraining_documents()
