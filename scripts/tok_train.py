@@ -5,14 +5,18 @@
 """
 
 import argparse
+import importlib
+import os
 import sys
+import threading
 import time
 from pathlib import Path
 
 if not __package__:  # `python scripts/tok_train.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nanochat.common import env_rank, print0  # noqa: E402
+# nothing here imports torch up front (nanochat.common would): only rank 0 gets past main()'s check, so
+# print() is print0, and torch, which saving needs, is imported beside the reading and merging
 from nanochat.tokenizer import (DEFAULT_DOC_CAP, DEFAULT_MAX_CHARS, DEFAULT_VOCAB_SIZE, TRAINERS,  # noqa: E402
                                 TextStats, Tokenizer, TokenizerError, describe, get_tokenizer_dir,
                                 iter_text_files)
@@ -36,8 +40,21 @@ def pretraining_documents():
     return dataset.iter_documents(split="train")
 
 
+def print0(*args) -> None:
+    print(*args, flush=True)
+
+
+def preload(module: str) -> threading.Thread:
+    """Import `module` in a background thread: torch takes 1-3 s to import, and the trainer releases the
+    GIL for much of its work, so the import overlaps it instead of delaying the save at the end."""
+    thread = threading.Thread(target=importlib.import_module, args=(module,), name=f"import-{module}", daemon=True)
+    thread.start()
+    return thread
+
+
 def train(vocab_size: int, max_chars: int, doc_cap: int, input_path: str | None = None, trainer: str = "rustbpe",
           base_dir: str | None = None, out_dir: str | None = None) -> Path:
+    torch_import = preload("torch")  # for token_bytes.pt in tok.save()
     stats = TextStats()
     if input_path:
         texts = iter_text_files(input_path, stats)
@@ -57,6 +74,7 @@ def train(vocab_size: int, max_chars: int, doc_cap: int, input_path: str | None 
     seconds = time.time() - t0
     tok.meta.update(seconds=round(seconds, 2), source=str(source))
     out = Path(out_dir) if out_dir else get_tokenizer_dir(base_dir)
+    torch_import.join()
     tok.save(out)
     print0(f"trained in {seconds:.1f}s ({stats.chars / 1e6 / max(seconds, 1e-9):.2f} MB/s): {describe(tok)}; "
            f"{stats.truncated_docs:,} documents truncated to {doc_cap:,} chars")
@@ -80,7 +98,7 @@ def main(argv=None) -> None:
                    help="BPE trainer (rustbpe: faster here, see benchmarks/results/tokenizer.md)")
     p.add_argument("--out-dir", default=None, help="where to save (default <base dir>/tokenizer)")
     args = p.parse_args(argv)
-    if env_rank() != 0:  # under torchrun, one process does the (single-machine) work
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, one process does the (single-machine) work
         return
     if args.max_chars <= 0 or args.doc_cap <= 0:
         p.error("--max-chars and --doc-cap must be positive")
