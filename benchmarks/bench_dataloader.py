@@ -18,7 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nanochat import dataset  # noqa: E402
+from nanochat import data_prep, dataset  # noqa: E402
 from nanochat.dataloader import DataLoader  # noqa: E402
 
 SHARED_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text"
@@ -44,7 +44,7 @@ def main() -> None:
     from nanochat.tokenizer import Tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
-        data_dir = dataset.prepare(args.text, Path(tmp) / "data", val_fraction=0.02, verbose=True)
+        data_dir = data_prep.prepare(args.text, Path(tmp) / "data", val_fraction=0.02, verbose=True)
         docs = list(dataset.iter_documents("train", data_dir))
         n_chars = sum(map(len, docs))
         t0 = time.time()

@@ -21,11 +21,10 @@ from pathlib import Path
 
 import torch
 
-from nanochat.common import get_base_dir
-
-# checkpoint folder per training phase, under the base dir
-PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
-              "rl": "chatrl_checkpoints"}
+from nanochat.common import resolve_dtype
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.run_dir import phase_dir
+from nanochat.tokenizer import get_tokenizer
 
 _META_RE = re.compile(r"^meta_(\d+)\.json$")
 
@@ -196,9 +195,6 @@ def config_mismatch(saved: dict, current: dict) -> list[str]:
 
 def build_model(model_config: dict, device, compute_dtype: torch.dtype | None = None):
     """An uninitialised GPT of `model_config` on `device` (weights to be loaded)."""
-    from nanochat.common import resolve_dtype
-    from nanochat.gpt import GPT, GPTConfig
-
     device = torch.device(device)
     config = GPTConfig(**model_config)
     dtype = compute_dtype if compute_dtype is not None else resolve_dtype(device.type)
@@ -228,14 +224,10 @@ def load_model(phase: str, device, model_tag: str | None = None, step: int | Non
 
     Defaults: the most recently written model tag of the phase, and its last step.
     """
-    from nanochat.tokenizer import get_tokenizer
-
-    if phase not in PHASE_DIRS:
-        raise ValueError(f"unknown phase {phase!r}: use one of {sorted(PHASE_DIRS)}")
-    phase_dir = Path(base_dir or get_base_dir()) / PHASE_DIRS[phase]
+    folder = phase_dir(phase, base_dir)
     if model_tag is None:
-        model_tag = find_last_tag(phase_dir)
-    checkpoint_dir = phase_dir / model_tag
+        model_tag = find_last_tag(folder)
+    checkpoint_dir = folder / model_tag
     if step is None:
         step = find_last_step(checkpoint_dir)
     model_state, _, meta = load_checkpoint(checkpoint_dir, step, device=device)

@@ -46,7 +46,8 @@ import torch.nn.functional as F
 import yaml
 from jinja2 import Environment
 
-from nanochat.common import RuntimeContext, context_for
+from nanochat.common import RuntimeContext, context_for, get_base_dir
+from nanochat.engine import KVCache
 
 EVAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
 EVAL_BUNDLE_ENV = "NANOCHAT_EVAL_BUNDLE"
@@ -79,8 +80,6 @@ def resolve_eval_bundle(bundle_dir: str | os.PathLike | None = None, base_dir: s
     """The eval bundle folder: `bundle_dir`, else env NANOCHAT_EVAL_BUNDLE, else `<base>/eval_bundle`,
     downloaded there on first use (file-locked, so concurrent ranks download it once)."""
     if base_dir is None:
-        from nanochat.common import get_base_dir
-
         base_dir = get_base_dir()
     base_dir = Path(base_dir)
     for source, given in (("--eval-bundle", bundle_dir), (EVAL_BUNDLE_ENV, os.environ.get(EVAL_BUNDLE_ENV))):
@@ -447,8 +446,6 @@ def score_shared_prefix(model, ex: PreparedExample, pad_id: int, device) -> list
     """Multiple choice with the common context run once: prefill it into a KV cache, copy the cache
     for each choice and run only the continuations (right-padded) on top. Same mathematics as the
     full forward of every choice; the floats differ only by kernel order (~1e-6)."""
-    from nanochat.engine import KVCache
-
     prefix = ex.starts[0]
     conts = [t[prefix:] for t in ex.tokens]
     K, Lc = len(conts), max(len(c) for c in conts)

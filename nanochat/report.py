@@ -13,6 +13,10 @@ import platform
 import subprocess
 from pathlib import Path
 
+import torch
+
+from nanochat.sizing import count_params, flops_per_token, model_config
+
 SECTION_ORDER = ["environment", "tokenizer", "sizing", "training", "evaluation", "samples", "timing"]
 
 # Rough on-demand price of one H100 SXM GPU-hour (USD, late 2026 cloud list prices range ~2-4).
@@ -73,8 +77,6 @@ def md_table(headers: list[str], rows: list[list]) -> str:
 
 
 def environment_section(repo_dir: str | Path) -> str:
-    import torch
-
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo_dir, capture_output=True,
                                 text=True, timeout=10).stdout.strip() or "unknown"
@@ -102,21 +104,6 @@ def sizing_section(run_json: dict) -> str:
     cfg = run_json.get("model_config", {})
     rows += [[f"config.{k}", v] for k, v in cfg.items()]
     return "## Model sizing\n\n" + md_table(["quantity", "value"], rows) + "\n"
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    out = []
-    p = Path(path)
-    if not p.exists():
-        return out
-    for line in p.read_text().splitlines():
-        line = line.strip()
-        if line:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a torn last line from a killed run
-    return out
 
 
 def plot_training(metrics: list[dict], out_dir: str | Path) -> list[str]:
@@ -226,8 +213,6 @@ def timing_section(stage_seconds: dict[str, float], num_gpus: int) -> str:
 def gpu_recipe_estimate(depth: int = 24, ratio: float = 8.0, gpus: int = 8, mfu: float = 0.45,
                         peak: float = 989e12) -> dict:
     """Training compute and wall time of the GPT-2-grade recipe from the sizing rules (no eval time)."""
-    from nanochat.sizing import count_params, flops_per_token, model_config
-
     config = model_config(depth)
     flops = flops_per_token(config) * ratio * count_params(config)["scaling"]
     hours = flops / (gpus * peak * mfu) / 3600

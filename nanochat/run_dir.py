@@ -39,10 +39,6 @@ def run_dir(phase: str, tag: str, base_dir: str | os.PathLike | None = None) -> 
     return phase_dir(phase, base_dir) / tag
 
 
-def default_tag(depth: int) -> str:
-    return f"d{depth}"
-
-
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write `text` to `<path>.tmp<pid>`, fsync and rename over `path` (readers never see half a file)."""
     path = Path(path)

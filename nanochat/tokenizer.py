@@ -441,7 +441,7 @@ def _validated_messages(conversation: dict) -> list[dict]:
 
 def get_tokenizer_dir(base_dir: str | Path | None = None) -> Path:
     if base_dir is None:
-        from nanochat.common import get_base_dir
+        from nanochat.env import get_base_dir
 
         base_dir = get_base_dir()
     return Path(base_dir) / "tokenizer"

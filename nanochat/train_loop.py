@@ -14,8 +14,8 @@ reproduces the uninterrupted one bit for bit (tested, including after SIGKILL). 
 is written before the final evaluations, and an evaluation that fails is reported as such (exit code
 5) without losing the trained model.
 
-Reused by the chat phases: `LoopState`, `StopSignal`, `apply_schedule`, `train_step`,
-`save_training_checkpoint`, `restore_training_checkpoint`, `rng_state` / `set_rng_state`.
+The pieces every training phase shares (LoopState, train_step, checkpoint save/restore, ...) live in
+nanochat/training.py.
 
 Test hooks (environment): `NANOCHAT_TEST_NAN_STEP=k` multiplies the loss of step k by NaN;
 `NANOCHAT_TEST_HANG_STEP=k` stops in the middle of step k (after backward, before the update),
@@ -24,45 +24,34 @@ prints "hanging at step k" and waits for a signal, so a test can SIGKILL or SIGT
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import math
-import os
-import random
-import resource
-import signal
-import subprocess
 import sys
-import threading
 import time
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.distributed as dist
 
 from nanochat import checkpoint_manager as ckpt
 from nanochat import sizing
 from nanochat.common import RuntimeContext, init_runtime, matmul_probe_shapes
 from nanochat.config import ConfigError, TrainConfig
+from nanochat.core_eval import EvalBundleError, evaluate_core, load_task_specs, resolve_eval_bundle
 from nanochat.dataloader import DataLoader
+from nanochat.engine import Engine
 from nanochat.gpt import GPT
+from nanochat.loss_eval import evaluate_loss_and_bpb
 from nanochat.optim import build_optimizer
 from nanochat.run_dir import MetricsWriter, run_dir, write_run_json
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
+from nanochat.training import (EXIT_CONFIG, EXIT_EVAL, EXIT_NONFINITE, EXIT_OK, EXIT_OOM, LoopState, NonFiniteLoss,
+                               StopSignal, TestHooks, apply_schedule, git_commit, peak_memory_mb,
+                               restore_training_checkpoint, save_training_checkpoint, train_step,
+                               update_checkpoint_meta)
 
-__all__ = ["ConfigError", "NonFiniteLoss", "LoopState", "StopSignal", "StepResult", "apply_schedule", "train_step",
-           "save_training_checkpoint", "restore_training_checkpoint", "rng_state", "set_rng_state", "train"]
+__all__ = ["ConfigError", "EXIT_CONFIG", "EXIT_EVAL", "EXIT_NONFINITE", "EXIT_OK", "EXIT_OOM", "train"]
 
-EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_OOM, EXIT_EVAL = 0, 2, 3, 4, 5
 SAMPLE_PROMPTS = ["The capital of France is", "The chemical symbol of gold is",
                   "If yesterday was Friday, then tomorrow will be", "The opposite of hot is"]
-LOSS_EMA_BETA = 0.9  # the logged loss: an EMA of the raw loss, debiased by 1 - beta^n
-
-
-class NonFiniteLoss(RuntimeError):
-    pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,234 +106,6 @@ def make_loader(cfg: TrainConfig, tokenizer, split: str, ctx: RuntimeContext, gr
                       rank=ctx.rank, world_size=ctx.world_size, data_dir=cfg.data_dir,
                       keep_remainder=cfg.keep_remainder if split == "train" else 0)
 
-
-# ---------------------------------------------------------------------------------------------
-# state that a checkpoint carries
-
-
-def rng_state(device_type: str) -> dict:
-    py = random.getstate()
-    npy = np.random.get_state()
-    state = {"python": [py[0], list(py[1]), py[2]],
-             "numpy": [npy[0], npy[1].tolist(), int(npy[2]), int(npy[3]), float(npy[4])],
-             "torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
-    if device_type == "cuda":
-        state["cuda"] = base64.b64encode(torch.cuda.get_rng_state().cpu().numpy().tobytes()).decode()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-
-    def tensor(s):
-        return torch.frombuffer(bytearray(base64.b64decode(s)), dtype=torch.uint8)
-
-    torch.set_rng_state(tensor(state["torch"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(tensor(state["cuda"]))
-
-
-def gather_to_all(ctx: RuntimeContext, obj) -> list:
-    """[obj of rank 0, obj of rank 1, ...] on every rank (a list of one when not distributed)."""
-    if not ctx.ddp:
-        return [obj]
-    out = [None] * ctx.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def gather_to_all(ctx: RuntimeContext, obj) -> list:
-    """[obj of rank 0, obj of rank 1, ...] on every rank (a list of one when not distributed)."""
-    if not ctx.ddp:
-        return [obj]
-    out = [None] * ctx.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-@dataclass
-class LoopState:
-    """The loop's own state, saved in every checkpoint as one object and restored on resume."""
-
-    step: int = 0  # optimizer steps done
-    smooth_ema: float = 0.0  # EMA of the raw loss (not yet debiased)
-    smooth_n: int = 0  # losses in the EMA
-    train_time: float = 0.0  # seconds of timed steps (the first step of every (re)start is not timed)
-    val_bpb: float | None = None  # the latest validation bpb
-    best_val_bpb: float | None = None
-    core: float | None = None  # the latest CORE metric
-
-    def update_loss(self, raw_loss: float) -> float:
-        self.smooth_ema = LOSS_EMA_BETA * self.smooth_ema + (1 - LOSS_EMA_BETA) * raw_loss
-        self.smooth_n += 1
-        return self.smooth_loss
-
-    @property
-    def smooth_loss(self) -> float:
-        return self.smooth_ema / (1 - LOSS_EMA_BETA ** self.smooth_n) if self.smooth_n else float("nan")
-
-    def record_val(self, bpb: float) -> None:
-        self.val_bpb = bpb
-        self.best_val_bpb = bpb if self.best_val_bpb is None else min(self.best_val_bpb, bpb)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "LoopState":
-        if "smooth_loss" in d:  # checkpoints written before LoopState: {"smooth_loss": {ema, n}, "train_time"}
-            d = {"smooth_ema": d["smooth_loss"]["ema"], "smooth_n": d["smooth_loss"]["n"],
-                 "train_time": d.get("train_time", 0.0), "step": d.get("step", 0), "val_bpb": d.get("val_bpb")}
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
-
-
-class StopSignal:
-    """SIGTERM/SIGINT (preemption, Ctrl-C) set a flag; the loop skips that step's evaluations (a single
-    process also abandons a validation pass under way), saves at the end of the step and exits."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.received = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
-@dataclass
-class TestHooks:
-    """Fault injection for tests, from the environment (see the module docstring); off by default."""
-
-    nan_step: int = -1
-    hang_step: int = -1
-
-    @classmethod
-    def from_env(cls) -> "TestHooks":
-        return cls(int(os.environ.get("NANOCHAT_TEST_NAN_STEP", "-1")), int(os.environ.get("NANOCHAT_TEST_HANG_STEP", "-1")))
-
-
-@dataclass
-class StepResult:
-    loss: float  # mean training loss of the step over micro-batches and ranks
-    stop_requested: bool  # a stop signal reached some rank (all ranks agree)
-
-
-def apply_schedule(optimizer, lr_mult: float, wd_mult: float = 1.0, muon_momentum: float | None = None) -> None:
-    """Set every group's LR and weight decay from its initial values, and Muon's momentum."""
-    for group in optimizer.param_groups:
-        group["lr"] = group["initial_lr"] * lr_mult
-        group["weight_decay"] = group.setdefault("initial_weight_decay", group.get("weight_decay", 0.0)) * wd_mult
-        if muon_momentum is not None and group["kind"] == "muon":
-            group["momentum"] = muon_momentum
-
-
-def train_step(model, optimizer, batches, grad_accum: int, ctx: RuntimeContext, stop: StopSignal | None = None,
-               step: int = -1, hooks: TestHooks | None = None) -> StepResult:
-    """One optimizer step: `grad_accum` micro-batches (x, y) from `batches` (targets -1 are ignored),
-    backward on each, one all-reduce of (loss, stop flag) across ranks (the step's only host sync), then
-    the update. A non-finite loss raises NonFiniteLoss before the update, on every rank alike."""
-    hooks = hooks or TestHooks()
-    loss_sum = torch.zeros((), device=ctx.device)
-    for _ in range(grad_accum):
-        x, y = next(batches)
-        loss = model(x, y)
-        if step == hooks.nan_step:
-            loss = loss * float("nan")
-        loss_sum += loss.detach()
-        (loss / grad_accum).backward()
-    if step == hooks.hang_step:  # test hook: stuck mid-step until a signal (or SIGKILL) arrives
-        print(f"hanging at step {step}", flush=True)
-        while stop is not None and stop.received is None:
-            time.sleep(0.05)
-    stopped = float(stop is not None and stop.received is not None)
-    flags = torch.stack([loss_sum / grad_accum, torch.tensor(stopped, device=ctx.device)])
-    if ctx.ddp:
-        dist.all_reduce(flags)
-    loss_total, stop_flag = flags.tolist()
-    loss_mean = loss_total / ctx.world_size
-    if not math.isfinite(loss_mean):
-        raise NonFiniteLoss(f"loss is {loss_mean} at step {step}")
-    optimizer.step()
-    model.zero_grad(set_to_none=True)
-    ctx.synchronize()
-    return StepResult(loss_mean, stop_flag > 0)
-
-
-def save_training_checkpoint(out_dir: Path, step: int, model, optimizer, loader, state: LoopState,
-                             ctx: RuntimeContext, meta: dict, keep_last: int = -1) -> list[int]:
-    """Checkpoint `step` (every rank calls it): weights (rank 0), each rank's optimizer, data-loader and RNG
-    state, the loop state and `meta` (model_config, config, ...). Returns the steps pruned by keep_last."""
-    full = dict(meta, val_bpb=state.val_bpb, world_size=ctx.world_size, loop_state=state.to_dict(),
-                dataloader_state=gather_to_all(ctx, loader.state_dict()),
-                rng_state=gather_to_all(ctx, rng_state(ctx.device_type)))
-    ckpt.save_checkpoint(out_dir, step, model.state_dict() if ctx.is_master else None, optimizer.state_dict(),
-                         full, rank=ctx.rank, barrier=ctx.barrier)
-    return ckpt.prune_checkpoints(out_dir, keep_last) if ctx.is_master else []
-
-
-def restore_training_checkpoint(out_dir: Path, which, ctx: RuntimeContext, model, optimizer, loader,
-                                model_config: dict) -> tuple[int, LoopState, dict]:
-    """Load checkpoint `which` (a step or "latest") into the model, optimizer, loader and RNGs.
-
-    Refuses a checkpoint written by another world size or another model config (ConfigError)."""
-    step = ckpt.find_last_step(out_dir) if which == "latest" else int(which)
-    meta = ckpt.load_meta(out_dir, step)
-    if meta.get("world_size") != ctx.world_size:
-        raise ConfigError(f"checkpoint step {step} in {out_dir} was written by {meta.get('world_size')} "
-                          f"rank(s) but this run has {ctx.world_size}: its optimizer and data-loader states are "
-                          f"per rank, so resume with the same number of ranks")
-    diff = ckpt.config_mismatch(meta["model_config"], model_config)
-    if diff:
-        raise ConfigError(f"checkpoint step {step} in {out_dir} is a different model: {'; '.join(diff)}. "
-                          f"Use the same model flags, or another --model-tag for a new run")
-    model_state, optim_state, _ = ckpt.load_checkpoint(out_dir, step, device=ctx.device, load_optimizer=True,
-                                                       rank=ctx.rank)
-    ckpt.load_state_into(model, model_state)
-    optimizer.load_state_dict(optim_state)
-    loader.load_state_dict(meta["dataloader_state"][ctx.rank])
-    set_rng_state(meta["rng_state"][ctx.rank])
-    state = LoopState.from_dict(dict(meta["loop_state"], step=step, val_bpb=meta.get("val_bpb")))
-    ctx.print0(f"resumed from {out_dir} step {step} (val bpb {meta.get('val_bpb')})")
-    return step, state, meta
-
-
-def update_checkpoint_meta(out_dir: Path, step: int, state: LoopState) -> None:
-    """After the evaluations of a step that was saved first: put their results into its meta file."""
-    meta = ckpt.load_meta(out_dir, step)
-    meta.update(val_bpb=state.val_bpb, loop_state=state.to_dict())
-    ckpt.atomic_json_save(meta, ckpt.meta_path(out_dir, step))
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=5, check=False)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def peak_memory_mb(ctx: RuntimeContext) -> float:
-    if ctx.device_type == "cuda":
-        return torch.cuda.max_memory_allocated(ctx.device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB of peak RSS
-
-
 # ---------------------------------------------------------------------------------------------
 # evaluations
 
@@ -358,8 +119,6 @@ def evaluate_val(model, tokenizer, ctx: RuntimeContext, token_bytes, cfg: TrainC
                  should_stop=None) -> dict | None:
     """Validation bpb and mean loss in nats/token (loss_eval.evaluate_loss_and_bpb); None if
     `should_stop` ended it early."""
-    from nanochat.loss_eval import evaluate_loss_and_bpb
-
     steps = max(1, eval_tokens // (cfg.device_batch_size * cfg.max_seq_len * ctx.world_size))
     loader = make_loader(cfg, tokenizer, "val", ctx, 1, tokenizer.get_vocab_size())
     model.eval()
@@ -373,8 +132,6 @@ def evaluate_val(model, tokenizer, ctx: RuntimeContext, token_bytes, cfg: TrainC
 def core_preflight(cfg: TrainConfig, ctx: RuntimeContext) -> bool:
     """Find the CORE bundle and check the flags before training: False (after one warning) when the
     bundle is unavailable; ConfigError when --core-metric-max-per-task is too small for its few-shot tasks."""
-    from nanochat.core_eval import EvalBundleError, load_task_specs, resolve_eval_bundle
-
     try:
         specs = load_task_specs(resolve_eval_bundle())
     except (EvalBundleError, FileNotFoundError) as e:
@@ -388,8 +145,6 @@ def core_preflight(cfg: TrainConfig, ctx: RuntimeContext) -> bool:
 
 
 def run_core(model, tokenizer, ctx: RuntimeContext, max_per_task: int) -> float:
-    from nanochat.core_eval import evaluate_core
-
     try:
         return evaluate_core(model, tokenizer, ctx.device, max_per_task=max_per_task, verbose=False, ctx=ctx)["core"]
     finally:
@@ -397,8 +152,6 @@ def run_core(model, tokenizer, ctx: RuntimeContext, max_per_task: int) -> float:
 
 
 def print_samples(model, tokenizer, max_tokens: int = 16) -> None:
-    from nanochat.engine import Engine
-
     engine = Engine(model, tokenizer)
     bos = tokenizer.get_bos_token_id()
     model.eval()

@@ -260,9 +260,10 @@ def main(argv=None) -> dict:
                     else nullcontext())
         meta = {}
     else:
-        from nanochat.checkpoint_manager import PHASE_DIRS, find_last_step, find_last_tag, load_model
+        from nanochat.checkpoint_manager import find_last_step, find_last_tag, load_model
+        from nanochat.run_dir import phase_dir as phase_dir_of
 
-        phase_dir = base / PHASE_DIRS["base"]
+        phase_dir = phase_dir_of("base", base)
         tag = args.model_tag or find_last_tag(phase_dir)
         step = args.step if args.step is not None else find_last_step(phase_dir / tag)
         model, tokenizer, meta = load_model("base", ctx.device, model_tag=tag, step=step, compute_dtype=ctx.dtype)

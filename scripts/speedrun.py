@@ -25,6 +25,8 @@ if not __package__:  # `python scripts/speedrun.py`: make the repo root importab
 
 from nanochat import report as rc  # noqa: E402
 from nanochat.common import get_base_dir  # noqa: E402
+from nanochat.run_dir import read_metrics, read_run_json  # noqa: E402
+from nanochat.run_dir import run_dir as run_dir_of  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -56,7 +58,7 @@ PRESETS = {
     # ~10 minutes on 2 CPU cores, offline: the embedded corpus, a 4K tokenizer, a depth-4 model.
     # LRs are 8x the reference's base values: its sqrt(B / 2^19) batch rule was fitted at 2^18-2^21
     # tokens per step and starves a 2,048-token batch (measured, 40 steps: val bpb 2.14 at 1x, 1.78 at 4x,
-    # 1.73 at 8x -- see the resolution note of the speedrun issue). The KJV's chapters (~1,000 tokens)
+    # 1.73 at 8x). The KJV's chapters (~1,000 tokens)
     # are long against 257-token rows: discarding cropped tails threw away 62% of the text and repeated
     # chapter openings, so tails of >= 32 tokens are kept (same compute, val bpb 1.512 -> 1.482).
     "cpu": Preset("cpu", data="embedded", num_shards=0, tok_first_shards=0, vocab_size=4096,
@@ -168,17 +170,13 @@ def tokenizer_section(p: Preset) -> str:
     return "## Tokenizer\n\n" + rc.md_table(["", ""], rows) + "\n"
 
 
-def run_dir_for(base: Path, tag: str) -> Path:
-    return base / "base_checkpoints" / tag
-
-
 def training_done(run_dir: Path) -> bool:
     from nanochat.checkpoint_manager import list_steps
 
-    run_json = run_dir / "run.json"
-    if not run_json.exists():
+    info = read_run_json(run_dir)
+    if info is None:
         return False
-    target = json.loads(run_json.read_text()).get("sizing", {}).get("num_iterations")
+    target = info.get("sizing", {}).get("num_iterations")
     steps = list_steps(run_dir) if run_dir.exists() else []
     return bool(target) and bool(steps) and max(steps) >= target
 
@@ -186,7 +184,7 @@ def training_done(run_dir: Path) -> bool:
 def stage_train(p: Preset, tag: str, nproc: int, run_name: str, report: rc.Report) -> None:
     from nanochat.checkpoint_manager import list_steps
 
-    run_dir = run_dir_for(get_base_dir(), tag)
+    run_dir = run_dir_of("base", tag)
     if training_done(run_dir):
         log(f"training finished earlier ({run_dir}), skipping")
     else:
@@ -197,9 +195,8 @@ def stage_train(p: Preset, tag: str, nproc: int, run_name: str, report: rc.Repor
             log(f"resuming training from the latest checkpoint in {run_dir}")
             cmd.append("--resume-from-step=latest")
         run(cmd)
-    run_json = json.loads((run_dir / "run.json").read_text())
-    report.set("sizing", rc.sizing_section(run_json))
-    metrics = rc.read_metrics(run_dir / "metrics.jsonl")
+    report.set("sizing", rc.sizing_section(read_run_json(run_dir)))
+    metrics = read_metrics(run_dir)
     plots = rc.plot_training(metrics, report.dir) if metrics else []
     report.set("training", rc.training_section(metrics, plots))
 
@@ -211,7 +208,7 @@ def untrained_val_bpb(run_dir: Path, split_tokens: int) -> float:
     from nanochat.loss_eval import evaluate_split_bpb
     from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
-    info = json.loads((run_dir / "run.json").read_text())
+    info = read_run_json(run_dir)
     ctx = init_runtime(seed=int(info.get("args", {}).get("seed", 42)))
     model = build_model(info["model_config"], ctx.device, ctx.dtype)  # freshly initialised weights
     model.eval()
@@ -223,7 +220,7 @@ def untrained_val_bpb(run_dir: Path, split_tokens: int) -> float:
 def stage_eval(p: Preset, tag: str, nproc: int, report: rc.Report) -> dict:
     from nanochat.checkpoint_manager import find_last_step
 
-    run_dir = run_dir_for(get_base_dir(), tag)
+    run_dir = run_dir_of("base", tag)
     step = find_last_step(run_dir)
     out = run_dir / f"base_eval_{step:06d}.json"
     bundle_error = None
@@ -286,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     nproc = args.nproc or max(1, gpus)
     tag = args.model_tag or f"{name}_d{p.depth}"
     base = get_base_dir()
-    run_dir = run_dir_for(base, tag)
+    run_dir = run_dir_of("base", tag, base)
     report = rc.Report(run_dir / "report", title=f"nanochat report card: {tag} ({name} preset)")
     log(f"preset {name}: depth {p.depth}, data {p.data}, {nproc} process(es), base dir {base}, run {run_dir}")
     report.set("environment", rc.environment_section(REPO))

@@ -6,7 +6,6 @@
 
 import argparse
 import importlib
-import os
 import sys
 import threading
 import time
@@ -15,8 +14,9 @@ from pathlib import Path
 if not __package__:  # `python scripts/tok_train.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-# nothing here imports torch up front (nanochat.common would): only rank 0 gets past main()'s check, so
-# print() is print0, and torch, which saving needs, is imported beside the reading and merging
+# nothing here imports torch up front (nanochat.env, not nanochat.common): torch, which saving needs, is
+# imported beside the reading and merging (see preload)
+from nanochat.env import env_rank, print0  # noqa: E402
 from nanochat.tokenizer import (DEFAULT_DOC_CAP, DEFAULT_MAX_CHARS, DEFAULT_VOCAB_SIZE, TRAINERS,  # noqa: E402
                                 TextStats, Tokenizer, TokenizerError, describe, get_tokenizer_dir,
                                 iter_text_files)
@@ -38,10 +38,6 @@ def pretraining_documents():
     if not shards:
         raise TokenizerError(f"no pretraining shards found in {data_dir}; {hint}")
     return dataset.iter_documents(split="train")
-
-
-def print0(*args) -> None:
-    print(*args, flush=True)
 
 
 def preload(module: str) -> threading.Thread:
@@ -98,7 +94,7 @@ def main(argv=None) -> None:
                    help="BPE trainer (rustbpe: faster here, see benchmarks/results/tokenizer.md)")
     p.add_argument("--out-dir", default=None, help="where to save (default <base dir>/tokenizer)")
     args = p.parse_args(argv)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, one process does the (single-machine) work
+    if env_rank() != 0:  # under torchrun, one process does the (single-machine) work
         return
     if args.max_chars <= 0 or args.doc_cap <= 0:
         p.error("--max-chars and --doc-cap must be positive")

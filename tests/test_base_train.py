@@ -1,7 +1,7 @@
 """End-to-end tests of scripts/base_train.py: real tokenizer, real prepared dataset, real optimizer.
 
 A session fixture builds, once, a tiny artifact directory: a ~384-token BPE tokenizer trained on
-generated text and that text prepared as shards (nanochat.dataset.prepare). Runs use depth 1-2
+generated text and that text prepared as shards (nanochat.data_prep.prepare). Runs use depth 1-2
 models at sequence length 32-64, so each takes seconds. Subprocess and torchrun tests use the
 test hooks of nanochat/train_loop.py (NANOCHAT_TEST_NAN_STEP / NANOCHAT_TEST_HANG_STEP).
 """
@@ -45,7 +45,7 @@ def generated_documents(n: int, seed: int = 0) -> list[str]:
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory) -> Path:
     """An artifact dir with tokenizer/ (vocab 384) and base_data/ (train shards + pinned val shard)."""
-    from nanochat.dataset import prepare
+    from nanochat.data_prep import prepare
     from nanochat.tokenizer import Tokenizer
 
     base = tmp_path_factory.mktemp("nanochat_base")
@@ -83,7 +83,9 @@ def run_dir(base: Path, tag: str) -> Path:
 
 
 def read_metrics(base: Path, tag: str) -> list[dict]:
-    return [json.loads(line) for line in (run_dir(base, tag) / "metrics.jsonl").read_text().splitlines()]
+    from nanochat.run_dir import read_metrics as read
+
+    return read(run_dir(base, tag))
 
 
 def train_inprocess(*flags: str) -> int:
@@ -462,3 +464,33 @@ def test_bf16_cpu_training_follows_fp32(env_base, capsys):
     assert all(v.dtype == torch.float32 for v in model_state.values() if v.is_floating_point())  # fp32 masters
     muon = [g for g in optim_state["param_groups"] if g.get("kind", g.get("type")) == "muon" or "orth_dtype" in g]
     assert muon and all("bfloat16" in str(g["orth_dtype"]) for g in muon)
+
+
+def test_failed_final_evaluation_keeps_the_trained_model(env_base, monkeypatch, capsys):
+    """The final checkpoint is written before the final evaluations; an evaluation that raises is reported
+    (exit code 5, its error named) and the trained model, its metrics and the other evaluations survive."""
+    import nanochat.train_loop as tl
+    from nanochat.checkpoint_manager import list_steps, load_meta
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("validation shard is truncated")
+
+    monkeypatch.setattr(tl, "evaluate_val", broken)
+    rc = train_inprocess(*TINY, "--num-iterations", "4", "--eval-every", "-1", "--model-tag", "evalfail")
+    out = capsys.readouterr().out
+    assert rc == tl.EXIT_EVAL
+    assert "val bpb evaluation failed: RuntimeError: validation shard is truncated" in out
+    assert list_steps(run_dir(env_base, "evalfail")) == [4]
+    assert load_meta(run_dir(env_base, "evalfail"), 4)["loop_state"]["step"] == 4
+    assert [r["step"] for r in read_metrics(env_base, "evalfail")] == [1, 2, 3, 4]
+
+
+def test_final_evaluation_results_reach_the_checkpoint_meta(env_base):
+    """Saved first, evaluated second: the meta of the final step still carries that step's val bpb."""
+    from nanochat.checkpoint_manager import load_meta
+
+    assert train_inprocess(*TINY, "--num-iterations", "3", "--eval-every", "-1", "--model-tag", "evalmeta") == 0
+    meta = load_meta(run_dir(env_base, "evalmeta"), 3)
+    last = read_metrics(env_base, "evalmeta")[-1]
+    assert meta["val_bpb"] == last["val_bpb"] and meta["loop_state"]["val_bpb"] == last["val_bpb"]
+    assert meta["loop_state"]["best_val_bpb"] == last["val_bpb"]

@@ -13,7 +13,7 @@ import pytest
 import tiktoken
 import torch
 
-from nanochat import dataset
+from nanochat import data_prep, dataset
 from nanochat.dataloader import DataLoader
 from nanochat.dataset import DataError
 
@@ -46,7 +46,7 @@ def make_docs(n, seed=0, max_words=40):
 def data(tmp_path):
     """400 documents of 9..128 bytes, train shards of 100 docs in row groups of 13 (8 per shard)."""
     docs = make_docs(400)
-    dataset.prepare(docs, tmp_path, val_fraction=0.1, rows_per_group=13, docs_per_shard=100, verbose=False)
+    data_prep.prepare(docs, tmp_path, val_fraction=0.1, rows_per_group=13, docs_per_shard=100, verbose=False)
     return tmp_path
 
 
@@ -283,7 +283,7 @@ def test_corrupt_shard_named_or_skipped_and_counted(data):
 
 def test_corrupt_row_group_raises_in_consumer_or_is_counted(tmp_path):
     tok = ByteTokenizer()
-    dataset.prepare(make_docs(100), tmp_path, rows_per_group=8, verbose=False)
+    data_prep.prepare(make_docs(100), tmp_path, rows_per_group=8, verbose=False)
     shard = tmp_path / "shard_00000.parquet"
     col = pq.ParquetFile(shard).metadata.row_group(1).column(0)
     start = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
@@ -326,7 +326,7 @@ def test_tokenizer_error_reaches_the_consumer():
     import tempfile
 
     with tempfile.TemporaryDirectory() as d:
-        dataset.prepare(make_docs(20), d, verbose=False)
+        data_prep.prepare(make_docs(20), d, verbose=False)
         with DataLoader(Broken(), 2, 64, data_dir=d) as dl:
             with pytest.raises(RuntimeError, match="tokenizer exploded"):
                 next(dl)

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from nanochat import dataset
+from nanochat import data_prep, dataset
+from scripts import dataset as dataset_cli
 from nanochat.dataset import DataError
 
 
@@ -53,7 +54,7 @@ def test_prepare_round_trips(tmp_path, kind):
         pq.write_table(pa.table({"text": docs[200:]}), src / "c.parquet")
         inp = src
     out = tmp_path / "out"
-    dataset.prepare(inp, out, val_fraction=0.1, seed=3, rows_per_group=32, docs_per_shard=120, verbose=False)
+    data_prep.prepare(inp, out, val_fraction=0.1, seed=3, rows_per_group=32, docs_per_shard=120, verbose=False)
     assert Counter(all_texts(out)) == Counter(docs)
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["val"] == ["val_shard.parquet"]
@@ -64,9 +65,9 @@ def test_prepare_round_trips(tmp_path, kind):
 
 def test_prepare_shuffle_is_seeded_and_val_has_at_least_one_doc(tmp_path):
     docs = make_docs(50)
-    a = dataset.prepare(docs, tmp_path / "a", val_fraction=0.0001, seed=7, verbose=False)
-    b = dataset.prepare(docs, tmp_path / "b", val_fraction=0.0001, seed=7, verbose=False)
-    c = dataset.prepare(docs, tmp_path / "c", val_fraction=0.0001, seed=8, verbose=False)
+    a = data_prep.prepare(docs, tmp_path / "a", val_fraction=0.0001, seed=7, verbose=False)
+    b = data_prep.prepare(docs, tmp_path / "b", val_fraction=0.0001, seed=7, verbose=False)
+    c = data_prep.prepare(docs, tmp_path / "c", val_fraction=0.0001, seed=8, verbose=False)
     assert all_texts(a) == all_texts(b)
     assert all_texts(a) != all_texts(c)
     assert all_texts(a) != docs  # shuffled
@@ -74,13 +75,13 @@ def test_prepare_shuffle_is_seeded_and_val_has_at_least_one_doc(tmp_path):
 
 
 def test_prepare_refuses_to_overwrite_without_force(tmp_path):
-    dataset.prepare(make_docs(10), tmp_path, verbose=False)
+    data_prep.prepare(make_docs(10), tmp_path, verbose=False)
     with pytest.raises(DataError, match="--force"):
-        dataset.prepare(make_docs(10), tmp_path, verbose=False)
-    dataset.prepare(make_docs(12), tmp_path, force=True, verbose=False)
+        data_prep.prepare(make_docs(10), tmp_path, verbose=False)
+    data_prep.prepare(make_docs(12), tmp_path, force=True, verbose=False)
     assert len(all_texts(tmp_path)) == 12
     with pytest.raises(DataError, match="contains the output folder"):
-        dataset.prepare(tmp_path, tmp_path, force=True, verbose=False)
+        data_prep.prepare(tmp_path, tmp_path, force=True, verbose=False)
 
 
 def test_txt_paragraph_mode_keeps_all_text(tmp_path):
@@ -94,7 +95,7 @@ def test_txt_paragraph_mode_keeps_all_text(tmp_path):
 
 def test_cli_prepare_then_info(tmp_path, capsys):
     write_jsonl(tmp_path / "in.jsonl", make_docs(40))
-    dataset.main(["prepare", "--input", str(tmp_path / "in.jsonl"), "--val-fraction", "0.25",
+    dataset_cli.main(["prepare", "--input", str(tmp_path / "in.jsonl"), "--val-fraction", "0.25",
                   "--data-dir", str(tmp_path / "d")])
     out = capsys.readouterr().out
     assert "train: 1 file(s), 30 parquet rows" in out and "val: 1 file(s), 10 parquet rows" in out
@@ -103,7 +104,7 @@ def test_cli_prepare_then_info(tmp_path, capsys):
 def test_default_data_dir_is_under_base_dir(base_dir):
     assert dataset.get_data_dir() == base_dir / "base_data"
     write_jsonl(base_dir / "in.jsonl", make_docs(20))
-    dataset.main(["prepare", "--input", str(base_dir / "in.jsonl")])
+    dataset_cli.main(["prepare", "--input", str(base_dir / "in.jsonl")])
     assert [p.name for p in dataset.list_shards("val")] == ["val_shard.parquet"]
 
 
@@ -113,7 +114,7 @@ def test_default_data_dir_is_under_base_dir(base_dir):
 
 def test_ranks_get_disjoint_documents_covering_the_split(tmp_path):
     docs = make_docs(500)
-    dataset.prepare(docs, tmp_path, val_fraction=0.1, rows_per_group=16, docs_per_shard=200, verbose=False)
+    data_prep.prepare(docs, tmp_path, val_fraction=0.1, rows_per_group=16, docs_per_shard=200, verbose=False)
     train = list(dataset.iter_documents("train", tmp_path))
     for world in (2, 3):
         parts = [list(dataset.iter_documents("train", tmp_path, rank=r, world_size=world)) for r in range(world)]
@@ -158,7 +159,7 @@ def test_folder_without_validation_split_is_a_clear_error(tmp_path):
 
 
 def test_corrupt_parquet_is_named_or_counted_when_skipping(tmp_path):
-    dataset.prepare(make_docs(100), tmp_path, rows_per_group=8, docs_per_shard=45, verbose=False)
+    data_prep.prepare(make_docs(100), tmp_path, rows_per_group=8, docs_per_shard=45, verbose=False)
     bad = tmp_path / "shard_00001.parquet"
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # truncated: footer gone
     with pytest.raises(DataError, match="shard_00001.parquet.*corrupt or truncated"):
@@ -171,10 +172,10 @@ def test_corrupt_parquet_is_named_or_counted_when_skipping(tmp_path):
 def test_empty_and_undecodable_inputs(tmp_path):
     (tmp_path / "empty.jsonl").write_text("")
     with pytest.raises(DataError, match="at least 2 non-empty documents"):
-        dataset.prepare(tmp_path / "empty.jsonl", tmp_path / "o1", verbose=False)
+        data_prep.prepare(tmp_path / "empty.jsonl", tmp_path / "o1", verbose=False)
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 one\n\ncaf\xe9 two".encode("latin-1"))
     with pytest.raises(DataError, match="latin1.txt is not valid UTF-8.*encoding-errors"):
-        dataset.prepare(tmp_path / "latin1.txt", tmp_path / "o2", verbose=False)
+        data_prep.prepare(tmp_path / "latin1.txt", tmp_path / "o2", verbose=False)
     bad_jsonl = tmp_path / "bad.jsonl"
     bad_jsonl.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n')
     with pytest.raises(DataError, match="bad.jsonl is not valid UTF-8"):
@@ -184,7 +185,7 @@ def test_empty_and_undecodable_inputs(tmp_path):
     with pytest.raises(DataError, match="nofield.jsonl:1 has no string field 'text'"):
         dataset.read_jsonl_file(tmp_path / "nofield.jsonl")
     # empty documents are dropped and counted
-    out = dataset.prepare(["a", "", "  ", "b", "c"], tmp_path / "o3", val_fraction=0.3, verbose=False)
+    out = data_prep.prepare(["a", "", "  ", "b", "c"], tmp_path / "o3", val_fraction=0.3, verbose=False)
     assert json.loads((out / "manifest.json").read_text())["empty_docs_dropped"] == 2
     # an empty parquet shard in a data folder
     d = tmp_path / "o4"
@@ -198,12 +199,12 @@ def test_empty_and_undecodable_inputs(tmp_path):
 def test_missing_input_path_is_not_sent_to_the_hub(tmp_path):
     t0 = time.time()
     with pytest.raises(DataError, match="no such file or folder"):
-        dataset.prepare(tmp_path / "nope.jsonl", tmp_path / "out", verbose=False)
+        data_prep.prepare(tmp_path / "nope.jsonl", tmp_path / "out", verbose=False)
     assert time.time() - t0 < 2
 
 
 def test_more_ranks_than_row_groups(tmp_path):
-    dataset.prepare(make_docs(20), tmp_path, rows_per_group=1024, verbose=False)  # 8 groups of <= 3 docs
+    data_prep.prepare(make_docs(20), tmp_path, rows_per_group=1024, verbose=False)  # 8 groups of <= 3 docs
     n_groups = pq.ParquetFile(tmp_path / "shard_00000.parquet").metadata.num_row_groups
     with pytest.raises(DataError, match=f"{n_groups + 1} ranks but the train split has only {n_groups} row groups"):
         next(dataset.iter_documents("train", tmp_path, rank=0, world_size=n_groups + 1))
@@ -218,7 +219,7 @@ def test_offline_download_fails_fast_with_advice(tmp_path, monkeypatch, endpoint
     monkeypatch.setenv("HF_ENDPOINT", endpoint)  # refused / unroutable (connect must time out)
     t0 = time.time()
     with pytest.raises(DataError) as err:
-        dataset.download(2, data_dir=tmp_path)
+        data_prep.download(2, data_dir=tmp_path)
     assert time.time() - t0 < 10
     msg = str(err.value)
     for hint in ("cannot reach", "HF_ENDPOINT", "prepare --input", "--data-dir", "nanochat.dataset embedded"):
@@ -228,9 +229,9 @@ def test_offline_download_fails_fast_with_advice(tmp_path, monkeypatch, endpoint
 
 def test_download_validates_arguments(tmp_path):
     with pytest.raises(ValueError, match="unknown source"):
-        dataset.download(1, source="nope", data_dir=tmp_path)
+        data_prep.download(1, source="nope", data_dir=tmp_path)
     with pytest.raises(ValueError, match="6542 train shards"):
-        dataset.download(6543, data_dir=tmp_path)
+        data_prep.download(6543, data_dir=tmp_path)
     assert dataset.SOURCES["climbmix"].val_name == "shard_06542.parquet"
     assert dataset.SOURCES["fineweb-edu"].val_name == "shard_01822.parquet"
 
@@ -256,10 +257,10 @@ def test_download_resumes_and_writes_pinned_manifest(tmp_path, monkeypatch):
 
     monkeypatch.delenv("HF_ENDPOINT", raising=False)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
-    monkeypatch.setattr(dataset, "probe_hub", lambda *a, **k: None)
-    monkeypatch.setattr(dataset.time, "sleep", lambda s: None)
+    monkeypatch.setattr(data_prep, "probe_hub", lambda *a, **k: None)
+    monkeypatch.setattr(data_prep.time, "sleep", lambda s: None)
     pq.write_table(pa.table({"text": ["already here"]}), tmp_path / "shard_00000.parquet")
-    dataset.download(2, data_dir=tmp_path, workers=2)
+    data_prep.download(2, data_dir=tmp_path, workers=2)
     assert calls == Counter({"shard_06542.parquet": 1, "shard_00001.parquet": 2})
     assert list(dataset.iter_documents("val", tmp_path)) == ["shard_06542.parquet"]
     assert list(dataset.iter_documents("train", tmp_path)) == ["already here", "shard_00001.parquet"]
@@ -271,12 +272,12 @@ def test_download_resumes_and_writes_pinned_manifest(tmp_path, monkeypatch):
 
 def test_embedded_corpus_builds_offline(tmp_path):
     try:
-        docs = dataset.embedded_documents()
+        docs = data_prep.embedded_documents()
     except DataError as e:  # only when the package cannot be installed at all
         pytest.skip(f"embedded corpus package unavailable: {e}")
     assert len(docs) == 1189 and sum(map(len, docs)) > 4_000_000
     assert docs[0].startswith("Genesis 1\n\nIn the beginning God created")
-    out = dataset.prepare_embedded(tmp_path)
+    out = data_prep.prepare_embedded(tmp_path)
     assert [p.name for p in dataset.list_shards("val", out)] == ["val_shard.parquet"]
     assert len(list(dataset.iter_documents("val", out))) == round(0.05 * 1189)
-    assert dataset.prepare_embedded(tmp_path) == out  # second call: already there, no error
+    assert data_prep.prepare_embedded(tmp_path) == out  # second call: already there, no error

@@ -44,7 +44,7 @@ def cpu_isa() -> str:
 
 
 def build_base(base: Path) -> None:
-    from nanochat.dataset import embedded_documents, prepare
+    from nanochat.data_prep import embedded_documents, prepare
     from nanochat.tokenizer import Tokenizer
 
     docs = embedded_documents(install=False)[:600]

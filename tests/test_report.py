@@ -4,6 +4,7 @@ import json
 import math
 
 from nanochat import report as rc
+from nanochat.run_dir import read_metrics
 from nanochat.sizing import count_params, flops_per_token, model_config
 
 
@@ -28,7 +29,7 @@ def test_plots_and_training_section(tmp_path):
     metrics[-1]["val_bpb"] = 2.0
     path = tmp_path / "metrics.jsonl"
     path.write_text("\n".join(json.dumps(m) for m in metrics) + "\n{torn")  # a killed run's last line
-    read = rc.read_metrics(path)
+    read = read_metrics(path)
     assert len(read) == 100
     plots = rc.plot_training(read, tmp_path)
     assert plots == ["curve_vs_step.png", "curve_vs_flops.png"]
