@@ -354,10 +354,10 @@ def test_reads_text_jsonl_and_parquet(tmp_path):
 
 def test_tokenizer_reads_what_data_preparation_reads(shared_data):
     # one reader: the documents tokenizer training sees are those `dataset prepare` would shard
-    from nanochat import dataset
+    from nanochat import data_prep
 
     folder = shared_data / "text"
-    assert list(iter_text_files(folder)) == [d for d in dataset.load_documents(folder, encoding_errors="replace") if d]
+    assert list(iter_text_files(folder)) == [d for d in data_prep.load_documents(folder, encoding_errors="replace") if d]
 
 
 # ---------------------------------------------------------------------------------------------
