@@ -1,4 +1,4 @@
-# Sourced by gpu_smoke.sh and gpu_extras.sh (from the repo root): the Python, import path, eval
+# Sourced by gpu_bench.sh (from the repo root): the Python, import path, eval
 # bundle and commit they use, also on an offline GPU machine that got .device_carry/ from
 # benchmarks/device_prepare.sh. Sets REPO, CARRY, PY, COMMIT, PYTHONPATH and, when one is found,
 # NANOCHAT_EVAL_BUNDLE (../shared/data/eval_bundle, else the carried copy).

@@ -1,4 +1,4 @@
-"""Summaries for benchmarks/gpu_smoke.sh, read from run folders' metrics.jsonl (works for any run).
+"""Summaries for benchmarks/gpu_bench.sh, read from run folders' metrics.jsonl (works for any run).
 
     python benchmarks/smoke_report.py throughput RUN_DIR [--skip 3]   # median tok/s, MFU, peak memory
     python benchmarks/smoke_report.py compare RUN_A RUN_B             # same steps, same losses? (resume check)

@@ -10,7 +10,7 @@ its own fields in a subclass: `TrainConfig` for pretraining here, the chat phase
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 
 from nanochat.sizing import COMPUTE_OPTIMAL_RATIO
 
@@ -62,11 +62,15 @@ class TrainConfig(RunConfig):
     head_dim: int = 128
     max_seq_len: int = 2048
     n_kv_head: int | None = None
-    window_pattern: str = "L"
-    value_embeds: bool = False
-    resid_scalars: bool = False
+    # None: the record recipe (SSSL, value embeddings, residual scalars) on CUDA with a windowed attention
+    # kernel, else "L" / off / off (with_device_defaults fills them in)
+    window_pattern: str | None = None
+    value_embeds: bool | None = None
+    resid_scalars: bool | None = None
+    attention: str = "auto"  # auto | fa3 | fa4 | flex | sdpa (nanochat/attention.py)
+    fp8: bool = False  # block Linears in fp8 through torch._scaled_mm (nanochat/fp8.py)
     # batch and horizon
-    device_batch_size: int = 32
+    device_batch_size: int | str = 32  # or "auto": the largest that fits (nanochat/autobatch.py)
     total_batch_size: int = -1  # -1: from the horizon
     target_param_data_ratio: float = COMPUTE_OPTIMAL_RATIO
     target_flops: float = -1.0  # -1: off
@@ -95,7 +99,11 @@ class TrainConfig(RunConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.device_batch_size != "auto" and not isinstance(self.device_batch_size, int):
+            raise ConfigError(f"--device-batch-size must be a number of sequences or 'auto', got {self.device_batch_size!r}")
         for name in ("depth", "device_batch_size", "max_seq_len", "aspect_ratio", "head_dim"):
+            if getattr(self, name) == "auto":
+                continue
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         # 0 used to fall through to "automatic" and start a run of hours: only -1 means automatic
@@ -116,6 +124,14 @@ class TrainConfig(RunConfig):
         for name in ("eval_every", "core_metric_every", "sample_every"):
             if getattr(self, name) < -1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 0 or -1, got {getattr(self, name)}")
+
+    def with_device_defaults(self, record_recipe: bool) -> "TrainConfig":
+        """This config with the architecture left open (None) filled in: the record recipe (SSSL windows,
+        value embeddings, residual scalars) when `record_recipe` (CUDA with a windowed kernel, see
+        nanochat.attention.windowed_kernel_available), else full attention without extras (the CPU default)."""
+        defaults = ("SSSL", True, True) if record_recipe else ("L", False, False)
+        names = ("window_pattern", "value_embeds", "resid_scalars")
+        return replace(self, **{n: d for n, d in zip(names, defaults) if getattr(self, n) is None})
 
     @property
     def tag(self) -> str:

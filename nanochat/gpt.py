@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from nanochat.attention import Attention, auto_backend, resolve_attention, sdpa_attend
 from nanochat.lm_loss import linear_softcap_cross_entropy
 from nanochat.model_config import VE_GATE_CHANNELS, GPTConfig
 from nanochat.sizing import flops_per_token
@@ -46,51 +47,18 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 # ---------------------------------------------------------------------------------------------
-# attention kernels: Flash Attention 3 on Hopper when importable, PyTorch SDPA everywhere else
+# attention kernels live in nanochat/attention.py, resolved once per model (GPT.set_attention)
 
 
-def _load_flash_attn3():
-    try:
-        import flash_attn_interface  # FA3 (Hopper build)
-
-        return flash_attn_interface.flash_attn_func
-    except Exception:  # not installed, or built for another GPU / torch: SDPA handles it
-        return None
+def attend(q, k, v, window: int, q_offset: int = 0) -> torch.Tensor:
+    """Causal (optionally sliding-window) attention through SDPA, the reference every backend is
+    tested against. q: (B, T, H, D) at positions q_offset.., k, v: (B, S, K, D). Returns (B, T, H, D)."""
+    return sdpa_attend(q, k, v, window, q_offset)
 
 
-def attention_backend(q: torch.Tensor, allow_fa3: bool = True) -> str:
-    """Which kernel `attend` will use for this query tensor: "fa3" or "sdpa"."""
-    if (allow_fa3 and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16)
-            and torch.cuda.get_device_capability(q.device)[0] == 9 and _load_flash_attn3() is not None):
-        return "fa3"
-    return "sdpa"
-
-
-def attend(q, k, v, window: int, q_offset: int = 0, allow_fa3: bool = True) -> torch.Tensor:
-    """Causal (optionally sliding-window) attention.
-
-    q: (B, T, H, D) for absolute positions q_offset .. q_offset+T-1; k, v: (B, S, K, D) for positions
-    0 .. S-1 (S = q_offset + T). Returns (B, T, H, D). Query i sees keys j with j <= i and i - j < window.
-    """
-    T, S = q.size(1), k.size(1)
-    if attention_backend(q, allow_fa3) == "fa3" and q_offset == S - T:
-        fa3 = _load_flash_attn3()
-        left = window - 1 if window < S else -1
-        out = fa3(q, k, v, causal=True, window_size=(left, 0))
-        return out[0] if isinstance(out, tuple) else out
-    qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T|S, D)
-    gqa = qh.size(1) != kh.size(1)
-    needs_window = window < S
-    if q_offset == 0 and T == S and not needs_window:
-        y = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=gqa)
-    elif T == 1 and not needs_window:
-        y = F.scaled_dot_product_attention(qh, kh, vh, enable_gqa=gqa)  # one query sees the whole cache
-    else:
-        qpos = torch.arange(q_offset, q_offset + T, device=q.device)[:, None]
-        kpos = torch.arange(S, device=q.device)[None, :]
-        mask = (kpos <= qpos) & (qpos - kpos < window)  # (T, S) True = attend
-        y = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=gqa)
-    return y.transpose(1, 2)
+def attention_backend(q: torch.Tensor) -> str:
+    """The backend `--attention auto` picks for a windowed model computing on q's device and dtype."""
+    return auto_backend(q.device.type, q.dtype, windowed=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +77,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = Linear(self.n_head * self.head_dim, C)
         self.ve_gate = Linear(VE_GATE_CHANNELS, self.n_kv_head) if config.has_value_embed(layer_idx) else None
 
-    def forward(self, x, ve, cos, sin, window, kv_cache=None):
+    def forward(self, x, ve, cos, sin, window, kv_cache=None, attn: Attention | None = None):
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.n_head, self.head_dim)
         k = self.c_k(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -124,7 +92,7 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             q_offset = kv_cache.pos
             k, v = kv_cache.insert(self.layer_idx, k, v)  # (B, q_offset + T, K, D)
-        y = attend(q, k, v, window, q_offset)
+        y = (sdpa_attend if attn is None else attn)(q, k, v, window, q_offset)  # (B, T, H, D)
         return self.c_proj(y.reshape(B, T, -1))
 
 
@@ -144,8 +112,8 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, layer_idx)
         self.mlp = MLP(config)
 
-    def forward(self, x, ve, cos, sin, window, kv_cache=None):
-        x = x + self.attn(rms_norm(x), ve, cos, sin, window, kv_cache)
+    def forward(self, x, ve, cos, sin, window, kv_cache=None, attn: Attention | None = None):
+        x = x + self.attn(rms_norm(x), ve, cos, sin, window, kv_cache, attn)
         return x + self.mlp(rms_norm(x))
 
 
@@ -157,14 +125,21 @@ class GPT(nn.Module):
     supports_positions = True
     supports_kv_cache = True
 
-    def __init__(self, config: GPTConfig, compute_dtype: torch.dtype = torch.float32):
+    def __init__(self, config: GPTConfig, compute_dtype: torch.dtype = torch.float32, attention: str = "auto"):
         super().__init__()
         self.config = config
         self.compute_dtype = compute_dtype
+        # attention kernel (nanochat/attention.py): `attention` is the request (auto|fa3|fa4|flex|sdpa),
+        # resolved once for the device the model runs on, by set_attention() or at the first forward
+        self.attention = attention
+        self._attn: Attention | None = None
         # training loss through nanochat.lm_loss (chunked head + soft-cap + CE, no full logits):
         # None = on CPU only; same math either way, so this is a runtime choice, not part of the config
         self.fused_loss: bool | None = None
         self.fused_loss_chunk_rows = 512
+        # loss_reduction="none" (evaluation) computes the logits in row chunks of about this many fp32
+        # elements (2^26 = 256 MB): no full (B, T, V) fp32 logits (8.6 GB at depth 20, batch 32)
+        self.eval_logits_chunk_elems = 2**26
         V, C = config.padded_vocab_size, config.n_embd
         self.wte = nn.Embedding(V, C)
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
@@ -255,6 +230,35 @@ class GPT(nn.Module):
     def get_device(self) -> torch.device:
         return self.wte.weight.device
 
+    def set_attention(self, requested: str | None = None) -> Attention:
+        """Resolve the attention backend for the device the weights are on (call after moving the
+        model, before torch.compile: flex block masks for the training shape are built here)."""
+        if requested is not None:
+            self.attention = requested
+        device = self.get_device()
+        windowed = any(w < self.config.sequence_len for w in self.windows)
+        self._attn = resolve_attention(self.attention, device.type, self.compute_dtype, windowed=windowed)
+        if device.type != "meta":
+            self._attn.prepare(self.config.sequence_len, self.windows, device)
+        return self._attn
+
+    def before_compile(self) -> None:
+        """Call once before torch.compile(model): resolves the attention backend (and builds its block
+        masks) and prepares the eager fused loss, so that neither happens inside the trace."""
+        self.set_attention()
+        _fused_loss_outside_graph()
+
+    @property
+    def attention_backend(self) -> str:
+        """The resolved attention backend, e.g. "flex (KV-cache decode: sdpa)" (resolved on first use)."""
+        attn = self._attn if self._attn is not None else self.set_attention()
+        return attn.describe()
+
+    def _attention_impl(self, device_type: str) -> Attention:
+        if self._attn is None or self._attn.device_type != device_type:
+            return self.set_attention()
+        return self._attn
+
     # --- forward ------------------------------------------------------------------------------
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, loss_reduction: str = "mean",
@@ -271,11 +275,12 @@ class GPT(nn.Module):
         cos, sin = self.cos[:, t0:t0 + T].to(self.compute_dtype), self.sin[:, t0:t0 + T].to(self.compute_dtype)
         x = rms_norm(self.wte(idx).to(self.compute_dtype))  # (B, T, C)
         x0 = x
+        attn = self._attention_impl(idx.device.type)
         for i, block in enumerate(self.blocks):
             if self.resid_lambdas is not None:
                 x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
             ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None
-            x = block(x, ve, cos, sin, self.windows[i], kv_cache)
+            x = block(x, ve, cos, sin, self.windows[i], kv_cache, attn)
         if kv_cache is not None:
             kv_cache.advance(T)
         x = rms_norm(x)
@@ -283,17 +288,50 @@ class GPT(nn.Module):
             x = x[positions[0], positions[1]]  # (N, C)
         if targets is not None and loss_reduction in ("mean", "sum") and torch.is_grad_enabled() \
                 and self._use_fused_loss(x):
-            return linear_softcap_cross_entropy(x, self.lm_head.weight, targets, vocab_size=self.config.vocab_size,
-                                                softcap=self.config.logit_softcap, reduction=loss_reduction,
-                                                chunk_rows=self.fused_loss_chunk_rows)
+            # under torch.compile the chunk loop would be unrolled (compile time linear in the chunks):
+            # it runs eagerly instead, a graph break at the head (torch.compiler.disable)
+            fused = (_FUSED_LOSS_EAGER or _fused_loss_outside_graph()) if torch.compiler.is_compiling() \
+                else linear_softcap_cross_entropy
+            return fused(x, self.lm_head.weight, targets, vocab_size=self.config.vocab_size,
+                         softcap=self.config.logit_softcap, reduction=loss_reduction,
+                         chunk_rows=self.fused_loss_chunk_rows)
+        if targets is not None and loss_reduction == "none":
+            return self._per_token_loss(x, targets)
         logits = self.lm_head(x)[..., :self.config.vocab_size].float()  # (B, T, vocab) or (N, vocab), fp32
         cap = self.config.logit_softcap
         if cap:
             logits = cap * torch.tanh(logits / cap)
         if targets is None:
             return logits
-        if loss_reduction not in ("mean", "sum", "none"):
+        if loss_reduction not in ("mean", "sum"):  # ("none" was handled above, in chunks)
             raise ValueError(f"loss_reduction must be mean, sum or none, not {loss_reduction!r}")
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+        return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
                                reduction=loss_reduction)
-        return loss.view(B, T) if loss_reduction == "none" else loss
+
+    def _per_token_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """(B, T) cross-entropy per target (0 where ignored), the fp32 logits made a chunk of rows at a time."""
+        B, T, C = x.shape
+        V = self.config.vocab_size
+        x2, t2 = x.reshape(B * T, C), targets.reshape(B * T)
+        rows = max(1, self.eval_logits_chunk_elems // V)
+        cap = self.config.logit_softcap
+        losses = []
+        for lo in range(0, B * T, rows):
+            logits = self.lm_head(x2[lo:lo + rows])[..., :V].float()  # (rows, V) fp32
+            if cap:
+                logits = cap * torch.tanh(logits / cap)
+            losses.append(F.cross_entropy(logits, t2[lo:lo + rows], ignore_index=-1, reduction="none"))
+        return (losses[0] if len(losses) == 1 else torch.cat(losses)).view(B, T)
+
+
+_FUSED_LOSS_EAGER = None
+
+
+def _fused_loss_outside_graph():
+    """linear_softcap_cross_entropy behind torch.compiler.disable. Made by GPT.before_compile() (or, one
+    extra graph break later, on first use inside a trace): never at import, because making it imports
+    dynamo, which costs seconds in every process that does not compile."""
+    global _FUSED_LOSS_EAGER
+    if _FUSED_LOSS_EAGER is None:
+        _FUSED_LOSS_EAGER = torch.compiler.disable(linear_softcap_cross_entropy)
+    return _FUSED_LOSS_EAGER

@@ -98,6 +98,23 @@ def normuon_scale(X: torch.Tensor, second_moment: torch.Tensor, beta2: float) ->
     return X * (scale * (sq_norm_before / sq_norm_after.clamp_min(1e-30)).sqrt())
 
 
+def muon_tail(p: torch.Tensor, X: torch.Tensor, second_moment: torch.Tensor | None, lr: torch.Tensor,
+              wd: torch.Tensor, lr_scale: float, beta2: float, normuon: bool, cautious_wd: bool) -> None:
+    """The elementwise end of a Muon step on the (K, R, C) fp32 weights `p`, in place: NorMuon scaling of
+    the orthogonalised X, (cautious) weight decay, then `p -= lr * lr_scale * X`. The same math as the
+    eager path of MuonAdamW._muon_update, with lr and wd as 0-d tensors so that torch.compile (CUDA)
+    neither recompiles when the schedule changes them nor needs them from the host."""
+    X = X.float()
+    if normuon:
+        X = normuon_scale(X, second_moment, beta2)
+    decay = lr * wd
+    if cautious_wd:  # decay only where the step already pulls the weight towards 0
+        p.sub_(p * (X * p > 0) * decay)
+    else:
+        p.mul_(1 - decay)
+    p.sub_(X * (lr * lr_scale))
+
+
 # ---------------------------------------------------------------------------------------------
 # the plan: how each group's parameters are cut into units of work (and, distributed, owned)
 
@@ -161,8 +178,11 @@ class MuonAdamW(torch.optim.Optimizer):
         self.world_size = dist.get_world_size() if distributed else 1
         self.rank = dist.get_rank() if distributed else 0
         self._orth_fn = orthogonalize
+        self._tail_fn = None  # eager float path (CPU numerics, pinned by the golden test)
         if compile and torch.cuda.is_available():
             self._orth_fn = torch.compile(orthogonalize, dynamic=False)
+            self._tail_fn = torch.compile(muon_tail, dynamic=False)
+        self._scalars: dict = {}  # device -> reused 0-d fp32 tensors (step count, lr, wd)
         self._plan = None
         super().__init__(list(param_groups), defaults={})
 
@@ -234,6 +254,26 @@ class MuonAdamW(torch.optim.Optimizer):
             self._plan = self._build_plan()
         return self._plan
 
+    # -- device scalars (no host syncs) ------------------------------------------------------------
+
+    def _scalar_buffers(self, device: torch.device) -> torch.Tensor:
+        buf = self._scalars.get(device)
+        if buf is None:
+            buf = self._scalars[device] = torch.zeros(3, dtype=torch.float32, device=device)
+        return buf
+
+    def _step_scalar(self, device: torch.device, t: int) -> torch.Tensor:
+        # safe to reuse across parameters: kernels on one stream run in order, each reads it before the next fill
+        step = self._scalar_buffers(device)[0]
+        step.fill_(float(t))
+        return step
+
+    def _device_scalars(self, device: torch.device, lr: float, wd: float) -> tuple[torch.Tensor, torch.Tensor]:
+        buf = self._scalar_buffers(device)
+        buf[1].fill_(lr)
+        buf[2].fill_(wd)
+        return buf[1], buf[2]
+
     # -- the step ---------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -293,29 +333,40 @@ class MuonAdamW(torch.optim.Optimizer):
         if W > 1:
             g.div_(W)
         owned = stack.owned(self.rank)
-        p = torch.zeros_like(g)
-        for i, q in enumerate(owned):
-            p[i].copy_(q)
+        if len(owned) == g.size(0):  # every slot owned (always when W == 1): one stacked copy, no loop
+            p = torch.stack(owned).to(g.dtype)
+        else:  # the last rank's share is padded with zero matrices
+            p = torch.zeros_like(g)
+            for i, q in enumerate(owned):
+                p[i].copy_(q)
         state = self.state[stack.params[0]]
         if "momentum_buffer" not in state:
             state["momentum_buffer"] = torch.zeros_like(g)
         buf, mom = state["momentum_buffer"], group["momentum"]
         buf.lerp_(g, 1 - mom)
         update = g.lerp_(buf, mom) if group["nesterov"] else buf
-        X = self._orth_fn(update, group["orth"], group["ns_steps"], group["orth_dtype"]).float()
-        if group["normuon"]:
-            if "second_moment" not in state:
-                R, C = stack.shape
-                state["second_moment"] = g.new_zeros((g.size(0), R, 1) if R >= C else (g.size(0), 1, C))
-            X = normuon_scale(X, state["second_moment"], group["beta2"])
-        lr, wd = group["lr"], group["weight_decay"]
-        if wd != 0:
-            if group["cautious_wd"]:  # decay only where the step already pulls the weight towards 0
-                p.addcmul_(p, (X * p > 0).float(), value=-lr * wd)
-            else:
-                p.mul_(1 - lr * wd)
+        X = self._orth_fn(update, group["orth"], group["ns_steps"], group["orth_dtype"])
+        if group["normuon"] and "second_moment" not in state:
+            R, C = stack.shape
+            state["second_moment"] = g.new_zeros((g.size(0), R, 1) if R >= C else (g.size(0), 1, C))
         rows, cols = stack.shape
-        p.add_(X, alpha=-lr * math.sqrt(max(1.0, rows / cols)))
+        if self._tail_fn is not None:
+            # compiled elementwise tail (NorMuon, cautious decay, update): the schedule's lr / wd enter as
+            # 0-d device tensors, so changing them neither recompiles nor copies from the host
+            lr_t, wd_t = self._device_scalars(p.device, group["lr"], group["weight_decay"])
+            self._tail_fn(p, X, state.get("second_moment"), lr_t, wd_t, math.sqrt(max(1.0, rows / cols)),
+                          group["beta2"], group["normuon"], group["cautious_wd"])
+        else:
+            X = X.float()
+            if group["normuon"]:
+                X = normuon_scale(X, state["second_moment"], group["beta2"])
+            lr, wd = group["lr"], group["weight_decay"]
+            if wd != 0:
+                if group["cautious_wd"]:  # decay only where the step already pulls the weight towards 0
+                    p.addcmul_(p, (X * p > 0).float(), value=-lr * wd)
+                else:
+                    p.mul_(1 - lr * wd)
+            p.add_(X, alpha=-lr * math.sqrt(max(1.0, rows / cols)))
         if W == 1:
             pend.finish = list(zip(stack.params, p.unbind(0)))
             return
@@ -350,7 +401,9 @@ class MuonAdamW(torch.optim.Optimizer):
         if _FUSED_ADAMW is not None and p.device.type in ("cpu", "cuda") and g.dtype == p.dtype:
             # PyTorch's fused AdamW kernel: the same update as below in one pass over the five
             # tensors (5x faster on CPU for the 8M-entry embedding and head of a depth-4 model)
-            _FUSED_ADAMW([p], [g], [m], [v], [], [torch.tensor(float(t), device=p.device)], lr=lr, beta1=beta1,
+            # the step count as a reused device scalar filled in place: no host-to-device copy (and
+            # sync) per parameter per step, as torch.tensor(t, device=cuda) would make
+            _FUSED_ADAMW([p], [g], [m], [v], [], [self._step_scalar(p.device, t)], lr=lr, beta1=beta1,
                          beta2=beta2, weight_decay=wd, eps=group["eps"], amsgrad=False, maximize=False)
         else:
             if wd != 0:

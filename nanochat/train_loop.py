@@ -27,12 +27,15 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from nanochat import checkpoint_manager as ckpt
 from nanochat import sizing
+from nanochat.attention import windowed_kernel_available
+from nanochat.autobatch import find_device_batch_size, oom_message
 from nanochat.common import RuntimeContext, init_runtime, matmul_probe_shapes
 from nanochat.config import ConfigError, TrainConfig
 from nanochat.core_eval import EvalBundleError, evaluate_core, load_task_specs, resolve_eval_bundle
@@ -41,7 +44,7 @@ from nanochat.engine import Engine
 from nanochat.gpt import GPT
 from nanochat.loss_eval import evaluate_loss_and_bpb
 from nanochat.optim import build_optimizer
-from nanochat.run_dir import MetricsWriter, run_dir, write_run_json
+from nanochat.run_dir import MetricsWriter, read_run_json, run_dir, write_run_json
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (EXIT_CONFIG, EXIT_EVAL, EXIT_NONFINITE, EXIT_OK, EXIT_OOM, LoopState, NonFiniteLoss,
                                StopSignal, TestHooks, apply_schedule, git_commit, peak_memory_mb,
@@ -244,7 +247,11 @@ def sizing_table(plan: sizing.RunPlan, ctx: RuntimeContext, model) -> str:
         ("schedule", f"warmup {p.warmup_steps}, warmdown {p.warmdown_ratio:g}, final {p.final_lr_frac:g}"),
         ("weight decay (Muon)", f"{p.weight_decay:.4g}"),
         ("world size", f"{ctx.world_size} ({ctx.device_name})"),
-        ("dtype", ctx.dtype_summary()),
+        ("dtype", ctx.dtype_summary() + (" (block Linears in fp8)" if getattr(model, "fp8", False) else "")),
+        ("attention", model.attention_backend),
+        ("peak FLOP/s (MFU)", f"{ctx.peak_flops:.4g} dense bf16" + (" (fp8 matmuls counted against the bf16 peak)"
+                                                                    if getattr(model, "fp8", False) else "")
+                              if ctx.peak_flops else "unknown (MFU not reported)"),
     ]
     width = max(len(k) for k, _ in rows)
     lines = ["=" * 80, "sizing"] + [f"  {k:<{width}}  {v}" for k, v in rows] + ["model:", str(model), "=" * 80]
@@ -256,7 +263,9 @@ def train(cfg: TrainConfig) -> int:
     cfg.validate()
     ctx = init_runtime(cfg.device_type, cfg.dtype, seed=cfg.seed)
     try:
-        return _train(cfg, ctx)
+        # architecture left open: the record recipe on CUDA with a windowed attention kernel (README)
+        return _train(cfg.with_device_defaults(windowed_kernel_available(ctx.device_type, ctx.dtype, cfg.attention)),
+                      ctx)
     finally:
         ctx.teardown()
 
@@ -298,22 +307,50 @@ def _train(cfg: TrainConfig, ctx: RuntimeContext) -> int:
     if ctx.needs_grad_scaler:
         raise ConfigError("--dtype float16 needs a gradient scaler, which this loop does not have: use bfloat16 "
                           "(SM80+ GPUs) or float32")
-    try:
-        plan = sizing.plan_run(cfg, vocab_size, ctx.world_size)
+    auto_batch = cfg.device_batch_size == "auto"
+    try:  # with --device-batch-size auto, a provisional plan (batch 1) until the probe below
+        plan = sizing.plan_run(replace(cfg, device_batch_size=1) if auto_batch else cfg, vocab_size, ctx.world_size)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    N, A = plan.num_iterations, plan.grad_accum_steps
     out_dir, resume_which = _setup_run_folder(cfg, ctx)
 
     mc = plan.model_config  # --dtype auto on CPU: the GEMM probe again at this model's shapes (cached)
     ctx.probe_at(matmul_probe_shapes(mc.n_embd, plan.device_batch_size * plan.max_seq_len, mc.padded_vocab_size))
     with torch.device("meta"):
-        model = GPT(plan.model_config, compute_dtype=ctx.dtype)
+        model = GPT(plan.model_config, compute_dtype=ctx.dtype, attention=cfg.attention)
     model.to_empty(device=ctx.device)
     model.init_weights()
+    try:
+        model.set_attention()  # once per run; printed in the sizing table and run.json
+        if cfg.fp8:
+            from nanochat.fp8 import enable_fp8
+
+            model.fp8 = bool(enable_fp8(model))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    model.fused_loss = {"auto": None, "on": True, "off": False}[cfg.fused_loss]
+    if ctx.device_type == "cuda":
+        model.fused_loss_chunk_rows = 4096  # fewer eager chunk iterations (it runs outside the compiled graph)
+    compile_model = cfg.compile if cfg.compile is not None else ctx.device_type == "cuda"
+    if compile_model:
+        model.before_compile()
+    train_model = torch.compile(model, dynamic=False) if compile_model else model
+    if auto_batch:
+        if resume_which is not None:  # a resumed run keeps its batch (the loader state depends on it)
+            found = ((read_run_json(out_dir) or {}).get("args") or {}).get("device_batch_size")
+            if not isinstance(found, int):
+                raise ConfigError(f"--device-batch-size auto on resume reads the batch of the run being resumed from "
+                                  f"{out_dir}/run.json, which has none: pass the run's --device-batch-size")
+        else:
+            found = find_device_batch_size(model, train_model, cfg.max_seq_len, vocab_size, plan.tokens_per_step,
+                                           ctx.world_size, log=ctx.print0)
+        cfg = replace(cfg, device_batch_size=int(found))
+        plan = sizing.plan_run(replace(cfg, total_batch_size=plan.tokens_per_step), vocab_size, ctx.world_size)
+    N, A = plan.num_iterations, plan.grad_accum_steps
     # Muon's orthogonalisation: bf16 on GPUs and where the CPU probe chose bf16; fp32 on other CPUs, whose
     # emulated bf16 matmuls run ~10x slower (measured: Muon step 24 s vs 2 s at depth 4)
-    optimizer = build_optimizer(model, weight_decay=plan.weight_decay, **plan.lrs, orth_dtype=ctx.orth_dtype)
+    extra = {} if ctx.device_type == "cpu" else {"compile": compile_model}
+    optimizer = build_optimizer(model, weight_decay=plan.weight_decay, **plan.lrs, orth_dtype=ctx.orth_dtype, **extra)
     for group in optimizer.param_groups:
         group["initial_weight_decay"] = group.get("weight_decay", 0.0)
     train_loader = make_loader(cfg, tokenizer, "train", ctx, A, vocab_size)
@@ -333,12 +370,11 @@ def _train(cfg: TrainConfig, ctx: RuntimeContext) -> int:
                                  "sizing": plan.to_dict(),
                                  "env": {"device_name": ctx.device_name, "peak_flops": ctx.peak_flops,
                                          "dtype": str(ctx.dtype).replace("torch.", ""), "torch": torch.__version__,
-                                         "git_commit": git_commit(), "argv": sys.argv, "resumed_from": resume_step}})
+                                         "git_commit": git_commit(), "argv": sys.argv, "resumed_from": resume_step,
+                                         "attention": model.attention_backend, "fp8": bool(getattr(model, "fp8", False)),
+                                         "mfu_peak": "dense bf16"}})
     metrics = MetricsWriter(out_dir, resume_step if resume_step is not None else 0, ctx.is_master)
     wandb_run = _start_wandb(cfg, plan, ctx)
-    model.fused_loss = {"auto": None, "on": True, "off": False}[cfg.fused_loss]
-    compile_model = cfg.compile if cfg.compile is not None else ctx.device_type == "cuda"
-    train_model = torch.compile(model, dynamic=False) if compile_model else model
     evals = Evaluations(cfg, plan, ctx, tokenizer)
     hooks = TestHooks.from_env()
     meta = {"model_config": plan.model_config.to_dict(), "args": cfg.to_dict(), "num_iterations": N,
@@ -354,9 +390,8 @@ def _train(cfg: TrainConfig, ctx: RuntimeContext) -> int:
             try:
                 result = train_step(train_model, optimizer, train_loader, A, ctx, stop, state.step, hooks)
             except torch.OutOfMemoryError:
-                print(f"[rank {ctx.rank}] CUDA out of memory at step {state.step} with --device-batch-size="
-                      f"{cfg.device_batch_size} (x {cfg.max_seq_len} tokens): lower --device-batch-size "
-                      f"(gradient accumulation keeps --total-batch-size)", file=sys.stderr, flush=True)
+                print(f"[rank {ctx.rank}] " + oom_message(cfg.device_batch_size, cfg.max_seq_len, where=f"step {state.step}"),
+                      file=sys.stderr, flush=True)
                 return EXIT_OOM
             except NonFiniteLoss as e:
                 last = ckpt.list_steps(out_dir)
@@ -370,6 +405,8 @@ def _train(cfg: TrainConfig, ctx: RuntimeContext) -> int:
             step = state.step
             if step > first_timed:
                 state.train_time += dt
+            elif compile_model:
+                ctx.print0(f"first step {dt:.1f}s (torch.compile + warm-up)")
             smooth_loss = state.update_loss(result.loss)
             tok_per_sec = plan.tokens_per_step / dt
             mfu = plan.flops_per_token * tok_per_sec / (ctx.peak_flops * ctx.world_size) if ctx.peak_flops else None

@@ -40,6 +40,15 @@ def resume_step(value: str):
     return step
 
 
+def device_batch_size(value: str):
+    if value == "auto":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of sequences or 'auto', got {value!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Pretrain a base model", allow_abbrev=False,
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -49,11 +58,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--head-dim", type=int, default=128)
     g.add_argument("--max-seq-len", type=int, default=2048)
     g.add_argument("--n-kv-head", type=int, default=None, help="kv heads for GQA (default: = heads)")
-    g.add_argument("--window-pattern", type=str, default="L", help="sliding-window pattern, e.g. SSSL")
-    g.add_argument("--value-embeds", action=argparse.BooleanOptionalAction, default=False)
-    g.add_argument("--resid-scalars", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--window-pattern", type=str, default=None,
+                   help="sliding-window pattern, e.g. SSSL (default: SSSL on CUDA with a windowed attention kernel, "
+                        "the record recipe with --value-embeds --resid-scalars; L elsewhere)")
+    g.add_argument("--value-embeds", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: on with the record recipe (see --window-pattern)")
+    g.add_argument("--resid-scalars", action=argparse.BooleanOptionalAction, default=None,
+                   help="default: on with the record recipe (see --window-pattern)")
+    g.add_argument("--attention", choices=["auto", "fa3", "fa4", "flex", "sdpa"], default="auto",
+                   help="attention kernel (auto on CUDA: FA3 > FA4 > FlexAttention for windowed models, SDPA "
+                        "for full causal; SDPA on CPU)")
     g = p.add_argument_group("batch and horizon")
-    g.add_argument("--device-batch-size", type=int, default=32, help="sequences per micro-batch per device")
+    g.add_argument("--device-batch-size", type=device_batch_size, default=32,
+                   help="sequences per micro-batch per device, or 'auto': the largest that fits (a short probe; "
+                        "gradient accumulation keeps --total-batch-size)")
     g.add_argument("--total-batch-size", type=int, default=-1, help="tokens per optimizer step (-1: auto from horizon)")
     g.add_argument("--target-param-data-ratio", type=float, default=sizing.COMPUTE_OPTIMAL_RATIO,
                    help="training tokens per scaling parameter (used when neither steps nor FLOPs are given)")
@@ -92,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LM head + soft-cap + cross-entropy in row chunks without the full logits "
                         "(nanochat/lm_loss.py; same math). auto: on for CPU, off for CUDA, where "
                         "torch.compile fuses the plain path; 'on' saves the logits' memory there")
+    g.add_argument("--fp8", action="store_true",
+                   help="block Linears in fp8 (e4m3 forward, e5m2 gradients, tensorwise scales; sm89+ GPUs). "
+                        "MFU stays against the bf16 peak")
     g.add_argument("--seed", type=int, default=42)
     g.add_argument("--data-dir", type=str, default=None, help="prepared shards (default <base dir>/base_data)")
     g.add_argument("--keep-remainder", type=int, default=0, metavar="N",

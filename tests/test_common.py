@@ -66,6 +66,15 @@ def test_peak_flops_table():
     assert common.get_peak_flops("NVIDIA H100 PCIe") == 756e12
     assert common.get_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert common.get_peak_flops("NVIDIA H200") == 989e12
+    assert common.get_peak_flops("NVIDIA H200 NVL") == 989e12  # not the H20 entry
+    assert common.get_peak_flops("NVIDIA H20") == 148e12
+    assert common.get_peak_flops("NVIDIA B200") == 2.25e15
+    assert common.get_peak_flops("NVIDIA GB200") == 2.5e15
+    assert common.get_peak_flops("NVIDIA L40S") == 362e12
+    assert common.get_peak_flops("NVIDIA GeForce RTX 4090") == 165e12
+    assert common.get_peak_flops("NVIDIA GeForce RTX 4080") == 97.5e12
+    assert common.get_peak_flops("NVIDIA GeForce RTX 3090") == 71e12
+    assert common.get_peak_flops("Tesla V100-SXM2-16GB") is None  # no bf16 tensor cores: unknown
     assert common.get_peak_flops("Some Future GPU") is None  # unknown, not 0
     assert common.get_peak_flops(None) is None
 
