@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BARE = r"""
 import sys, rustbpe
 from nanochat_bench_pattern import PATTERN
-text = open(sys.argv[1], encoding="utf-8").read()
+text = open(sys.argv[1], encoding="utf-8", newline="").read()  # no newline translation: the bytes as they are
 docs = [d.strip()[:10000] for d in text.split("<|endoftext|>") if d.strip()]
 tok = rustbpe.Tokenizer()
 tok.train_from_iterator(iter(docs), 256 + int(sys.argv[2]), pattern=PATTERN)
