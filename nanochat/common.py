@@ -270,7 +270,7 @@ class RuntimeContext:
         (`matmul_probe_shapes(n_embd, tokens, vocab)`); call it before building the model."""
         shapes = tuple(tuple(int(v) for v in s) for s in shapes)
         if self.dtype_probe is not None and shapes != self.dtype_probe.shapes:
-            self.dtype_probe = probe_cpu_dtype(shapes)
+            self.dtype_probe = _agree(probe_cpu_dtype(shapes), self.ddp)
             self.dtype = self.dtype_probe.dtype
 
     def dtype_summary(self) -> str:
@@ -394,12 +394,24 @@ def init_runtime(device_type: str | None = None, dtype: str | None = None, seed:
     else:
         device_name = "mps" if device_type == "mps" else _cpu_name()
         peak = None
+    if probe is not None and ddp:
+        probe = _agree(probe, ddp)
+        compute_dtype = probe.dtype
     if seed is not None:
         set_seed(seed)  # same seed on every rank: identical model init without a broadcast
     return RuntimeContext(device_type=device_type, device=device, dtype=compute_dtype, ddp=ddp, rank=rank,
                           local_rank=local_rank, world_size=world_size, backend=backend,
                           device_name=device_name, peak_flops=peak, dtype_probe=probe,
                           _owns_process_group=owns)
+
+
+def _agree(probe: DtypeProbe, ddp: bool) -> DtypeProbe:
+    """Every rank takes rank 0's probe result: ranks measuring near the threshold must not disagree."""
+    if ddp and dist.is_initialized():
+        box = [probe]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return probe
 
 
 def _cpu_name() -> str:

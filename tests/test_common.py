@@ -90,11 +90,16 @@ def test_two_process_gloo_group(tmp_path):
         dist.all_reduce(t)
         ctx.barrier()
         print(f"rank={ctx.rank} local={ctx.local_rank} sum={t.item()}")
+        # --dtype auto: each rank measures, all take rank 0's result (timings never agree on their own)
+        auto = init_runtime("cpu", "auto", seed=None)
+        seen = [None, None]
+        dist.all_gather_object(seen, (auto.dtype, auto.dtype_probe.gflops))
+        assert seen[0] == seen[1], seen
         ctx.teardown()
         assert not dist.is_initialized()
     """))
     repo = common.__file__.rsplit("/nanochat/", 1)[0]
-    env = dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1", NANOCHAT_BASE_DIR=str(tmp_path / "base"))
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                           f"--master_port={free_port()}", str(script)],
                          capture_output=True, text=True, env=env, timeout=120)
