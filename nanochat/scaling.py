@@ -79,9 +79,28 @@ class LossLaw:
 CHINCHILLA = LossLaw(E=1.69, A=406.4, B=410.7, alpha=0.34, beta=0.28, param_count="total", loss_unit="nats")
 EPOCH_AI = LossLaw(E=1.82, A=482.01, B=2085.43, alpha=0.3478, beta=0.3658, param_count="total", loss_unit="nats")
 
-# Compute-optimal tokens per parameter, for a quick yardstick without a fit: nanochat's Jan 2026
-# sweep under scaling-parameter counting (~10.5), and Chinchilla's under all-parameter counting (~20).
-OPTIMAL_RATIO = {"scaling": 10.5, "total": 20.0}
+# Compute-optimal tokens per *total* parameter in Chinchilla's counting (Hoffmann et al. 2022). nanochat's
+# own ratio, per *scaling* parameter, is nanochat.sizing.COMPUTE_OPTIMAL_RATIO: the one constant training,
+# the planner and the doctor share (`optimal_ratio` below gives either).
+CHINCHILLA_TOKENS_PER_PARAM = 20.0
+
+
+def optimal_ratio(count: str = "scaling") -> float:
+    """Compute-optimal tokens per parameter without a fit: sizing.COMPUTE_OPTIMAL_RATIO for nanochat's
+    scaling parameters, Chinchilla's ~20 for all parameters."""
+    if count == "scaling":
+        from nanochat.sizing import COMPUTE_OPTIMAL_RATIO
+
+        return COMPUTE_OPTIMAL_RATIO
+    if count == "total":
+        return CHINCHILLA_TOKENS_PER_PARAM
+    raise ValueError(f"count must be 'scaling' or 'total', got {count!r}")
+
+
+def ratio_optimum(C, tokens_per_param: float):
+    """(N, D) with D = r N and 6ND = C: N = sqrt(C / 6r) (1e23 FLOPs at r = 20: ~29B on ~577B tokens)."""
+    N = np.sqrt(np.asarray(C, dtype=float) / (6.0 * tokens_per_param))
+    return N, tokens_per_param * N
 
 # ---------------------------------------------------------------------------------------------
 # data points

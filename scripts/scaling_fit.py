@@ -89,9 +89,42 @@ def fit(args) -> dict:
         budgets.append(row)
     out["budgets"] = budgets
 
+    out["caveats"] = caveats(pts, out, args.budget)
     if args.plot_dir:
         out["plots"] = [str(p) for p in sc.plot_fit(pts, f3.law if f3 else None, iso, args.plot_dir)]
     return out
+
+
+def caveats(pts, out: dict, budgets) -> list[str]:
+    """What the data cannot support: constants at their bounds, few points per free constant, slices
+    without an interior minimum, budgets outside the measured compute range."""
+    notes = []
+    n_dec = math.log10(pts.N.max() / pts.N.min())
+    c_dec = math.log10(pts.C.max() / pts.C.min())
+    notes.append(f"the runs span {n_dec:.2g} decades in N and {c_dec:.2g} in compute ({pts.C.min():.3g}-{pts.C.max():.3g} FLOPs)")
+    if "E" in out:
+        lo_e, hi_e = (math.exp(b) for b in sc._BOUNDS[2])
+        for k, (lo, hi) in (("alpha", sc._BOUNDS[3]), ("beta", sc._BOUNDS[4])):
+            if out[k] <= lo * 1.01 or out[k] >= hi * 0.99:
+                notes.append(f"approach 3: {k} = {out[k]:.3g} sits at its bound [{lo:g}, {hi:g}]: not determined by the data")
+        if out["E"] <= lo_e * 1.01 or out["E"] >= hi_e * 0.99:
+            notes.append(f"approach 3: E = {out['E']:.3g} sits at its bound: the floor is not determined by the data")
+        if out["n_points"] < 15:
+            notes.append(f"approach 3: {out['n_points']} runs for 5 free constants: expect wide intervals")
+        iv = out.get("intervals") or {}
+        for k in ("alpha", "beta"):
+            if k in iv and iv[k][1] - iv[k][0] > 0.5 * max(out[k], 1e-9):
+                notes.append(f"approach 3: {k}'s interval [{iv[k][0]:.3g}, {iv[k][1]:.3g}] is wider than half its value")
+    sl = out["approach2"]["slices"]
+    bad = [s for s in sl if s["N_opt"] is None or not s["in_range"]]
+    if bad:
+        notes.append(f"approach 2: {len(bad)} of {len(sl)} IsoFLOP slices have no minimum inside the sampled N "
+                     "(add smaller or larger models there)")
+    for C in budgets:
+        d = math.log10(C / pts.C.max())
+        if d > 0.5:
+            notes.append(f"budget {C:.3g} is {d:.2g} decades beyond the largest run: an extrapolation")
+    return notes
 
 
 def print_report(out: dict) -> None:
@@ -130,6 +163,8 @@ def print_report(out: dict) -> None:
         if "approach2_N_opt" in b:
             line += f"; approach 2 N*={b['approach2_N_opt']:.4g}"
         print(line)
+    for c in out.get("caveats", []):
+        print(f"caveat: {c}")
     for p in out.get("plots", []):
         print(f"wrote {p}")
 

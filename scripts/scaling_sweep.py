@@ -1,6 +1,7 @@
 """IsoFLOP sweep: train a grid of depths x FLOP budgets with base_train, collect one CSV for scaling_fit.
 
-    python scripts/scaling_sweep.py --preset cpu                      # 3 depths x 3 budgets, minutes on a CPU
+    python scripts/scaling_sweep.py --preset cpu                      # 4 depths x 3 budgets, ~40 min on 2 cores
+    python scripts/scaling_sweep.py --preset gpu --nproc 8            # d10-d20 x 1e18-1e19 on an 8-GPU node
     python scripts/scaling_sweep.py --depths 8,10,12,14,16 --flops 1e18,3e18,1e19 --nproc 8
     python scripts/scaling_sweep.py --preset cpu --collect-only       # rebuild the CSV from the run folders
     python scripts/scaling_fit.py --csv <base>/scaling_sweep/<name>/results.csv --plot-dir plots/
@@ -23,18 +24,27 @@ if not __package__:  # `python scripts/scaling_sweep.py`: make the repo root imp
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nanochat.common import get_base_dir
+from nanochat.run_dir import run_dir
 from nanochat.diagnose import load_run, run_summary
 
 REPO = Path(__file__).resolve().parents[1]
 
-# A grid small enough for a laptop CPU: tiny context and batch, 32K vocab (the LM head dominates
-# the parameter count at these depths, so treat the fitted exponents as a demo, not a result).
+# `cpu`: the sweep committed in benchmarks/results/scaling_sweep_cpu.* (~45 minutes on 2 shared, loaded
+# cores). Data: the embedded offline corpus (python -m nanochat.dataset embedded) and a 4K tokenizer
+# (scripts/tok_train.py --vocab-size 4096). head_dim 64 gives widths 64..256 at depths 1..4 (0.31M..4.2M
+# scaling parameters, of which the LM head is 84%..25%). The LRs are the cpu speedrun's (8x the
+# reference's base values: its sqrt(B/2^19) rule starves a 2,048-token batch). One thread per run: on a
+# loaded machine two torch threads stall on each other (measured: 3.8 s/step vs 1.1 s/step at depth 2).
+# Treat the fitted exponents as a demonstration of the method at 1e12-5e12 FLOPs, not a law for GPUs.
 PRESETS = {
-    "cpu": dict(depths=[2, 3, 4], flops=[1e12, 3e12, 1e13],
-                train_args=["--max-seq-len", "128", "--device-batch-size", "8", "--total-batch-size", "1024",
-                            "--warmup-steps", "10", "--eval-tokens", "16384", "--device-type", "cpu"]),
-    # the reference's GPU sweep shape: d8-d20 at 1e18-1e19 FLOPs on one 8-GPU node
-    "gpu": dict(depths=[8, 10, 12, 14, 16, 18, 20], flops=[1e18, 2.15e18, 4.64e18, 1e19], train_args=[]),
+    "cpu": dict(depths=[1, 2, 3, 4], flops=[1e12, 2.15e12, 4.64e12], threads=1,
+                train_args=["--head-dim", "64", "--max-seq-len", "256", "--device-batch-size", "8",
+                            "--total-batch-size", "2048", "--warmup-steps", "5", "--keep-remainder", "32",
+                            "--matrix-lr", "0.16", "--embedding-lr", "2.4", "--unembedding-lr", "0.064",
+                            "--scalar-lr", "1.0", "--eval-tokens", "16384", "--device-type", "cpu"]),
+    # the reference's GPU sweep shape on one 8-GPU node: d10-d20 at 1e18-1e19 FLOPs
+    # (python scripts/scaling_sweep.py --preset gpu --nproc 8)
+    "gpu": dict(depths=[10, 12, 14, 16, 18, 20], flops=[1e18, 2.15e18, 4.64e18, 1e19], train_args=[]),
 }
 
 CSV_COLUMNS = ["model_tag", "depth", "target_flops", "val_bpb", "train_loss", "scaling_params", "total_params",
@@ -89,6 +99,8 @@ def main(argv=None) -> int:
     p.add_argument("--flops", default=None, help="comma-separated FLOP budgets, e.g. 1e18,3e18")
     p.add_argument("--name", default=None, help="sweep name: run tags and the output folder (default: preset or 'sweep')")
     p.add_argument("--nproc", type=int, default=1, help="GPUs per run (torchrun when > 1)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="OMP_NUM_THREADS for each run (default: the preset's, else torch's own choice)")
     p.add_argument("--out", default=None, help="CSV path (default <base>/scaling_sweep/<name>/results.csv)")
     p.add_argument("--collect-only", action="store_true", help="do not train; rebuild the CSV from run folders")
     p.add_argument("--dry-run", action="store_true", help="print the commands and exit")
@@ -96,6 +108,9 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     preset = PRESETS[args.preset] if args.preset else dict(depths=None, flops=None, train_args=[])
+    threads = args.threads if args.threads is not None else preset.get("threads")
+    if threads is not None and threads < 1:
+        p.error("--threads must be >= 1")
     try:
         depths = [int(x) for x in args.depths.split(",")] if args.depths else preset["depths"]
         budgets = [float(x) for x in args.flops.split(",")] if args.flops else preset["flops"]
@@ -110,8 +125,11 @@ def main(argv=None) -> int:
     out_dir = base / "scaling_sweep" / name
     csv_path = Path(args.out) if args.out else out_dir / "results.csv"
     grid = [(d, c, run_tag(name, d, c)) for c in budgets for d in depths]
-    run_dirs = [base / "base_checkpoints" / tag for _, _, tag in grid]
+    run_dirs = [run_dir("base", tag, base) for _, _, tag in grid]
     train_args = preset["train_args"] + extra
+    env = {**os.environ, "NANOCHAT_BASE_DIR": str(base)}
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
 
     if args.dry_run:
         for d, c, tag in grid:
@@ -120,9 +138,9 @@ def main(argv=None) -> int:
     if not args.collect_only:
         out_dir.mkdir(parents=True, exist_ok=True)
         t_start = time.time()
-        for i, ((d, c, tag), run_dir) in enumerate(zip(grid, run_dirs), 1):
+        for i, ((d, c, tag), folder) in enumerate(zip(grid, run_dirs), 1):
             prefix = f"[{i}/{len(grid)}] depth {d}, C={c:.3g}"
-            if not args.force and run_dir.is_dir() and collect([run_dir])[0]["status"] == "complete":
+            if not args.force and folder.is_dir() and collect([folder])[0]["status"] == "complete":
                 print(f"{prefix}: already complete, skipped", flush=True)
                 continue
             log_path = out_dir / f"{tag}.log"
@@ -130,8 +148,8 @@ def main(argv=None) -> int:
             print(f"{prefix}: training ({log_path})", flush=True)
             with open(log_path, "w") as log:
                 rc = subprocess.run(train_command(d, c, tag, args.nproc, train_args), cwd=REPO, stdout=log,
-                                    stderr=subprocess.STDOUT, env={**os.environ, "NANOCHAT_BASE_DIR": str(base)}).returncode
-            row = collect([run_dir])[0]
+                                    stderr=subprocess.STDOUT, env=env).returncode
+            row = collect([folder])[0]
             if rc != 0:
                 tail = log_path.read_text().splitlines()[-5:]
                 print(f"{prefix}: FAILED (exit {rc}) after {time.time() - t0:.0f}s; last lines of the log:\n    "

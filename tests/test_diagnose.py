@@ -13,10 +13,12 @@ from nanochat.sizing import count_params, lr_multiplier, model_config
 REPO = Path(__file__).resolve().parents[1]
 H100 = "NVIDIA H100 80GB HBM3"
 BYTES_PER_TOKEN = 4.2
+WARMDOWN_C = 2e-4  # annealing coefficient of the synthetic runs (a ~0.03-nat warmdown gain at 460 steps)
 
 
 def make_run(root: Path, name="d4", *, n_iter=460, tokens_per_step=2**18, params_scale=1.0, mfu=0.45, device=H100,
-             val_ratio=1.01, spikes=(), plateau=False, lr_fn=None, stop_at=None, tag=None, dropout=None, seed=0):
+             val_ratio=1.01, spikes=(), plateau=False, lr_fn=None, stop_at=None, tag=None, dropout=None, seed=0,
+             warmdown_c=None):
     """Write a synthetic run folder as base_train does (step = steps done, MFU in percent): loss =
     2 + 40 D^-0.25 with 0.5% noise, the sizing schedule, evals every 50 steps (val loss `val_ratio` x
     train loss, logged as bpb), H100 MFU."""
@@ -36,9 +38,13 @@ def make_run(root: Path, name="d4", *, n_iter=460, tokens_per_step=2**18, params
     rng = np.random.default_rng(seed)
     lines = []
     last = n_iter if stop_at is None else stop_at
+    # the loss of Tissue et al. 2024: a power law in the LR-weighted tokens S1 minus C x the annealing area S2
+    sched = np.array([lr_multiplier(s, n_iter, warm, wd, final) for s in range(n_iter + 1)])
+    s1 = np.concatenate([[0.0], np.cumsum(sched)]) * tokens_per_step
+    s2 = dg.annealing_area(sched)
     for s in range(last):
         D = (s + 1) * tokens_per_step
-        clean = 3.05 if plateau and s > 60 else 2 + 40 * D**-0.25
+        clean = 3.05 if plateau and s > 60 else 2 + 40 * s1[s + 1] ** -0.25 - (WARMDOWN_C if warmdown_c is None else warmdown_c) * s2[min(s + 1, n_iter)]
         raw = clean * (1 + 0.005 * rng.standard_normal())
         if s in spikes:
             raw *= 1.3
@@ -165,10 +171,10 @@ def test_find_spikes_matches_brute_force_definition():
 
 
 def test_plateau_fires_and_predicts(tmp_path, healthy):
-    f = findings(make_run(tmp_path, plateau=True))["plateau"]
-    assert f.status == "warn" and f.summary.startswith("plateau")
+    f = findings(make_run(tmp_path, plateau=True))["loss_curve"]
+    assert f.status == "warn" and f.summary.startswith("flattened")
     # healthy: the fit recovers the generating curve 2 + 40 D^-0.25 well enough to extrapolate
-    n = healthy["plateau"].numbers
+    n = healthy["loss_curve"].numbers
     planned = n["planned_tokens"]
     for mult, key in ((1, "loss_at_planned"), (2, "loss_at_2x"), (10, "loss_at_10x")):
         assert n[key] == pytest.approx(2 + 40 * (mult * planned) ** -0.25, rel=0.01)
@@ -187,7 +193,7 @@ def test_missing_files_tolerated(tmp_path):
     with open(run_dir / "metrics.jsonl", "a") as fh:
         fh.write('{"step": 9999, "loss": \n')  # a line cut short by a crash
     run = dg.load_run(run_dir)
-    assert any("not JSON" in p for p in run.problems) and any("run.json" in p for p in run.problems)
+    assert any("not a JSON object" in p for p in run.problems) and any("run.json" in p for p in run.problems)
     out = {f.check: f.status for f in dg.diagnose(run)}
     assert out["param_count"] == "skip" and out["spikes"] == "ok"
     with pytest.raises(FileNotFoundError, match="run folder"):
@@ -199,7 +205,9 @@ def test_run_summary_row(tmp_path):
     counts = count_params(model_config(4, max_seq_len=256))
     assert row["scaling_params"] == counts["scaling"] and row["total_params"] == counts["total"]
     assert row["tokens"] == 460 * 2**18 and row["complete"] and row["depth"] == 4
-    assert row["val_bpb"] == pytest.approx((2 + 40 * (460 * 2**18) ** -0.25) * 1.01 / (math.log(2) * BYTES_PER_TOKEN))
+    sched = np.array([lr_multiplier(s, 460, 40, 0.65, 0.05) for s in range(461)])
+    clean = 2 + 40 * (sched[:460].sum() * 2**18) ** -0.25 - WARMDOWN_C * dg.annealing_area(sched)[460]
+    assert row["val_bpb"] == pytest.approx(clean * 1.01 / (math.log(2) * BYTES_PER_TOKEN))
 
 
 def test_cli_json(tmp_path, capsys):
@@ -210,3 +218,140 @@ def test_cli_json(tmp_path, capsys):
     obj = json.loads(capsys.readouterr().out)
     status = {f["check"]: f["status"] for f in obj["findings"]}
     assert status["val_vs_train"] == "warn" and status["mfu"] == "ok"
+
+
+def test_warmdown_owed_is_measured_mid_warmdown(tmp_path):
+    """Stopped 60% into the warmdown of a run whose warmdown gain is large (C = 2e-3): the fit measures C
+    on the steps taken and predicts the planned end within its interval."""
+    c = 2e-3
+    f = findings(make_run(tmp_path, stop_at=340, warmdown_c=c))["loss_curve"]
+    n = f.numbers
+    sched = np.array([lr_multiplier(s, 460, 40, 0.65, 0.05) for s in range(461)])
+    s2 = dg.annealing_area(sched)
+    truth_end = 2 + 40 * (sched[:460].sum() * 2**18) ** -0.25 - c * s2[460]
+    assert n["fit"]["C"] == pytest.approx(c, rel=0.25)
+    assert n["warmdown_owed"] == pytest.approx(c * (s2[460] - s2[340]), rel=0.3)
+    lo, hi = n["intervals_end"]
+    assert lo <= truth_end <= hi and n["loss_at_planned_end"] == pytest.approx(truth_end, rel=0.01)
+    assert "still owes" in f.summary
+
+
+def test_fit_whose_floor_is_at_its_bound_says_unreliable(tmp_path):
+    """A pure power law (E = 0, the issue's tiny-CPU-run case): E lands on its bound, the finding labels
+    the extrapolations unreliable and stays an info, not an alarm."""
+    run_dir = make_run(tmp_path)
+    lines = []
+    for rec in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
+        rec["raw_loss"] = rec["loss"] = 11.0 * rec["tokens"] ** -0.07 * (1 + 0.003 * math.sin(rec["step"]))
+        lines.append(json.dumps(rec))
+    (run_dir / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    f = findings(run_dir)["loss_curve"]
+    assert f.status == "info" and "UNRELIABLE" in f.summary and "bound" in f.summary
+    assert f.numbers["reliable"] is False
+    lo, hi = f.numbers["intervals"]["loss_at_10x"]
+    assert lo < f.numbers["loss_at_10x"] < hi
+
+
+FIX = REPO / "tests" / "fixtures"
+
+
+def fixture_findings(name, config=None, gpu=None):
+    run = dg.load_run(FIX / name, config=FIX / config if config else None)
+    ranked = dg.diagnose(run, gpu=gpu)
+    return ranked, {f.check: f for f in ranked}
+
+
+def test_nanogpt_typo_config_ranked_findings():
+    ranked, f = fixture_findings("nanogpt_typo.log", "nanogpt_typo_config.py", gpu="h100")
+    # the most consequential first: the model is not the size its author thinks
+    assert ranked[0].check == "param_count" and ranked[0].status == "warn"
+    size = f["param_count"]
+    assert size.numbers["recomputed_total"] == 12 * (12 * 1024**2 + 2 * 1024) + 1024 + 50304 * 1024 + 1024 * 1024
+    assert size.numbers["claim_explained_by"][0]["dim"] == "n_embd" and size.numbers["claim_explained_by"][0]["value"] == 768
+    assert "position embeddings" in size.advice and "n_embd=768" in size.advice
+    # dropout 0.1 with val below the train-mode loss: the mode difference, and the eval-mode gap beside it
+    vt = f["val_vs_train"]
+    assert vt.status == "warn" and vt.numbers["relative_gap"] < -0.04 and "dropout" in vt.advice
+    assert abs(vt.numbers["eval_mode_gap"]) < 0.01
+    # nanoGPT's 30% is of an A100: on an H100 that is 30 x 312 / 989
+    assert f["mfu"].numbers["median_mfu"] == pytest.approx(0.30 * 312 / 989, rel=0.03) and f["mfu"].status == "warn"
+    assert [x.status for x in ranked].index("ok") > 2  # the three warnings lead
+
+
+def test_mfu_rebased_per_gpu():
+    _, f = fixture_findings("nanogpt_typo.log", "nanogpt_typo_config.py", gpu="4090")
+    assert f["mfu"].status == "ok" and f["mfu"].numbers["median_mfu"] == pytest.approx(0.30 * 312 / 165, rel=0.03)
+    assert "understates" in f["mfu"].summary
+    _, f = fixture_findings("nanogpt_typo.log", "nanogpt_typo_config.py")
+    assert f["mfu"].status == "info" and "A100" in f["mfu"].summary
+    assert dg.gpu_peak("NVIDIA GeForce RTX 3090")[1] == 71e12 and dg.gpu_peak("a100")[1] == 312e12
+    assert dg.gpu_peak("H100 PCIe")[1] == 756e12 and dg.gpu_peak("no such card") is None
+
+
+def test_healthy_nanogpt_run_gets_no_alarm():
+    ranked, f = fixture_findings("nanogpt_good.log", "nanogpt_good_config.py", gpu="a100")
+    assert [x for x in ranked if x.status in ("warn", "info")] == []
+    t = f["tokens_ratio"].numbers
+    assert t["param_count"] == "total" and t["tokens_per_total_param_planned"] == pytest.approx(655.36e6 / 30.33e6, rel=0.01)
+    assert f["loss_curve"].numbers["reliable"]
+
+
+def test_karpathy_nanochat_log():
+    ranked, f = fixture_findings("nanochat_base_train.log")
+    t = f["tokens_ratio"].numbers
+    assert t["param_count"] == "scaling" and t["tokens_per_scaling_param_planned"] == pytest.approx(10.5, abs=0.01)
+    assert t["tokens_per_scaling_param_now"] == pytest.approx(280 * 524288 / 23199744, rel=1e-6)
+    assert t["tokens_per_total_param_now"] == pytest.approx(280 * 524288 / 35782668, rel=1e-6)
+    assert f["mfu"].status == "ok" and 0.3 < f["mfu"].numbers["median_mfu"] < 0.4  # already of the H100's peak
+    assert f["schedule"].status == "info"  # stopped at 60%
+    assert "planned end" in f["loss_curve"].summary  # the warmdown under way is extrapolated from the logged lrm
+    assert not [x for x in ranked if x.status == "warn"]
+
+
+def test_missing_fields_are_reported_not_guessed():
+    ranked, f = fixture_findings("wandb_nanochat_history.jsonl")
+    assert {f[k].status for k in ("param_count", "tokens_ratio", "loss_curve", "mfu")} == {"skip"}
+    assert "--config" in f["param_count"].summary
+    out = dg.report(dg.load_run(FIX / "wandb_nanochat_history.jsonl"), ranked)
+    assert "not in this format: tokens" in out
+
+
+def test_cli_foreign_and_errors(tmp_path, capsys):
+    from scripts.diagnose import main
+
+    assert main([str(FIX / "nanogpt_typo.log"), "--config", str(FIX / "nanogpt_typo_config.py"), "--gpu", "h100",
+                 "--json"]) == 0
+    obj = json.loads(capsys.readouterr().out)
+    assert obj["source"] == "nanogpt" and obj["findings"][0]["check"] == "param_count"
+    assert main([str(FIX / "nanogpt_typo.log"), "--gpu", "voodoo5"]) == 2
+    assert "unknown --gpu" in capsys.readouterr().err
+    junk = tmp_path / "junk.txt"
+    junk.write_text("nothing here\n")
+    assert main([str(junk)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+
+
+def test_gpu_table_agrees_with_the_training_loop_and_prints(capsys):
+    from nanochat.common import GPU_PEAK_FLOPS
+    from scripts.diagnose import main
+
+    for name, peak in GPU_PEAK_FLOPS:  # the peaks base_train divides by: the doctor re-bases on the same values
+        assert dg.gpu_peak(name)[1] == peak, name
+    assert main(["--gpu", "list"]) == 0
+    out = capsys.readouterr().out
+    assert "RTX 4090" in out and "165.0" in out
+
+
+def test_compute_equivalent_against_the_law():
+    """A 1B model on 1T tokens (~1000 tokens/param): the compute-optimal split of the same compute is bigger
+    and lower; the fraction of compute it needs to match the run is where its loss equals the run's."""
+    from nanochat.scaling import CHINCHILLA
+
+    eq = dg.compute_equivalent(CHINCHILLA, 1e9, 1e12)
+    N, D = (float(v) for v in CHINCHILLA.compute_optimal(6e21))
+    assert eq["optimal_params"] == pytest.approx(N) and eq["optimal_params"] > 1e9
+    assert eq["law_loss_gap"] == pytest.approx(float(CHINCHILLA.loss(1e9, 1e12) - CHINCHILLA.loss(N, D)))
+    n_f, d_f = CHINCHILLA.compute_optimal(6e21 * eq["compute_fraction_needed"])
+    assert float(CHINCHILLA.loss(n_f, d_f)) == pytest.approx(float(CHINCHILLA.loss(1e9, 1e12)), abs=1e-9)
+    assert 0 < eq["compute_fraction_needed"] < 1

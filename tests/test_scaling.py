@@ -220,8 +220,8 @@ def test_plan_rejects_bad_input(capsys):
 
     with pytest.raises(SystemExit):
         main(["--flops", "-1"])
-    with pytest.raises(SystemExit, match="unknown --gpu"):
-        main(["--gpu-hours", "1", "--gpu", "tpu-v9"])
+    assert main(["--gpu-hours", "1", "--gpu", "tpu-v9"]) == 2
+    assert "unknown --gpu" in capsys.readouterr().err
 
 
 def test_fit_cli_json_feeds_planner(tmp_path, points, capsys):
@@ -292,4 +292,9 @@ def test_sweep_collects_run_folders_into_fit_ready_csv(tmp_path, capsys, monkeyp
     # dry run: the base_train command line
     assert scaling_sweep.main(["--preset", "cpu", "--dry-run"]) == 0
     cmds = capsys.readouterr().out.splitlines()
-    assert len(cmds) == 9 and "--target-flops 1e+12" in cmds[0] and "--depth 2" in cmds[0]
+    assert len(cmds) == 12 and "--target-flops 1e+12" in cmds[0] and "--depth 1" in cmds[0]
+    # the GPU grid is one command: d10-d20 x 1e18-1e19 on torchrun
+    assert scaling_sweep.main(["--preset", "gpu", "--nproc", "8", "--dry-run"]) == 0
+    cmds = capsys.readouterr().out.splitlines()
+    assert len(cmds) == 24 and "--nproc_per_node=8" in cmds[0] and "--target-flops 1e+18" in cmds[0]
+    assert "--depth 20" in cmds[-1] and "--target-flops 1e+19" in cmds[-1]
