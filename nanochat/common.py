@@ -95,8 +95,8 @@ class DtypeProbe:
 
     def summary(self) -> str:
         how = "cached" if self.cached else f"measured in {self.seconds:.2f} s"
-        return (f"{str(self.dtype).replace('torch.', '')} (GEMM probe: fp32 {self.gflops['float32']:.0f} GFLOP/s, "
-                f"bf16 {self.gflops['bfloat16']:.0f} GFLOP/s, {self.speedup:.2f}x; {how})")
+        return (f"{str(self.dtype).replace('torch.', '')} (GEMM probe: fp32 {self.gflops['float32']:.3g} GFLOP/s, "
+                f"bf16 {self.gflops['bfloat16']:.3g} GFLOP/s, {self.speedup:.2f}x; {how})")
 
 
 def matmul_probe_shapes(n_embd: int = 256, tokens: int = 2048, vocab_size: int = 32768) -> tuple:
