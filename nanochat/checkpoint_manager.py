@@ -10,27 +10,65 @@ Every file is written to a temporary name, fsync'ed and renamed over its final n
 atomic on POSIX), and the meta JSON is written last, after all ranks have written theirs: a
 checkpoint exists if and only if its meta file exists, so a kill at any point of a save leaves the
 previous checkpoint whole and the half-written one invisible.
+
+Failures that are not kills. A full disk while saving raises `DiskFullError` with one line naming the
+file and the checkpoint that is kept. A truncated or corrupt file of a committed checkpoint (a copy
+interrupted, a disk error) is reported with its name (`UnreadableCheckpoint`); `newest_readable_step`
+skips such steps so a requeued job resumes from the newest checkpoint that loads.
+
+Tokenizer identity. A checkpoint saved with `tokenizer=` records the tokenizer's hash in its meta
+(`meta["tokenizer"]`) and keeps a copy of the tokenizer files in `<run folder>/tokenizer/`;
+`load_model` (and `check_tokenizer` for other callers) refuses a tokenizer with another hash.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
 
 from nanochat.common import resolve_dtype
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.run_dir import PHASE_DIRS as _PHASE_DIRS
 from nanochat.run_dir import phase_dir
-from nanochat.tokenizer import get_tokenizer
+
+PHASE_NAMES = tuple(_PHASE_DIRS)
+from nanochat.tokenizer import Tokenizer, get_tokenizer
 
 _META_RE = re.compile(r"^meta_(\d+)\.json$")
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, or does not fit the model / run asking for it."""
+
+
+class UnreadableCheckpoint(CheckpointError):
+    """A file of a committed checkpoint cannot be read (truncated, corrupt)."""
+
+    def __init__(self, path: Path, error: BaseException):
+        self.path = Path(path)
+        super().__init__(f"{self.path} cannot be read (truncated or corrupt: {_short(error)})")
+
+
+class DiskFullError(CheckpointError):
+    """The disk filled up while a checkpoint was written; the previous checkpoint is intact."""
+
+
+class TokenizerMismatch(CheckpointError):
+    """The tokenizer at hand is not the one the checkpoint was trained with."""
+
+
+TOKENIZER_COPY = "tokenizer"  # sub-folder of a run folder holding the tokenizer its checkpoints used
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return (text[0] if text else type(error).__name__)[:200]
 
 
 def model_path(checkpoint_dir: Path, step: int) -> Path:
@@ -54,16 +92,58 @@ def strip_compile_prefix(state_dict: dict) -> dict:
 # atomic writes
 
 
+def _open_for_write(path: Path):
+    return open(path, "wb")
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """ENOSPC, also when torch's zip writer re-raised it as a RuntimeError (its message then says so, or its
+    cause / context is the OSError)."""
+    seen = 0
+    while error is not None and seen < 5:
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(error):
+            return True
+        error, seen = error.__cause__ or error.__context__, seen + 1
+    return False
+
+
+class _RecordingFile:
+    """A file wrapper that remembers an OSError of write() (torch.save's C++ writer turns it into an
+    'enforce fail ... unexpected pos' RuntimeError that no longer says what happened)."""
+
+    def __init__(self, f):
+        self._f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self._f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
 def _atomic_write(path: Path, write_fn) -> None:
-    """Write via `write_fn(file)` to `<path>.tmp<pid>`, fsync, then rename over `path`."""
+    """Write via `write_fn(file)` to `<path>.tmp<pid>`, fsync, then rename over `path`. A full disk raises
+    `DiskFullError` (the temporary file is removed, `path` is untouched)."""
     path = Path(path)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    f = None
     try:
-        with open(tmp, "wb") as f:
+        with _open_for_write(tmp) as raw:
+            f = _RecordingFile(raw)
             write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
+            raw.flush()
+            os.fsync(raw.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        if _is_disk_full(e) or (f is not None and f.error is not None and _is_disk_full(f.error)):
+            raise DiskFullError(f"No space left on device while writing {path}") from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -83,25 +163,40 @@ def atomic_json_save(obj, path: Path) -> None:
 
 
 def save_checkpoint(checkpoint_dir, step: int, model_state: dict | None, optim_state: dict | None, meta: dict,
-                    rank: int = 0, barrier=None) -> None:
+                    rank: int = 0, barrier=None, tokenizer=None) -> None:
     """Save one checkpoint. Call on every rank (each passes its own `optim_state`).
 
     `model_state` and `meta` are written by rank 0 only (others may pass None). `barrier` is called
     between the data files and the meta file so that the meta (the commit mark) is written only once
-    every rank's optimizer file is in place; pass `ctx.barrier` when distributed.
+    every rank's optimizer file is in place; pass `ctx.barrier` when distributed. `tokenizer` (rank 0):
+    record its identity in the meta and keep a copy of its files in the run folder.
+
+    A full disk raises `DiskFullError` ("No space left on device while writing <file>, previous checkpoint
+    step N kept"); the step being written stays invisible (no meta) and its partial files are removed.
+    Distributed, the error is raised where the write failed; the other ranks then fail in the barrier.
     """
     checkpoint_dir = Path(checkpoint_dir)
     checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        if model_state is None:
-            raise ValueError("rank 0 must pass the model state")
-        atomic_torch_save(strip_compile_prefix(model_state), model_path(checkpoint_dir, step))
-    if optim_state is not None:
-        atomic_torch_save(optim_state, optim_path(checkpoint_dir, step, rank))
-    if barrier is not None:
-        barrier()
-    if rank == 0:
-        atomic_json_save(dict(meta, step=step), meta_path(checkpoint_dir, step))
+    try:
+        if rank == 0:
+            if model_state is None:
+                raise ValueError("rank 0 must pass the model state")
+            if tokenizer is not None:
+                meta = dict(meta, tokenizer=keep_tokenizer_copy(checkpoint_dir, tokenizer))
+            atomic_torch_save(strip_compile_prefix(model_state), model_path(checkpoint_dir, step))
+        if optim_state is not None:
+            atomic_torch_save(optim_state, optim_path(checkpoint_dir, step, rank))
+        if barrier is not None:
+            barrier()
+        if rank == 0:
+            atomic_json_save(dict(meta, step=step), meta_path(checkpoint_dir, step))
+    except DiskFullError as e:
+        if not meta_path(checkpoint_dir, step).exists():
+            model_path(checkpoint_dir, step).unlink(missing_ok=True)
+            optim_path(checkpoint_dir, step, rank).unlink(missing_ok=True)
+        kept = [s for s in list_steps(checkpoint_dir) if s != step]
+        tail = f"previous checkpoint step {kept[-1]} kept" if kept else "no earlier checkpoint to keep"
+        raise DiskFullError(f"{e}, {tail}: free space in {checkpoint_dir} (or use --keep-last N)") from None
     if barrier is not None:
         barrier()
 
@@ -143,24 +238,103 @@ def load_meta(checkpoint_dir, step: int) -> dict:
     if not path.exists():
         raise CheckpointError(f"no checkpoint for step {step} in {checkpoint_dir} (missing {path.name}); "
                               f"complete steps there: {list_steps(checkpoint_dir)}")
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError) as e:
+        raise UnreadableCheckpoint(path, e) from None
+    if not isinstance(meta, dict):
+        raise UnreadableCheckpoint(path, ValueError("not a JSON object"))
+    return meta
+
+
+def _torch_load(path: Path, device="cpu", mmap: bool = False):
+    if not path.exists():
+        raise CheckpointError(f"{path} is missing (the checkpoint is incomplete)")
+    try:
+        return torch.load(path, map_location=device, weights_only=True, mmap=mmap)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # torch reports a truncated zip as RuntimeError
+        if isinstance(e, PermissionError):
+            raise
+        raise UnreadableCheckpoint(path, e) from None
+
+
+def saved_world_size(checkpoint_dir, step: int, meta: dict | None = None) -> int:
+    """How many ranks wrote this checkpoint (from its meta, else from its optimizer files)."""
+    meta = meta if meta is not None else load_meta(checkpoint_dir, step)
+    if isinstance(meta.get("world_size"), int):
+        return meta["world_size"]
+    return max(1, len(list(Path(checkpoint_dir).glob(f"optim_{step:06d}_rank*.pt"))))
+
+
+def load_optimizer_state(checkpoint_dir, step: int, rank: int = 0, world_size: int = 1, device="cpu",
+                         meta: dict | None = None) -> dict:
+    """This rank's optimizer state of a checkpoint. Written by the same number of ranks: that rank's file.
+    Written by another number: every rank's file, merged into the unsharded state (`MuonAdamW.load_state_dict`
+    cuts its own shard from it), so a run resumes on more or fewer processes."""
+    checkpoint_dir = Path(checkpoint_dir)
+    saved = saved_world_size(checkpoint_dir, step, meta)
+    if saved == world_size:
+        return _torch_load(optim_path(checkpoint_dir, step, rank), device)
+    from nanochat.optim import merge_rank_states
+
+    states = [_torch_load(optim_path(checkpoint_dir, step, r), "cpu") for r in range(saved)]
+    return merge_rank_states(states)
 
 
 def load_checkpoint(checkpoint_dir, step: int, device="cpu", load_optimizer: bool = False,
-                    rank: int = 0) -> tuple[dict, dict | None, dict]:
-    """(model_state, optim_state or None, meta) of one step; tensors mapped to `device`."""
+                    rank: int = 0, world_size: int | None = None) -> tuple[dict, dict | None, dict]:
+    """(model_state, optim_state or None, meta) of one step; tensors mapped to `device`.
+
+    `world_size` (with `load_optimizer`): the number of ranks of the run loading it; when it differs from the
+    saved one, the optimizer state comes merged (see `load_optimizer_state`). Unreadable files raise
+    `UnreadableCheckpoint` naming the file."""
     checkpoint_dir = Path(checkpoint_dir)
     meta = load_meta(checkpoint_dir, step)
-    model_state = torch.load(model_path(checkpoint_dir, step), map_location=device, weights_only=True)
+    model_state = _torch_load(model_path(checkpoint_dir, step), device)
     optim_state = None
     if load_optimizer:
-        path = optim_path(checkpoint_dir, step, rank)
-        if not path.exists():
-            raise CheckpointError(f"{path} is missing: this checkpoint was written by "
-                                  f"{meta.get('world_size', '?')} rank(s); resume with the same number of ranks")
-        optim_state = torch.load(path, map_location=device, weights_only=True)
+        if world_size is None:
+            path = optim_path(checkpoint_dir, step, rank)
+            if not path.exists():
+                raise CheckpointError(f"{path} is missing: this checkpoint was written by "
+                                      f"{meta.get('world_size', '?')} rank(s); pass world_size to re-shard")
+            optim_state = _torch_load(path, device)
+        else:
+            optim_state = load_optimizer_state(checkpoint_dir, step, rank, world_size, device, meta)
     return model_state, optim_state, meta
+
+
+def verify_checkpoint(checkpoint_dir, step: int, optimizer: bool = True) -> None:
+    """Raise `UnreadableCheckpoint` (naming the file) unless every file of the step opens: the meta parses and
+    each .pt file's zip index is whole (memory-mapped, so no tensor data is read)."""
+    checkpoint_dir = Path(checkpoint_dir)
+    meta = load_meta(checkpoint_dir, step)
+    paths = [model_path(checkpoint_dir, step)]
+    if optimizer:
+        paths += [optim_path(checkpoint_dir, step, r) for r in range(saved_world_size(checkpoint_dir, step, meta))]
+    for path in paths:
+        _torch_load(path, "cpu", mmap=True)
+
+
+def newest_readable_step(checkpoint_dir, optimizer: bool = True, log=print) -> int:
+    """The newest step whose files all open (`verify_checkpoint`); each skipped newer step is reported through
+    `log` with the file at fault. CheckpointError when there is none."""
+    steps = list_steps(checkpoint_dir)
+    problems = []
+    for step in reversed(steps):
+        try:
+            verify_checkpoint(checkpoint_dir, step, optimizer)
+        except CheckpointError as e:
+            problems.append(f"step {step}: {e}")
+            continue
+        if problems and log is not None:
+            log(f"WARNING: checkpoint {'; '.join(problems)}; falling back to step {step}, the newest complete "
+                f"readable checkpoint")
+        return step
+    if not steps:
+        raise CheckpointError(f"no complete checkpoint (meta_*.json + model_*.pt) in {checkpoint_dir}")
+    raise CheckpointError(f"no readable checkpoint in {checkpoint_dir}: {'; '.join(problems)}")
 
 
 def delete_checkpoint(checkpoint_dir, step: int) -> None:
@@ -218,11 +392,86 @@ def load_state_into(model, state_dict: dict, where: str = "checkpoint") -> None:
     model.load_state_dict(state_dict, strict=True)
 
 
+def keep_tokenizer_copy(run_folder, tokenizer) -> dict:
+    """Copy the tokenizer's files into `<run folder>/tokenizer/` (once per run folder; a copy of another
+    tokenizer there is an error: one run, one tokenizer) and return the record stored in checkpoint metas:
+    {"hash", "vocab_size", "source", "copy"}."""
+    run_folder = Path(run_folder)
+    copy = run_folder / TOKENIZER_COPY
+    record = {"hash": tokenizer.identity, "vocab_size": tokenizer.get_vocab_size(),
+              "source": str(getattr(tokenizer, "path", "") or ""), "copy": str(copy)}
+    if (copy / "ranks.tiktoken").is_file():
+        mark = copy / "IDENTITY"  # written with the copy, so later saves need not re-read the ranks
+        kept = mark.read_text().strip() if mark.is_file() else None
+        if kept != tokenizer.identity:
+            try:
+                kept = Tokenizer.from_directory(copy).identity
+            except Exception as e:  # noqa: BLE001  (a damaged copy: rewrite it)
+                kept = f"unreadable ({_short(e)})"
+        if kept == tokenizer.identity:
+            return record
+        if list_steps(run_folder):
+            raise TokenizerMismatch(f"{run_folder} was trained with tokenizer {kept} (copy in {copy}), but this "
+                                    f"run uses tokenizer {tokenizer.identity}: use another --model-tag for a run "
+                                    f"with another tokenizer")
+    tmp = run_folder / f"{TOKENIZER_COPY}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save(tmp)
+    (tmp / "IDENTITY").write_text(tokenizer.identity + "\n")
+    shutil.rmtree(copy, ignore_errors=True)
+    os.replace(tmp, copy)
+    return record
+
+
+def check_tokenizer(meta: dict, tokenizer, where: str) -> None:
+    """Refuse a tokenizer other than the one the checkpoint `meta` records (checkpoints older than the record
+    are checked by vocabulary size only, by the callers)."""
+    saved = meta.get("tokenizer")
+    if not isinstance(saved, dict) or not saved.get("hash") or not hasattr(tokenizer, "identity"):
+        return
+    if saved["hash"] != tokenizer.identity:
+        here = getattr(tokenizer, "path", None) or "the tokenizer in use"
+        copy = saved.get("copy")
+        hint = (f"the right one is kept in {copy}: copy it to {here} or point NANOCHAT_BASE_DIR at a base dir "
+                f"holding it" if copy and Path(copy).is_dir() else
+                f"it was {saved.get('source') or 'not recorded'}; restore that tokenizer")
+        raise TokenizerMismatch(f"{where} was trained with tokenizer {saved['hash']} but {here} is tokenizer "
+                                f"{tokenizer.identity} (same vocab size {tokenizer.get_vocab_size():,} or not, "
+                                f"the token ids mean other strings): {hint}")
+
+
+def runs_trained_with(tokenizer, base_dir=None) -> list[Path]:
+    """Run folders (every phase) whose newest checkpoint was trained with `tokenizer`: its hash is recorded, or
+    (checkpoints older than the record) its vocabulary size matches."""
+    found = []
+    for phase in PHASE_NAMES:
+        root = phase_dir(phase, base_dir)
+        if not root.is_dir():
+            continue
+        for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+            steps = list_steps(folder)
+            if not steps:
+                continue
+            try:
+                meta = load_meta(folder, steps[-1])
+            except CheckpointError:
+                continue
+            rec = meta.get("tokenizer")
+            if isinstance(rec, dict) and rec.get("hash"):
+                same = rec["hash"] == tokenizer.identity
+            else:
+                same = meta.get("model_config", {}).get("vocab_size") == tokenizer.get_vocab_size()
+            if same:
+                found.append(folder)
+    return found
+
+
 def load_model(phase: str, device, model_tag: str | None = None, step: int | None = None,
                base_dir=None, compute_dtype: torch.dtype | None = None):
     """(model in eval mode, tokenizer, meta) of a saved checkpoint.
 
-    Defaults: the most recently written model tag of the phase, and its last step.
+    Defaults: the most recently written model tag of the phase, and its last step. Refuses a tokenizer other
+    than the one the checkpoint was trained with (`TokenizerMismatch`).
     """
     folder = phase_dir(phase, base_dir)
     if model_tag is None:
@@ -235,6 +484,7 @@ def load_model(phase: str, device, model_tag: str | None = None, step: int | Non
     load_state_into(model, model_state, where=f"checkpoint {checkpoint_dir}/model_{step:06d}.pt")
     model.eval()
     tokenizer = get_tokenizer(base_dir)
+    check_tokenizer(meta, tokenizer, f"checkpoint {checkpoint_dir} step {step}")
     vocab = meta["model_config"]["vocab_size"]
     if tokenizer.get_vocab_size() != vocab:
         raise CheckpointError(f"tokenizer vocab size {tokenizer.get_vocab_size():,} does not match the model's "

@@ -60,6 +60,15 @@ class EvalBundleError(RuntimeError):
     """The CORE eval bundle is missing, malformed or could not be downloaded."""
 
 
+class TaskDataError(EvalBundleError):
+    """One task's data file is corrupt (the message names the file and line); the other tasks still run."""
+
+
+# the fields every row of a task type needs (a row without them fails mid-scoring otherwise)
+REQUIRED_FIELDS = {"multiple_choice": ("query", "choices", "gold"), "schema": ("context_options", "continuation", "gold"),
+                   "language_modeling": ("context", "continuation")}
+
+
 # ---------------------------------------------------------------------------------------------
 # the eval bundle: find it, or download it once
 
@@ -97,7 +106,11 @@ def resolve_eval_bundle(bundle_dir: str | os.PathLike | None = None, base_dir: s
     from filelock import FileLock
 
     base_dir.mkdir(parents=True, exist_ok=True)
+    # the lock is an flock (filelock on POSIX): a killed holder releases it, so a leftover eval_bundle.lock
+    # file never blocks; what a killed download leaves is its temporary folder, removed here under the lock
     with FileLock(str(base_dir / "eval_bundle.lock")):
+        for leftover in base_dir.glob(".eval_bundle_tmp_*"):
+            shutil.rmtree(leftover, ignore_errors=True)
         if not _is_bundle(target):  # another process may have finished while we waited
             _download_bundle(url, target, timeout)
     return target
@@ -171,16 +184,63 @@ def load_task_specs(bundle_dir: str | os.PathLike) -> list[TaskSpec]:
 
 def load_task_data(bundle_dir: str | os.PathLike, spec: TaskSpec, max_per_task: int = -1) -> list[dict] | None:
     """The task's rows after the seed-1337 shuffle (and truncation to `max_per_task` if > 0);
-    None when the data file is missing."""
+    None when the data file is missing. A line that is not a JSON object with the task type's fields
+    raises `TaskDataError` naming the file and the line number."""
     path = Path(bundle_dir) / "eval_data" / spec.dataset_uri
     if not path.is_file():
         return None
-    with open(path, encoding="utf-8") as f:
-        data = [json.loads(line) for line in f if line.strip()]
+    need = REQUIRED_FIELDS.get(spec.task_type, ())
+    data = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise TaskDataError(f"task {spec.label}: {path} line {lineno} is not valid JSON ({e.msg} at "
+                                        f"column {e.colno}); restore the file from the eval bundle") from None
+                missing = [k for k in need if not isinstance(row, dict) or k not in row]
+                if missing:
+                    raise TaskDataError(f"task {spec.label}: {path} line {lineno} lacks {', '.join(missing)} (a "
+                                        f"{spec.task_type} row needs {', '.join(need)}); restore the file")
+                data.append(row)
+    except UnicodeDecodeError as e:
+        raise TaskDataError(f"task {spec.label}: {path} is not UTF-8 text ({e.reason} at byte {e.start}); restore "
+                            f"the file from the eval bundle") from None
     random.Random(SHUFFLE_SEED).shuffle(data)
     if max_per_task > 0:
         data = data[:max_per_task]
     return data
+
+
+def check_bundle(bundle_dir=None, max_per_task: int = -1, base_dir=None, download: bool = True) -> dict:
+    """Start-up check for a run that will compute CORE later: find the bundle, parse every task file.
+
+    Returns {"bundle", "tasks": labels that will run, "skipped": {label: reason}}. Raises EvalBundleError when
+    the bundle itself is unusable, ValueError when `max_per_task` cannot work (0, < -1, or not above the
+    largest few-shot count: few-shot examples are drawn from the task's other rows)."""
+    if max_per_task == 0 or max_per_task < -1:
+        raise ValueError(f"max_per_task={max_per_task}: use -1 (all examples) or a positive number")
+    bundle = resolve_eval_bundle(bundle_dir, base_dir=base_dir, download=download)
+    specs = load_task_specs(bundle)
+    most_shots = max((sp.num_fewshot for sp in specs), default=0)
+    if 0 < max_per_task <= most_shots:
+        raise ValueError(f"max_per_task={max_per_task} is too small: {most_shots}-shot tasks draw their examples "
+                         f"from the other rows of the task, so use max_per_task > {most_shots} (or -1 for all)")
+    tasks, skipped = [], {}
+    for spec in specs:
+        try:
+            data = load_task_data(bundle, spec, max_per_task)
+        except TaskDataError as e:
+            skipped[spec.label] = str(e)
+            continue
+        if data is None:
+            skipped[spec.label] = f"no data file {bundle / 'eval_data' / spec.dataset_uri}"
+        else:
+            tasks.append(spec.label)
+    return {"bundle": bundle, "tasks": tasks, "skipped": skipped}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,28 +533,38 @@ def score_shared_prefix(model, ex: PreparedExample, pad_id: int, device) -> list
 
 
 def run_examples(model, examples: list[PreparedExample], pad_id: int, device, batched: bool = True,
-                 batch_tokens: int = 8192, share_prefix: bool = False, min_shared_tokens: int = 512) -> list[dict]:
+                 batch_tokens: int = 8192, share_prefix: bool = False, min_shared_tokens: int = 512,
+                 progress=None) -> list[dict]:
     """Decisions for `examples`, in order. `batched=False` is the reference: one forward per example.
 
     `share_prefix` (models with a KV cache only): multiple-choice examples whose choices repeat at
     least `min_shared_tokens` context tokens run their context once (`score_shared_prefix`); the
     rest go through the batched/unbatched path. It cuts compute ~K-fold on 10-shot K-choice tasks;
-    worth it where compute, not launch overhead, dominates (CPU).
+    worth it where compute, not launch overhead, dominates (CPU). `progress`: a `nanochat.progress.Progress`
+    counting examples (advanced as they are decided).
     """
+    tick = progress.update if progress is not None else (lambda n=1: None)
     if share_prefix and supports_kv_cache(model):
-        shared = {k: decide(ex, score_shared_prefix(model, ex, pad_id, device))
-                  for k, ex in enumerate(examples) if _worth_sharing(ex, min_shared_tokens)}
+        shared = {}
+        for k, ex in enumerate(examples):
+            if _worth_sharing(ex, min_shared_tokens):
+                shared[k] = decide(ex, score_shared_prefix(model, ex, pad_id, device))
+                tick()
         if shared:
             rest = [k for k in range(len(examples)) if k not in shared]
-            rest_decisions = run_examples(model, [examples[k] for k in rest], pad_id, device, batched, batch_tokens)
+            rest_decisions = run_examples(model, [examples[k] for k in rest], pad_id, device, batched, batch_tokens,
+                                          progress=progress)
             merged = dict(shared)
             merged.update(zip(rest, rest_decisions))
             return [merged[k] for k in range(len(examples))]
     if not batched:
         # the reference computes the full (T, V) logits of every example, as the original harness does
-        return [decide(ex, score_rows(model, list(zip(ex.tokens, ex.starts, ex.ends)), pad_id, device,
-                                      select_positions=False))
-                for ex in examples]
+        out = []
+        for ex in examples:
+            out.append(decide(ex, score_rows(model, list(zip(ex.tokens, ex.starts, ex.ends)), pad_id, device,
+                                             select_positions=False)))
+            tick()
+        return out
     rows, owner = [], []
     for k, ex in enumerate(examples):
         rows.extend(zip(ex.tokens, ex.starts, ex.ends))
@@ -503,6 +573,7 @@ def run_examples(model, examples: list[PreparedExample], pad_id: int, device, ba
     for group in pack_rows([len(t) for t, _, _ in rows], batch_tokens):
         for i, res in zip(group, score_rows(model, [rows[i] for i in group], pad_id, device)):
             results[i] = res
+        tick(len(group) * len(examples) / max(1, len(rows)))  # examples' worth of rows scored
     per_example: list[list] = [[] for _ in examples]
     for i, res in enumerate(results):
         per_example[owner[i]].append(res)  # rows were appended example by example, so order holds
@@ -515,16 +586,22 @@ def run_examples(model, examples: list[PreparedExample], pad_id: int, device, ba
 
 def evaluate_task(model, tokenizer, data: list[dict], device, spec: TaskSpec, max_seq_len: int | None = None,
                   batched: bool = True, batch_tokens: int = 8192, collect_examples: bool = False,
-                  share_prefix: bool = False, ctx: RuntimeContext | None = None) -> dict:
+                  share_prefix: bool = False, ctx: RuntimeContext | None = None,
+                  progress_every: float | None = None) -> dict:
     """Accuracy of `model` on one task's (already shuffled/truncated) `data`, across all ranks.
 
     Returns {accuracy, correct, n, examples (rank 0, when collect_examples: every example's decision)}.
+    `progress_every`: seconds between rank 0's `label: done/total examples, rate, ETA` lines (None: silent).
     """
+    from nanochat.progress import Progress
+
     ctx = context_for(device, ctx)
     indices = list(range(ctx.rank, len(data), ctx.world_size))
     prepared = prepare_examples(data, indices, spec, tokenizer, max_seq_len)
+    bar = (Progress(spec.label, len(prepared), "examples", every=progress_every, enabled=ctx.is_master)
+           if progress_every is not None else None)
     decisions = run_examples(model, prepared, tokenizer.get_bos_token_id(), device, batched, batch_tokens,
-                             share_prefix=share_prefix)
+                             share_prefix=share_prefix, progress=bar)
     correct = float(sum(d["correct"] for d in decisions))
     n_cropped = float(sum(ex.cropped for ex in prepared))
     correct, n_cropped = ctx.all_reduce_sum([correct, n_cropped])
@@ -561,14 +638,19 @@ def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task: int =
                   max_seq_len: int | None = None, tasks: list[str] | None = None, batched: bool = True,
                   batch_tokens: int = 8192, share_prefix: bool | None = None,
                   dump_examples: str | os.PathLike | None = None,
-                  base_dir=None, verbose: bool = True, ctx: RuntimeContext | None = None) -> dict:
+                  base_dir=None, verbose: bool = True, ctx: RuntimeContext | None = None,
+                  progress_every: float = 5.0) -> dict:
     """Evaluate CORE. Returns {core, tasks: {label: {accuracy, centered, n, ...}}, missing, n_tasks,
     n_examples, seconds, examples_per_second}.
 
     `model(idx) -> logits (B, T, V)`; `tokenizer.encode(list, prepend=id)` and `get_bos_token_id()`.
     `max_seq_len`: the context the model was trained with (default: `model.max_seq_len` or
     `model.config.sequence_len`); longer prompts are cropped from the left. A task whose data file
-    is missing is listed in `missing` and CORE is the mean over the tasks present.
+    is missing is listed in `missing` and CORE is the mean over the tasks present. A task whose data file is
+    corrupt (`TaskDataError`: file and line) is listed in `failed` ({label: message}) and the evaluation goes
+    on: the tasks scored are kept and reported, CORE is the mean over them (callers should treat a
+    non-empty `failed` as a failed evaluation). Rank 0 prints per-task progress every `progress_every` s
+    (also when not `verbose`; None: never).
     `dump_examples`: a jsonl path that receives every example's decision (rank 0 writes it).
     `share_prefix`: run each multiple-choice context once through a KV cache (see `run_examples`);
     None = on for CPU devices with a KV-cache model, off elsewhere (GPUs prefer the packed forwards).
@@ -593,10 +675,15 @@ def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task: int =
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
-    results, missing, dump = {}, [], []
+    results, missing, failed, dump = {}, [], {}, []
     t_start = time.time()
     for spec in specs:
-        data = load_task_data(bundle, spec, max_per_task)
+        try:
+            data = load_task_data(bundle, spec, max_per_task)
+        except TaskDataError as e:
+            failed[spec.label] = str(e)
+            log(f"{spec.label:<34} FAILED: {e}", flush=True)
+            continue
         if data is None:
             missing.append(spec.label)
             log(f"{spec.label:<34} MISSING: no data file {bundle / 'eval_data' / spec.dataset_uri}", flush=True)
@@ -604,7 +691,7 @@ def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task: int =
         t0 = time.time()
         res = evaluate_task(model, tokenizer, data, device, spec, max_seq_len=max_seq_len, batched=batched,
                             batch_tokens=batch_tokens, collect_examples=dump_examples is not None,
-                            share_prefix=share_prefix, ctx=ctx)
+                            share_prefix=share_prefix, ctx=ctx, progress_every=progress_every)
         seconds = time.time() - t0
         centered = centered_score(res["accuracy"], spec.random_baseline)
         results[spec.label] = {"accuracy": res["accuracy"], "centered": centered, "n": res["n"],
@@ -617,8 +704,9 @@ def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task: int =
     seconds = time.time() - t_start
     n_examples = sum(r["n"] for r in results.values())
     core = aggregate_core(results)
-    if missing:
-        log(f"CORE over {len(results)} of {len(specs)} tasks: missing {', '.join(missing)}", flush=True)
+    if missing or failed:
+        log(f"CORE over {len(results)} of {len(specs)} tasks:" + (f" missing {', '.join(missing)}" if missing else "")
+            + (f" failed {', '.join(failed)}" if failed else ""), flush=True)
     if dump_examples is not None and ctx.is_master:
         Path(dump_examples).parent.mkdir(parents=True, exist_ok=True)
         with open(dump_examples, "w", encoding="utf-8") as f:
@@ -626,7 +714,7 @@ def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task: int =
                 f.write(json.dumps(d) + "\n")
     if was_training and hasattr(model, "train"):
         model.train()
-    return {"core": core, "tasks": results, "missing": missing, "n_tasks": len(results),
+    return {"core": core, "tasks": results, "missing": missing, "failed": failed, "n_tasks": len(results),
             "n_tasks_total": len(specs), "n_examples": n_examples, "seconds": seconds,
             "examples_per_second": n_examples / seconds if seconds > 0 else float("nan"),
             "max_per_task": max_per_task, "max_seq_len": max_seq_len, "bundle": str(bundle),

@@ -1,9 +1,20 @@
 """Pretraining batches: tokenise on the fly, pack documents into rows with best-fit, resume exactly.
 
-Stream. Rank r of W reads units (parquet row groups) r, r+W, ... of the split's shard list
+Stream. The loader reads the units (parquet row groups) of the split's shard list in order
 (`nanochat.dataset.list_units`), looping over epochs. Units are numbered by a monotonic counter
-`c` (epoch = c // units_per_rank), documents by their row `k` inside the unit, so `(c, k)` names
-every document this rank will ever read.
+`c` (epoch = c // number of units), documents by their row `k` inside the unit, so `(c, k)` names
+every document the run will ever read.
+
+Ranks (elastic). The packed rows form one global sequence that does not depend on the number of
+processes: every rank packs the same global rows, and micro-batch n of rank r of W is global
+micro-batch n*W + r (rows [(n*W + r)*B, (n*W + r + 1)*B)). An optimizer step of A accumulation steps
+therefore trains on global rows [s*A*W*B, (s+1)*A*W*B) whatever the split between ranks and
+accumulation: 1 process with accumulation 2 sees what 2 processes with accumulation 1 see, and a
+single-process run reads exactly what it always read. The state (the packer after a whole number of
+rounds of W*B rows) is the same on every rank and names no rank or batch size, so a checkpoint resumes
+on another number of processes or with another micro-batch (same total batch) and continues exactly.
+The price: each rank reads and tokenises every document (W times the tokeniser work of rank-strided
+reading); the lookahead thread overlaps it with training.
 
 Packing (REFERENCE section 4). Every document is tokenised with BOS prepended. A buffer holds
 `buffer_size` documents; each row of T+1 tokens is filled by repeatedly taking the largest buffered
@@ -49,7 +60,7 @@ import torch
 
 from nanochat.dataset import DataError, ShardReader, Unit, list_units
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the global (rank-free) stream; version-1 states of single-process runs are the same
 
 
 class Packer:
@@ -93,6 +104,11 @@ class Packer:
             texts = self.reader.read(self.units[c % len(self.units)])
         except DataError as e:
             return e
+        bad = next((t for t in texts if not isinstance(t, str)), None)
+        if bad is not None:
+            unit = self.units[c % len(self.units)]
+            return DataError(f"{unit.path} row group {unit.index}: the text column holds {type(bad).__name__} values, "
+                             f"not strings; re-prepare the data (`python -m nanochat.dataset prepare --input ...`)")
         keep = [i for i, t in enumerate(texts) if t.strip()]
         ids = self.tokenizer.encode([texts[i] for i in keep], prepend=self.bos, num_threads=self.tokenizer_threads)
         out: list[np.ndarray | None] = [None] * len(texts)
@@ -194,20 +210,25 @@ class Packer:
                 ranges[-1][2] = k + 1
             else:
                 ranges.append([c, k, k + 1])
-        return {"version": STATE_VERSION, "num_units": len(self.units), "batch_size": self.B, "seq_len": self.T,
+        return {"version": STATE_VERSION, "num_units": len(self.units), "seq_len": self.T,
                 "buffer_size": self.buffer_size, "keep_remainder": self.keep_remainder,
                 "next_doc": [self.next_c, self.next_k], "buffer": ranges,
                 "offsets": [[c, k, o] for (c, k), o in sorted(self.offsets.items())], "stats": dict(self.stats)}
 
     def load_state_dict(self, state: dict) -> None:
-        expect = {"version": STATE_VERSION, "num_units": len(self.units), "batch_size": self.B, "seq_len": self.T,
-                  "buffer_size": self.buffer_size, "keep_remainder": self.keep_remainder}
         saved = dict(state)
         saved.setdefault("keep_remainder", 0)  # states written before the option existed
+        if saved.get("version") == 1:
+            if saved.get("world_size", 1) != 1:
+                raise ValueError(f"this data-loader state was written by {saved.get('world_size')} ranks before the "
+                                 f"loader became rank-free: resume it with the code that wrote it")
+            saved["version"] = STATE_VERSION  # a single-process stream is the global stream
+        expect = {"version": STATE_VERSION, "num_units": len(self.units), "seq_len": self.T,
+                  "buffer_size": self.buffer_size, "keep_remainder": self.keep_remainder}
         wrong = {k: (saved.get(k), v) for k, v in expect.items() if saved.get(k) != v}
         if wrong:
             raise ValueError(f"data-loader state does not match this loader (saved, now): {wrong}; resume with the "
-                             f"same data, batch size, sequence length, buffer size, --keep-remainder and world size")
+                             f"same data, sequence length, buffer size and --keep-remainder")
         c, k = state["next_doc"]
         self._reset(c, k, state["stats"])
         offsets = {(uc, uk): o for uc, uk, o in state.get("offsets", [])}
@@ -239,11 +260,12 @@ class Packer:
         return s
 
 
-def _produce(packer: Packer, out: queue.Queue, stop: threading.Event, pin: bool) -> None:
-    """Producer thread: pack batches, split into (inputs, targets), attach the state after each."""
+def _produce(packer: Packer, out: queue.Queue, stop: threading.Event, pin: bool, rows: slice) -> None:
+    """Producer thread: pack rounds of W*B rows, keep this rank's B (`rows`), split into (inputs, targets),
+    attach the state after each round."""
     try:
         while not stop.is_set():
-            batch = packer.next_batch()  # (B, T+1)
+            batch = packer.next_batch()[rows]  # (W*B, T+1) -> (B, T+1)
             xy = np.stack([batch[:, :-1], batch[:, 1:]])  # (2, B, T), each half contiguous
             tensor = torch.from_numpy(xy)
             if pin:
@@ -257,6 +279,26 @@ def _produce(packer: Packer, out: queue.Queue, stop: threading.Event, pin: bool)
                     continue
     except BaseException as e:  # noqa: BLE001  (handed to the consumer, which re-raises it)
         out.put(e)
+
+
+def _check_text_column(units: list[Unit]) -> None:
+    """A parquet `text` column that is not strings (ints, lists: someone else's parquet files) is a one-line
+    DataError at construction, not an AttributeError from the tokenizer thread later."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for path in dict.fromkeys(u.path for u in units if u.path.suffix == ".parquet"):
+        try:
+            schema = pq.read_schema(path)
+        except (pa.ArrowException, OSError):
+            continue  # unreadable files are reported (or skipped) by the reader
+        if "text" not in schema.names:
+            raise DataError(f"{path} has no 'text' column (columns: {', '.join(schema.names)}); prepare the data with "
+                            f"`python -m nanochat.dataset prepare --input ...`")
+        kind = schema.field("text").type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise DataError(f"{path}: the 'text' column is {kind}, not strings; prepare the data with "
+                            f"`python -m nanochat.dataset prepare --input ...`")
 
 
 class DataLoader:
@@ -275,14 +317,13 @@ class DataLoader:
             raise ValueError(f"rank {rank} is not in [0, {world_size})")
         reader = ShardReader(text_field, encoding_errors)  # the last two matter for raw jsonl/txt folders only
         units, self.skipped_files = list_units(split, data_dir, reader, skip_corrupt)
-        if world_size > len(units):
-            raise DataError(f"{world_size} ranks but the {split} split has only {len(units)} row groups, so some ranks "
-                            f"would get no data: use fewer ranks, or re-shard with smaller row groups "
-                            f"(`python -m nanochat.dataset prepare --rows-per-group N`)")
+        _check_text_column(units)
         self.split, self.rank, self.world_size = split, rank, world_size
         self.device = torch.device(device)
         self.prefetch, self.max_batches = prefetch, max_batches
-        self.packer = Packer(tokenizer, units[rank::world_size], batch_size, seq_len, buffer_size, reader,
+        self.batch_size = batch_size
+        # every rank packs the same rounds of W*B global rows and keeps its own B (module docstring)
+        self.packer = Packer(tokenizer, units, batch_size * world_size, seq_len, buffer_size, reader,
                              tokenizer_threads, skip_corrupt, keep_remainder)
         self._state = self.packer.state_dict()
         self._stats = self.packer.derived_stats()
@@ -301,7 +342,8 @@ class DataLoader:
         self._stop = threading.Event()
         self._queue = queue.Queue(maxsize=self.prefetch)
         pin = self.device.type == "cuda"
-        self._thread = threading.Thread(target=_produce, args=(self.packer, self._queue, self._stop, pin),
+        rows = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        self._thread = threading.Thread(target=_produce, args=(self.packer, self._queue, self._stop, pin, rows),
                                         name=f"nanochat-dataloader-{self.split}-r{self.rank}", daemon=True)
         self._thread.start()
 
@@ -343,14 +385,18 @@ class DataLoader:
     # -- state --------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """State after the last batch handed out (not after what the producer has read ahead)."""
-        return {**self._state, "split": self.split, "rank": self.rank, "world_size": self.world_size}
+        """State after the last batch handed out (not after what the producer has read ahead). The same on
+        every rank; `rank`, `world_size` and `batch_size` are recorded for information only."""
+        return {**self._state, "split": self.split, "rank": self.rank, "world_size": self.world_size,
+                "batch_size": self.batch_size}
 
     def load_state_dict(self, state: dict) -> None:
-        got = (state.get("split"), state.get("rank"), state.get("world_size"))
-        if got != (self.split, self.rank, self.world_size):
-            raise ValueError(f"data-loader state is for split/rank/world_size {got}, this loader is "
-                             f"{(self.split, self.rank, self.world_size)}")
+        """Continue from `state` (any rank's: they are equal), also with another world size or micro-batch.
+        The stream resumes at the global row where the state stopped; with the same total batch per step
+        (W*B*accumulation) a checkpoint taken at a step boundary continues the run exactly."""
+        if state.get("split") != self.split:
+            raise ValueError(f"data-loader state is for the {state.get('split')!r} split, this loader reads "
+                             f"{self.split!r}")
         self._halt()
         self._error = None
         self.packer.load_state_dict(state)

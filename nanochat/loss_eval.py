@@ -49,13 +49,18 @@ def evaluate_bpb(model, batches: Iterable, steps: int, token_bytes: torch.Tensor
 
 @torch.no_grad()
 def evaluate_loss_and_bpb(model, batches: Iterable, steps: int, token_bytes: torch.Tensor,
-                          should_stop=None, ctx: RuntimeContext | None = None) -> dict | None:
+                          should_stop=None, ctx: RuntimeContext | None = None, progress: str | None = None,
+                          progress_every: float = 5.0) -> dict | None:
     """`evaluate_bpb` plus the mean loss in nats per token over every non-ignored target (special
     tokens included), i.e. measured exactly like the training loss, so the two can be compared.
 
     Returns {"bpb", "loss", "tokens", "bytes"} (tokens/bytes summed over ranks). `should_stop`, a
     callable checked before each batch (single process only: ranks would leave the collective at
-    different batches), abandons the evaluation and returns None when it answers True."""
+    different batches), abandons the evaluation and returns None when it answers True.
+    `progress`: a name; rank 0 then prints `name: done/total batches, rate, ETA` every
+    `progress_every` seconds (nanochat/progress.py)."""
+    from nanochat.progress import Progress
+
     if steps <= 0:
         raise ValueError(f"evaluate_bpb needs steps >= 1, got {steps}")
     batch_iter = iter(batches)
@@ -64,6 +69,7 @@ def evaluate_loss_and_bpb(model, batches: Iterable, steps: int, token_bytes: tor
     acc_dtype = torch.float32 if device.type == "mps" else torch.float64
     # nats over byte-bearing targets, their bytes, nats over all targets, number of targets
     sums = torch.zeros(4, dtype=acc_dtype, device=device)
+    bar = Progress(progress or "", steps, "batches", every=progress_every, enabled=progress is not None and context_for(device, ctx).is_master)
     for step in range(steps):
         if should_stop is not None and should_stop():
             return None
@@ -80,6 +86,7 @@ def evaluate_loss_and_bpb(model, batches: Iterable, steps: int, token_bytes: tor
         zero = torch.zeros_like(loss_BT)
         sums += torch.stack([torch.where(counted, loss_BT, zero).sum(), nbytes_BT.sum(),
                              torch.where(valid, loss_BT, zero).sum(), valid.sum()]).to(acc_dtype)
+        bar.update()
     nats, nbytes, all_nats, ntokens = context_for(device, ctx).all_reduce_sum(sums).tolist()
     if nbytes == 0:
         raise ValueError("evaluate_bpb: the targets contain no bytes (only special tokens or ignored "
@@ -89,15 +96,42 @@ def evaluate_loss_and_bpb(model, batches: Iterable, steps: int, token_bytes: tor
 
 
 def evaluate_split_bpb(model, tokenizer, token_bytes, ctx, split: str, split_tokens: int, batch_size: int,
-                       seq_len: int) -> float:
+                       seq_len: int, progress: bool = True) -> float:
     """bpb of `model` on the first `split_tokens` tokens of a data split (the pinned validation shard for "val")."""
     tokens_per_step = batch_size * seq_len * ctx.world_size
     steps = max(1, split_tokens // tokens_per_step)
     loader = DataLoader(tokenizer, batch_size, seq_len, split=split, device=ctx.device, rank=ctx.rank,
                         world_size=ctx.world_size)
     try:
-        return evaluate_bpb(model, loader, steps, token_bytes, ctx=ctx)
+        return evaluate_loss_and_bpb(model, loader, steps, token_bytes, ctx=ctx,
+                                     progress=f"{split} bpb" if progress else None)["bpb"]
     finally:
         close = getattr(loader, "close", None)
         if close is not None:
             close()
+
+
+def check_eval_data(split: str = "val", data_dir=None, tokens: int | None = None, chars_per_token: float = 6.0) -> dict:
+    """Start-up check of the data an evaluation will read: the split's files open and their first row groups
+    (enough for `tokens` tokens, at `chars_per_token`; all of them when None) read and hold text. Raises
+    `nanochat.dataset.DataError` naming the file; returns {"files", "row_groups", "docs", "chars"} read."""
+    from nanochat.dataset import DataError, ShardReader, list_units
+
+    reader = ShardReader()
+    units, _ = list_units(split, data_dir, reader)
+    need = None if tokens is None else tokens * chars_per_token
+    docs = chars = read = 0
+    for unit in units:
+        texts = reader.read(unit)
+        bad = next((t for t in texts if not isinstance(t, str)), None)
+        if bad is not None:
+            raise DataError(f"{unit.path} row group {unit.index}: the text column holds {type(bad).__name__} values, "
+                            f"not strings; re-prepare the data (`python -m nanochat.dataset prepare`)")
+        docs += sum(1 for t in texts if t.strip())
+        chars += sum(len(t) for t in texts)
+        read += 1
+        if need is not None and chars >= need:
+            break
+    if docs == 0:
+        raise DataError(f"the {split} split ({units[0].path}, ...) holds no text: every document is empty")
+    return {"files": len({u.path for u in units[:read]}), "row_groups": read, "docs": docs, "chars": chars}

@@ -423,23 +423,31 @@ class MuonAdamW(torch.optim.Optimizer):
     # -- checkpoints ------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        """This rank's state: plain tensors, ints, floats and strings (safe for torch.load)."""
-        groups, states = [], []
+        """This rank's state: plain tensors, ints, floats and strings (safe for torch.load). `layout` says how
+        each unit was cut across ranks, so that `merge_rank_states` can rebuild the unsharded state."""
+        groups, states, layout = [], [], []
         for group, units in zip(self.param_groups, self._get_plan()):
             g = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in group.items() if k != "params"}
             g["param_shapes"] = [tuple(p.shape) for p in group["params"]]
             groups.append(g)
             states.append([{k: (v.clone() if torch.is_tensor(v) else v) for k, v in self.state[_key(u)].items()}
                            if _key(u) in self.state else {} for u in units])
-        return {"world_size": self.world_size, "rank": self.rank, "param_groups": groups, "state": states}
+            layout.append([{"n": len(u.params), "per_rank": u.per_rank} if isinstance(u, _MuonStack)
+                           else {"mode": u.mode, "owner": u.owner} for u in units])
+        return {"world_size": self.world_size, "rank": self.rank, "param_groups": groups, "state": states,
+                "layout": layout}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Load this rank's own state (same world size), or an unsharded state (`world_size` 1: a single-process
+        run's, or `merge_rank_states` of another world size's), from which this rank cuts its shard."""
         saved_world, saved_rank = state_dict.get("world_size"), state_dict.get("rank")
-        if saved_world != self.world_size:
+        reshard = saved_world == 1 and self.world_size > 1
+        if saved_world != self.world_size and not reshard:
             raise ValueError(f"this optimizer state was written by a run with {saved_world} ranks (rank "
-                             f"{saved_rank}), but this run has world size {self.world_size}: its state is sharded "
-                             f"per rank, so resume with {saved_world} ranks")
-        if saved_rank != self.rank:
+                             f"{saved_rank}), but this run has world size {self.world_size}: merge the ranks' "
+                             f"states first (nanochat.optim.merge_rank_states, which "
+                             f"checkpoint_manager.load_optimizer_state does)")
+        if not reshard and saved_rank != self.rank:
             raise ValueError(f"this optimizer state belongs to rank {saved_rank}, but it is being loaded on rank "
                              f"{self.rank}: load optim_..._rank{self.rank}.pt on each rank")
         saved_groups = state_dict["param_groups"]
@@ -458,10 +466,83 @@ class MuonAdamW(torch.optim.Optimizer):
                 if k != "param_shapes":
                     group[k] = _parse_dtype(v) if k == "orth_dtype" else v
             for unit, unit_state in zip(units, unit_states):
+                if reshard:
+                    unit_state = self._own_shard(unit, unit_state)
                 if unit_state:
                     device = _key(unit).device
                     self.state[_key(unit)] = {k: (v.to(device, copy=True) if torch.is_tensor(v) else v)
                                               for k, v in unit_state.items()}
+
+    def _own_shard(self, unit, full: dict) -> dict:
+        """This rank's part of one unit's unsharded state (the inverse of `merge_rank_states`)."""
+        W, r = self.world_size, self.rank
+        if not full:
+            return {}
+        if isinstance(unit, _MuonStack):  # (n, ...) -> zero-padded to (K*W, ...) -> rows [r*K, (r+1)*K)
+            K, out = unit.per_rank, {}
+            for k, v in full.items():
+                if torch.is_tensor(v) and v.ndim >= 1:
+                    padded = torch.cat([v, v.new_zeros((K * W - v.shape[0], *v.shape[1:]))])
+                    out[k] = padded[r * K:(r + 1) * K]
+                else:
+                    out[k] = v
+            return out
+        if unit.mode == "owner":
+            return full if r == unit.owner else {}
+        if unit.mode == "shard":
+            n = unit.param.shape[0] // W
+            return {k: (v[r * n:(r + 1) * n] if torch.is_tensor(v) and v.ndim >= 1 else v) for k, v in full.items()}
+        return full
+
+
+def merge_rank_states(states: list[dict]) -> dict:
+    """The unsharded (world size 1) optimizer state of a W-rank run, from its W per-rank `state_dict()`s: Muon
+    stacks concatenated across ranks with their zero padding dropped, dim-0 shards concatenated, owner-rank
+    states taken from their owner. `MuonAdamW.load_state_dict` loads it on any number of ranks."""
+    states = sorted(states, key=lambda s: s.get("rank", 0))
+    W = states[0].get("world_size")
+    if [s.get("rank") for s in states] != list(range(W or 0)) or any(s.get("world_size") != W for s in states):
+        raise ValueError(f"need the states of every rank 0..{W - 1} of one run, got ranks "
+                         f"{[s.get('rank') for s in states]} of world sizes {sorted({s.get('world_size') for s in states})}")
+    if W == 1:
+        return states[0]
+    if any("layout" not in s for s in states):
+        raise ValueError("these optimizer states predate re-sharding (no 'layout'): resume with the world size "
+                         f"that wrote them ({W} ranks)")
+    merged, layout = [], []
+    for gi, group_layout in enumerate(states[0]["layout"]):
+        units, unit_layout = [], []
+        for ui, lay in enumerate(group_layout):
+            per_rank = [s["state"][gi][ui] for s in states]
+            if "n" in lay:
+                full = _concat_states(per_rank, limit=lay["n"])
+                unit_layout.append({"n": lay["n"], "per_rank": lay["n"]})
+            else:
+                if lay["mode"] == "shard":
+                    full = _concat_states(per_rank)
+                elif lay["mode"] == "owner":
+                    full = per_rank[lay["owner"]]
+                else:
+                    full = per_rank[0]
+                unit_layout.append({"mode": "local", "owner": 0})
+            units.append(full)
+        merged.append(units)
+        layout.append(unit_layout)
+    return {"world_size": 1, "rank": 0, "param_groups": states[0]["param_groups"], "state": merged,
+            "layout": layout, "merged_from_world_size": W}
+
+
+def _concat_states(per_rank: list[dict], limit: int | None = None) -> dict:
+    if not any(per_rank):
+        return {}
+    out = {}
+    for k, v in per_rank[0].items():
+        if torch.is_tensor(v) and v.ndim >= 1:
+            cat = torch.cat([s[k] for s in per_rank])
+            out[k] = cat[:limit] if limit is not None else cat
+        else:
+            out[k] = v  # step counters agree across ranks
+    return out
 
 
 def _key(unit):

@@ -13,8 +13,12 @@ checkpoints of the reference's mid-training layout).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import re
+import shutil
+import sys
 from pathlib import Path
 
 from nanochat.common import get_base_dir
@@ -121,3 +125,141 @@ class MetricsWriter:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# one writer per run folder, and what failed runs leave behind
+
+LOCK_FILE = "run.lock"
+_TMP_RE = re.compile(r"\.tmp(\d+)$")
+_STEP_FILE_RE = re.compile(r"^(?:model|optim)_(\d+)(?:_rank\d+)?\.pt$")
+
+
+class RunLockedError(RuntimeError):
+    """Another live process holds the run folder's lock."""
+
+
+class RunLock:
+    """An exclusive `flock` on `<folder>/run.lock`, held for the life of the process that writes the folder.
+
+    The kernel drops a flock when its holder exits, however it exits (kill -9 included), so a lock is
+    never stale: a leftover run.lock of a dead process is simply taken over. The file records the
+    holder's pid and command line so that a refused second writer can name it. Take it on rank 0 only:
+    the other ranks of the same job write through rank 0's barriers.
+    """
+
+    def __init__(self, folder: str | os.PathLike, what: str = "a run"):
+        self.folder, self.what = Path(folder), what
+        self.path = self.folder / LOCK_FILE
+        self._fd: int | None = None
+
+    def acquire(self) -> RunLock:
+        if self._fd is not None:
+            return self
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+            os.close(fd)
+            info = _parse_holder(holder)
+            raise RunLockedError(
+                f"{self.folder} is in use by process {info.get('pid', '?')} ({info.get('what', 'unknown')}: "
+                f"{info.get('cmd', '?')}): one process writes a run folder at a time; wait for it to finish, "
+                f"stop it, or pass another --model-tag") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "what": self.what,
+                                  "cmd": " ".join(sys.argv)[:300]}).encode() + b"\n", 0)
+        self._fd = fd
+        return self
+
+    def release(self) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _parse_holder(text: str) -> dict:
+    try:
+        info = json.loads(text)
+        return info if isinstance(info, dict) else {}
+    except json.JSONDecodeError:
+        return {}
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def clean_run_dir(folder: str | os.PathLike, has_meta=None) -> list[Path]:
+    """Remove what interrupted writes leave in a run folder; returns the removed paths.
+
+    - `<name>.tmp<pid>` files of atomic writes whose process is gone (a kill mid-save; gigabytes at depth 20);
+    - `model_<S>.pt` / `optim_<S>_rank<r>.pt` whose `meta_<S>.json` (the commit mark) was never written.
+
+    Call it while holding the folder's RunLock (no other writer can be mid-save then). `has_meta(step)`
+    decides whether step S is committed (default: `meta_<S:06d>.json` exists).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    if has_meta is None:
+        def has_meta(step: int) -> bool:
+            return (folder / f"meta_{step:06d}.json").exists()
+    removed = []
+    for p in sorted(folder.iterdir()):
+        m = _TMP_RE.search(p.name)
+        if m:  # a file, or a folder (the tokenizer copy), of an atomic write
+            pid = int(m.group(1))
+            if pid != os.getpid() and not _pid_alive(pid):
+                if p.is_dir():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    p.unlink(missing_ok=True)
+                removed.append(p)
+            continue
+        if not p.is_file():
+            continue
+        m = _STEP_FILE_RE.match(p.name)
+        if m and not has_meta(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+def remove_if_unused(folder: str | os.PathLike) -> bool:
+    """Delete a run folder that a failed command created and left without any result (nothing in it but
+    the lock file and an empty metrics.jsonl / a run.json): True when it was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return False
+    leftovers = {LOCK_FILE, RUN_JSON}
+    for p in folder.iterdir():
+        if p.name in leftovers or (p.name == METRICS and p.is_file() and p.stat().st_size == 0):
+            continue
+        return False
+    for p in folder.iterdir():
+        p.unlink(missing_ok=True)
+    try:
+        folder.rmdir()
+    except OSError:
+        return False
+    return True

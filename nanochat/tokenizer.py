@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import hashlib
 import json
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
@@ -193,6 +194,8 @@ class Tokenizer:
         self.pattern = pattern
         self.special_tokens = {name: n + i for i, name in enumerate(special_tokens)}
         self.meta = dict(meta or {})
+        self.path: Path | None = None  # the folder it was loaded from (from_directory)
+        self._identity: str | None = None
         self.enc = tiktoken.Encoding(f"nanochat{n + len(special_tokens)}", pat_str=pattern,
                                      mergeable_ranks=mergeable_ranks, special_tokens=self.special_tokens)
 
@@ -255,6 +258,7 @@ class Tokenizer:
         if tok.get_vocab_size() != meta["vocab_size"]:
             raise TokenizerError(f"{path}: meta.json says vocab_size {meta['vocab_size']} but the files hold "
                                  f"{tok.get_vocab_size()} tokens; retrain with `python scripts/tok_train.py`")
+        tok.path = path
         return tok
 
     def save(self, path: str | Path) -> Path:
@@ -270,6 +274,21 @@ class Tokenizer:
         (path / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
         torch.save(self.token_bytes(), path / "token_bytes.pt")
         return path
+
+    @property
+    def identity(self) -> str:
+        """What the token ids mean, as a short hash: sha256 over the split pattern, every (token bytes, rank)
+        in rank order and the specials with their ids (16 hex digits). Two tokenizers trained at the same
+        vocab size on different text differ here; checkpoints store it (nanochat/checkpoint_manager.py)."""
+        if self._identity is None:
+            h = hashlib.sha256()
+            h.update(self.pattern.encode() + b"\0")
+            for token, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1]):
+                h.update(len(token).to_bytes(2, "little") + token + rank.to_bytes(4, "little"))
+            for name, i in sorted(self.special_tokens.items(), key=lambda kv: kv[1]):
+                h.update(b"\1" + name.encode() + i.to_bytes(4, "little"))
+            self._identity = h.hexdigest()[:16]
+        return self._identity
 
     # --- encode / decode ----------------------------------------------------------------------
 

@@ -38,13 +38,14 @@ from nanochat.attention import windowed_kernel_available
 from nanochat.autobatch import find_device_batch_size, oom_message
 from nanochat.common import RuntimeContext, init_runtime, matmul_probe_shapes
 from nanochat.config import ConfigError, TrainConfig
-from nanochat.core_eval import EvalBundleError, evaluate_core, load_task_specs, resolve_eval_bundle
+from nanochat.core_eval import EvalBundleError, check_bundle, evaluate_core
 from nanochat.dataloader import DataLoader
 from nanochat.engine import Engine
 from nanochat.gpt import GPT
-from nanochat.loss_eval import evaluate_loss_and_bpb
+from nanochat.loss_eval import check_eval_data, evaluate_loss_and_bpb
 from nanochat.optim import build_optimizer
-from nanochat.run_dir import MetricsWriter, read_run_json, run_dir, write_run_json
+from nanochat.run_dir import (MetricsWriter, RunLock, RunLockedError, clean_run_dir, remove_if_unused,
+                              run_dir, write_run_json)
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (EXIT_CONFIG, EXIT_EVAL, EXIT_NONFINITE, EXIT_OK, EXIT_OOM, LoopState, NonFiniteLoss,
                                StopSignal, TestHooks, apply_schedule, git_commit, peak_memory_mb,
@@ -89,10 +90,15 @@ class SyntheticLoader:
         return row[:, :-1], row[:, 1:]
 
     def state_dict(self) -> dict:
-        return {"kind": "synthetic", "count": self.count}
+        return {"kind": "synthetic", "count": self.count, "world_size": self.W}
 
     def load_state_dict(self, state: dict) -> None:
-        self.count = state["count"]
+        # count * W micro-batches are consumed globally: the same position on another world size
+        global_count = state["count"] * state.get("world_size", self.W)
+        if global_count % self.W:
+            raise ConfigError(f"the synthetic loader stopped after {global_count} global micro-batches, which "
+                              f"{self.W} ranks cannot split: resume with a world size that divides it")
+        self.count = global_count // self.W
 
     def close(self) -> None:
         pass
@@ -126,30 +132,38 @@ def evaluate_val(model, tokenizer, ctx: RuntimeContext, token_bytes, cfg: TrainC
     loader = make_loader(cfg, tokenizer, "val", ctx, 1, tokenizer.get_vocab_size())
     model.eval()
     try:
-        return evaluate_loss_and_bpb(model, loader, steps, token_bytes, should_stop, ctx=ctx)
+        return evaluate_loss_and_bpb(model, loader, steps, token_bytes, should_stop, ctx=ctx, progress="val bpb")
     finally:
         model.train()
         loader.close()
 
 
 def core_preflight(cfg: TrainConfig, ctx: RuntimeContext) -> bool:
-    """Find the CORE bundle and check the flags before training: False (after one warning) when the
-    bundle is unavailable; ConfigError when --core-metric-max-per-task is too small for its few-shot tasks."""
+    """Find the CORE bundle and parse its task files before training: False (after one warning) when the
+    bundle is unavailable; a warning naming each task that will be skipped (corrupt file: file and line);
+    ConfigError when --core-metric-max-per-task cannot work (too small for the few-shot tasks)."""
     try:
-        specs = load_task_specs(resolve_eval_bundle())
+        found = check_bundle(max_per_task=cfg.core_metric_max_per_task)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("max_per_task=", "--core-metric-max-per-task=")) from e
     except (EvalBundleError, FileNotFoundError) as e:
         ctx.print0(f"WARNING: CORE metric disabled for this run: {e}")
         return False
-    most_shots = max((s.num_fewshot for s in specs), default=0)
-    if 0 < cfg.core_metric_max_per_task <= most_shots:
-        raise ConfigError(f"--core-metric-max-per-task={cfg.core_metric_max_per_task} is too small: {most_shots}-shot "
-                          f"tasks draw their examples from the other rows, so use > {most_shots} (or -1 for all)")
+    for label, why in found["skipped"].items():
+        ctx.print0(f"WARNING: CORE task {label} will be skipped: {why}")
     return True
 
 
-def run_core(model, tokenizer, ctx: RuntimeContext, max_per_task: int) -> float:
+def val_preflight(cfg: TrainConfig, ctx: RuntimeContext, eval_tokens: int) -> None:
+    """The validation split opens and holds text (its first row groups, as much as one pass reads), before
+    training: DataError naming the file otherwise."""
+    check_eval_data("val", cfg.data_dir, tokens=eval_tokens)
+
+
+def run_core(model, tokenizer, ctx: RuntimeContext, max_per_task: int) -> dict:
+    """evaluate_core's result: `core` over the tasks scored, `failed` {label: why} for corrupt task files."""
     try:
-        return evaluate_core(model, tokenizer, ctx.device, max_per_task=max_per_task, verbose=False, ctx=ctx)["core"]
+        return evaluate_core(model, tokenizer, ctx.device, max_per_task=max_per_task, verbose=False, ctx=ctx)
     finally:
         model.train()
 
@@ -179,6 +193,8 @@ class Evaluations:
         self.core_on = self.on and cfg.core_metric_every != 0 and core_preflight(cfg, ctx)
         self.eval_tokens = cfg.eval_tokens_for(ctx.device_type, plan.total_tokens,
                                                cfg.device_batch_size * cfg.max_seq_len * ctx.world_size)
+        if self.on and cfg.eval_every != 0:
+            val_preflight(cfg, ctx, self.eval_tokens)
         self.token_bytes = None
         self.failed: dict[str, str] = {}
 
@@ -212,8 +228,11 @@ class Evaluations:
                 ctx.print0(f"step {step:05d} | val bpb {val['bpb']:.6f} | val loss {val['loss']:.4f}")
         if self.core_on and "CORE" not in self.failed and due(cfg.core_metric_every, step, self.last):
             try:
-                state.core = record["core"] = run_core(model, self.tokenizer, ctx, cfg.core_metric_max_per_task)
-                ctx.print0(f"step {step:05d} | CORE {state.core:.4f}")
+                core = run_core(model, self.tokenizer, ctx, cfg.core_metric_max_per_task)
+                state.core = record["core"] = core["core"]
+                ctx.print0(f"step {step:05d} | CORE {state.core:.4f} over {core['n_tasks']} of {core['n_tasks_total']} tasks")
+                if core["failed"]:  # the scored tasks are kept; the run still ends reporting the failure
+                    self.failed["CORE tasks"] = "; ".join(core["failed"].values())
             except (Exception, torch.OutOfMemoryError) as e:
                 self._failed("CORE", step, e)
         if self.on and ctx.is_master and "samples" not in self.failed and due(cfg.sample_every, step, self.last):
@@ -261,13 +280,32 @@ def sizing_table(plan: sizing.RunPlan, ctx: RuntimeContext, model) -> str:
 def train(cfg: TrainConfig) -> int:
     """Run pretraining as the config says; returns the process exit code."""
     cfg.validate()
-    ctx = init_runtime(cfg.device_type, cfg.dtype, seed=cfg.seed)
+    try:
+        ctx = init_runtime(cfg.device_type, cfg.dtype, seed=cfg.seed)
+    except (ValueError, RuntimeError) as e:  # --device-type cuda without CUDA, --dtype fp8, a failed rendezvous
+        raise ConfigError(str(e)) from e
     try:
         # architecture left open: the record recipe on CUDA with a windowed attention kernel (README)
         return _train(cfg.with_device_defaults(windowed_kernel_available(ctx.device_type, ctx.dtype, cfg.attention)),
                       ctx)
     finally:
         ctx.teardown()
+
+
+def lock_run_folder(out_dir: Path, ctx: RuntimeContext, what: str) -> RunLock | None:
+    """Rank 0 takes the run folder's lock (one writer per folder) and removes what killed runs left there (temp
+    files, uncommitted steps); every rank learns whether that worked. ConfigError naming the holder if not."""
+    lock, error = None, ""
+    if ctx.is_master:
+        try:
+            lock = RunLock(out_dir, what=what).acquire()
+            for p in clean_run_dir(out_dir):
+                ctx.print0(f"removed {p.name} (left by an interrupted write)")
+        except RunLockedError as e:
+            error = str(e)
+    if ctx.all_reduce_sum([1.0 if error else 0.0])[0] > 0:
+        raise ConfigError(error or f"{out_dir} is in use by another process (see rank 0)")
+    return lock
 
 
 def _setup_run_folder(cfg: TrainConfig, ctx: RuntimeContext) -> tuple[Path, int | str | None]:
@@ -312,6 +350,21 @@ def _train(cfg: TrainConfig, ctx: RuntimeContext) -> int:
         plan = sizing.plan_run(replace(cfg, device_batch_size=1) if auto_batch else cfg, vocab_size, ctx.world_size)
     except ValueError as e:
         raise ConfigError(str(e)) from e
+    out_dir = run_dir("base", cfg.tag)
+    lock = lock_run_folder(out_dir, ctx, "base_train")
+    try:
+        return _train_locked(cfg, ctx, tokenizer, vocab_size, plan)
+    except BaseException:
+        if ctx.is_master:
+            remove_if_unused(out_dir)  # a command that failed before its first checkpoint leaves no empty folder
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(cfg: TrainConfig, ctx: RuntimeContext, tokenizer, vocab_size: int, plan: sizing.RunPlan) -> int:
+    auto_batch = cfg.device_batch_size == "auto"
     out_dir, resume_which = _setup_run_folder(cfg, ctx)
 
     mc = plan.model_config  # --dtype auto on CPU: the GEMM probe again at this model's shapes (cached)
@@ -336,14 +389,9 @@ def _train(cfg: TrainConfig, ctx: RuntimeContext) -> int:
         model.before_compile()
     train_model = torch.compile(model, dynamic=False) if compile_model else model
     if auto_batch:
-        if resume_which is not None:  # a resumed run keeps its batch (the loader state depends on it)
-            found = ((read_run_json(out_dir) or {}).get("args") or {}).get("device_batch_size")
-            if not isinstance(found, int):
-                raise ConfigError(f"--device-batch-size auto on resume reads the batch of the run being resumed from "
-                                  f"{out_dir}/run.json, which has none: pass the run's --device-batch-size")
-        else:
-            found = find_device_batch_size(model, train_model, cfg.max_seq_len, vocab_size, plan.tokens_per_step,
-                                           ctx.world_size, log=ctx.print0)
+        # a resume probes again: the loader state is in global rows, so another micro-batch continues exactly
+        found = find_device_batch_size(model, train_model, cfg.max_seq_len, vocab_size, plan.tokens_per_step,
+                                       ctx.world_size, log=ctx.print0)
         cfg = replace(cfg, device_batch_size=int(found))
         plan = sizing.plan_run(replace(cfg, total_batch_size=plan.tokens_per_step), vocab_size, ctx.world_size)
     N, A = plan.num_iterations, plan.grad_accum_steps
@@ -358,7 +406,7 @@ def _train(cfg: TrainConfig, ctx: RuntimeContext) -> int:
     state, resume_step = LoopState(), None
     if resume_which is not None:
         resume_step, state, _ = restore_training_checkpoint(out_dir, resume_which, ctx, model, optimizer,
-                                                            train_loader, plan.model_config.to_dict())
+                                                            train_loader, plan.model_config.to_dict(), tokenizer)
 
     ctx.print0(sizing_table(plan, ctx, model))
     decay_per_step = plan.matrix_lr * plan.weight_decay
@@ -426,7 +474,7 @@ def _train(cfg: TrainConfig, ctx: RuntimeContext) -> int:
             if saved:  # before the evaluations: an evaluation that fails cannot cost the trained model
                 reason = f"signal {stop.received or 'on another rank'}" if stopping else ("final" if step == N else "periodic")
                 pruned = save_training_checkpoint(out_dir, step, model, optimizer, train_loader, state, ctx, meta,
-                                                  cfg.keep_last)
+                                                  cfg.keep_last, tokenizer)
                 ctx.print0(f"saved checkpoint step {step} ({reason}) to {out_dir}" + (f"; removed steps {pruned}" if pruned else ""))
             if stopping:
                 if evals.any_due(step):
@@ -443,7 +491,7 @@ def _train(cfg: TrainConfig, ctx: RuntimeContext) -> int:
             if stopping:
                 if not saved:
                     save_training_checkpoint(out_dir, step, model, optimizer, train_loader, state, ctx, meta,
-                                             cfg.keep_last)
+                                             cfg.keep_last, tokenizer)
                 ctx.print0(f"stopped by signal at step {step}; resume with --resume-from-step {step}")
                 break
     if wandb_run is not None:

@@ -186,40 +186,47 @@ def train_step(model, optimizer, batches, grad_accum: int, ctx: RuntimeContext, 
 
 
 def save_training_checkpoint(out_dir: Path, step: int, model, optimizer, loader, state: LoopState,
-                             ctx: RuntimeContext, meta: dict, keep_last: int = -1) -> list[int]:
+                             ctx: RuntimeContext, meta: dict, keep_last: int = -1, tokenizer=None) -> list[int]:
     """Checkpoint `step` (every rank calls it): weights (rank 0), each rank's optimizer, data-loader and RNG
-    state, the loop state and `meta` (model_config, config, ...). Returns the steps pruned by keep_last."""
+    state, the loop state and `meta` (model_config, config, ...). Returns the steps pruned by keep_last.
+    `tokenizer`: its identity goes into the meta and a copy of it into the run folder (checkpoint_manager)."""
     full = dict(meta, val_bpb=state.val_bpb, world_size=ctx.world_size, loop_state=state.to_dict(),
                 dataloader_state=ctx.all_gather_object(loader.state_dict()),
                 rng_state=ctx.all_gather_object(rng_state(ctx.device_type)))
     ckpt.save_checkpoint(out_dir, step, model.state_dict() if ctx.is_master else None, optimizer.state_dict(),
-                         full, rank=ctx.rank, barrier=ctx.barrier)
+                         full, rank=ctx.rank, barrier=ctx.barrier, tokenizer=tokenizer if ctx.is_master else None)
     return ckpt.prune_checkpoints(out_dir, keep_last) if ctx.is_master else []
 
 
 def restore_training_checkpoint(out_dir: Path, which, ctx: RuntimeContext, model, optimizer, loader,
-                                model_config: dict) -> tuple[int, LoopState, dict]:
+                                model_config: dict, tokenizer=None) -> tuple[int, LoopState, dict]:
     """Load checkpoint `which` (a step or "latest") into the model, optimizer, loader and RNGs.
 
-    Refuses a checkpoint written by another world size or another model config (ConfigError)."""
-    step = ckpt.find_last_step(out_dir) if which == "latest" else int(which)
+    "latest" is the newest checkpoint whose files all open: a truncated newer one is reported by name and
+    skipped. Another world size is fine (elastic): the optimizer state is re-sharded on load and the
+    data-loader state is rank-free (nanochat/dataloader.py). Refuses another model config (ConfigError) and,
+    given `tokenizer`, another tokenizer than the checkpoint's (TokenizerMismatch)."""
+    step = ckpt.newest_readable_step(out_dir, log=ctx.print0) if which == "latest" else int(which)
     meta = ckpt.load_meta(out_dir, step)
-    if meta.get("world_size") != ctx.world_size:
-        raise ConfigError(f"checkpoint step {step} in {out_dir} was written by {meta.get('world_size')} "
-                          f"rank(s) but this run has {ctx.world_size}: its optimizer and data-loader states are "
-                          f"per rank, so resume with the same number of ranks")
+    if tokenizer is not None:
+        ckpt.check_tokenizer(meta, tokenizer, f"checkpoint {out_dir} step {step}")
     diff = ckpt.config_mismatch(meta["model_config"], model_config)
     if diff:
         raise ConfigError(f"checkpoint step {step} in {out_dir} is a different model: {'; '.join(diff)}. "
                           f"Use the same model flags, or another --model-tag for a new run")
     model_state, optim_state, _ = ckpt.load_checkpoint(out_dir, step, device=ctx.device, load_optimizer=True,
-                                                       rank=ctx.rank)
+                                                       rank=ctx.rank, world_size=ctx.world_size)
     ckpt.load_state_into(model, model_state)
     optimizer.load_state_dict(optim_state)
-    loader.load_state_dict(meta["dataloader_state"][ctx.rank])
-    set_rng_state(meta["rng_state"][ctx.rank])
+    # the data loader's state is the same on every rank (rank-free); a synthetic loader converts its count
+    loader_states = meta["dataloader_state"]
+    loader.load_state_dict(loader_states[ctx.rank % len(loader_states)])
+    rng_states = meta["rng_state"]  # nothing in the loop draws from them; a rank the saved run lacked takes rank 0's
+    set_rng_state(rng_states[ctx.rank] if ctx.rank < len(rng_states) else rng_states[0])
     state = LoopState.from_dict(dict(meta["loop_state"], step=step, val_bpb=meta.get("val_bpb")))
-    ctx.print0(f"resumed from {out_dir} step {step} (val bpb {meta.get('val_bpb')})")
+    saved_world = meta.get("world_size")
+    ctx.print0(f"resumed from {out_dir} step {step} (val bpb {meta.get('val_bpb')})"
+               + (f" on {ctx.world_size} rank(s); it was written by {saved_world}" if saved_world != ctx.world_size else ""))
     return step, state, meta
 
 

@@ -40,6 +40,8 @@ PROMPTS = [
     "If 5*x + 3 = 13, then x is",
 ]
 PARTS = ("core", "bpb", "sample")
+GPU_SPLIT_TOKENS = 2 ** 20
+CPU_SPLIT_TOKENS = 2 ** 16  # the cpu speedrun preset's figure: ~1 min per split for a depth-4 model on 2 cores
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,19 +118,62 @@ class HFTokenizer:
         return lengths.to(device)
 
 
-def load_hf(path: str, device):
-    """(model wrapper, tokenizer wrapper) of a local directory or hub name (hub needs the network)."""
+def fail(msg: str, code: int = 2):
+    """One line on stderr and exit `code` (2: bad input or missing files), no traceback."""
+    print(f"base_eval: error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face hub answers a TCP connect within `timeout` s (the hub client itself retries for
+    ~50 s before giving up offline)."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def load_hf(path: str, device, trust_remote_code: bool = False):
+    """(model wrapper, tokenizer wrapper) of a local directory or hub name (hub needs the network, else the
+    local hub cache is used; neither: a one-line error within seconds).
+
+    `trust_remote_code` runs the modeling code shipped in the folder (nanochat's remote-code exports)."""
+    local = Path(path).expanduser().is_dir()
+    offline = not local and not hub_reachable()
+    offline_hint = (f"--hf-path {path!r} is not a local folder, the Hugging Face hub cannot be reached and the model "
+                    f"is not in the local hub cache: on a networked machine run `hf download {path} --local-dir DIR`, "
+                    f"copy DIR here and pass --hf-path DIR")
+    if offline:  # answer before the (slow) transformers import when the hub cache has nothing either
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = isinstance(try_to_load_from_cache(path, "config.json"), str)
+        except Exception:  # noqa: BLE001  (an invalid repo id, or no huggingface_hub: let transformers decide)
+            cached = True
+        if not cached:
+            fail(offline_hint)
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer
-    except ImportError as e:
-        raise SystemExit("--hf-path needs the transformers package: pip install transformers") from e
+    except ImportError:
+        fail("--hf-path needs the transformers package: pip install transformers")
+    kwargs = {"local_files_only": True} if local or offline else {}
     try:
-        hf_tok = AutoTokenizer.from_pretrained(path)
-        hf_model = AutoModelForCausalLM.from_pretrained(path)
-    except OSError as e:
-        raise SystemExit(f"could not load a Hugging Face model from {path!r} ({e}); give a local directory "
-                         f"holding config.json, the weights and the tokenizer files, or a hub name on a "
-                         f"machine with network access") from e
+        hf_tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+        hf_model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=trust_remote_code, **kwargs)
+    except (OSError, ValueError) as e:
+        if offline:
+            fail(offline_hint)
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(f"could not load a Hugging Face model from {path!r} ({first}); give a local directory holding "
+             f"config.json, the weights and the tokenizer files, or a hub name on a machine with network access")
     hf_model.to(device).eval()
     cfg = hf_model.config
     max_seq_len = getattr(cfg, "n_positions", None) or getattr(cfg, "max_position_embeddings", None)
@@ -214,6 +259,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-tag", default=None, help="checkpoint tag under <base>/base_checkpoints (default: latest)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
     p.add_argument("--hf-path", default=None, help="evaluate a Hugging Face causal LM (local dir or hub name)")
+    p.add_argument("--trust-remote-code", action="store_true",
+                   help="with --hf-path: run the model code in the folder (nanochat remote-code exports)")
     p.add_argument("--eval", default="core,bpb,sample", help="comma-separated parts: core, bpb, sample")
     p.add_argument("--max-per-task", type=int, default=-1, help="CORE examples per task (-1 = all)")
     p.add_argument("--tasks", default="", help="comma-separated CORE task labels (default: all)")
@@ -221,7 +268,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                        "else <base>/eval_bundle, downloaded on first use)")
     p.add_argument("--dump-examples", default=None, help="write every CORE example's decision to this jsonl")
     p.add_argument("--batch-tokens", type=int, default=8192, help="CORE tokens per forward pass")
-    p.add_argument("--split-tokens", type=int, default=2**20, help="tokens per split for train/val bpb")
+    p.add_argument("--split-tokens", type=int, default=None,
+                   help=f"tokens per split for train/val bpb (default {GPU_SPLIT_TOKENS:,} on GPUs, "
+                        f"{CPU_SPLIT_TOKENS:,} on CPU, where 2^20 tokens take longer than a small model's training)")
     p.add_argument("--device-batch-size", type=int, default=16, help="rows per forward for bpb")
     p.add_argument("--seq-len", type=int, default=None, help="bpb row length (default: the model's context)")
     p.add_argument("--out", default=None, help="JSON output path (CSV and .md go beside it)")
@@ -232,25 +281,56 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [s for s in parts if s not in PARTS]
     if bad or not parts:
         p.error(f"--eval got {args.eval!r}: use a comma-separated subset of {','.join(PARTS)}")
+    if args.max_per_task == 0 or args.max_per_task < -1:
+        p.error(f"--max-per-task {args.max_per_task}: use -1 (all examples) or a positive number")
+    if args.split_tokens is not None and args.split_tokens < 1:
+        p.error(f"--split-tokens {args.split_tokens}: use a positive number of tokens")
     args.parts = parts
     return args
 
 
 def main(argv=None) -> dict:
+    """Evaluate as the flags say; returns the result dict. Bad input and missing files: one line, exit 2; CORE
+    tasks that failed (corrupt data): the results of the rest are written, then exit 1."""
     args = parse_args(argv)
-    ctx = init_runtime(args.device_type, args.dtype)
+    try:
+        ctx = init_runtime(args.device_type, args.dtype)
+    except (ValueError, RuntimeError) as e:  # --device-type cuda without CUDA, --dtype fp8
+        fail(str(e))
+    try:
+        return _main(args, ctx)
+    finally:
+        ctx.teardown()
+
+
+def _main(args, ctx) -> dict:
+    from nanochat.checkpoint_manager import CheckpointError
+    from nanochat.dataset import DataError
+    from nanochat.tokenizer import TokenizerError
+
     base = get_base_dir()
-    if "core" in args.parts:  # find (or download) the bundle before any slow work, so a missing one fails fast
-        from nanochat.core_eval import EvalBundleError, resolve_eval_bundle
+    if "core" in args.parts:  # find (or download) the bundle and parse its tasks before any slow work
+        from nanochat.core_eval import EvalBundleError, check_bundle
 
         try:
-            args.eval_bundle = str(resolve_eval_bundle(args.eval_bundle, base_dir=base))
-        except EvalBundleError as e:
-            ctx.teardown()
-            raise SystemExit(f"base_eval: {e}") from None
+            bundle = check_bundle(args.eval_bundle, args.max_per_task, base_dir=base)
+        except (EvalBundleError, ValueError) as e:
+            fail(str(e))
+        args.eval_bundle = str(bundle["bundle"])
+        for label, why in bundle["skipped"].items():
+            ctx.print0(f"WARNING: CORE task {label} will be skipped: {why}")
+    if args.split_tokens is None:
+        args.split_tokens = CPU_SPLIT_TOKENS if ctx.device_type == "cpu" else GPU_SPLIT_TOKENS
+    try:
+        return _evaluate(args, ctx, base)
+    except (CheckpointError, DataError, TokenizerError, FileNotFoundError) as e:
+        fail(str(e))
+
+
+def _evaluate(args, ctx, base) -> dict:
     t_start = time.time()
     if args.hf_path:
-        model, tokenizer = load_hf(args.hf_path, ctx.device)
+        model, tokenizer = load_hf(args.hf_path, ctx.device, args.trust_remote_code)
         max_seq_len = model.max_seq_len
         token_bytes = tokenizer.token_bytes(ctx.device)
         name = args.hf_path
@@ -309,11 +389,12 @@ def main(argv=None) -> dict:
         result["tasks"] = {k: {"accuracy": v["accuracy"], "centered": v["centered"], "n": v["n"],
                                "task_type": v["task_type"], "num_fewshot": v["num_fewshot"]}
                            for k, v in core["tasks"].items()}
-        result["core_eval"] = {k: core[k] for k in ("missing", "n_tasks", "n_tasks_total", "n_examples", "seconds",
+        result["core_eval"] = {k: core[k] for k in ("missing", "failed", "n_tasks", "n_tasks_total", "n_examples", "seconds",
                                                     "examples_per_second", "max_per_task")}
         ctx.print0(f"CORE: {core['core']:.4f} over {core['n_tasks']} of {core['n_tasks_total']} tasks, "
                    f"{core['n_examples']:,} examples in {core['seconds']:.1f}s"
-                   + (f" (missing: {', '.join(core['missing'])})" if core["missing"] else ""))
+                   + (f" (missing: {', '.join(core['missing'])})" if core["missing"] else "")
+                   + (f" (FAILED: {', '.join(core['failed'])})" if core["failed"] else ""))
         if args.dump_examples and ctx.is_master:
             ctx.print0(f"per-example decisions: {args.dump_examples}")
 
@@ -323,7 +404,11 @@ def main(argv=None) -> dict:
         paths = write_results(result, json_path)
         ctx.print0("\n" + results_table(result) + "\n")
         ctx.print0("wrote " + ", ".join(str(p) for p in paths))
-    ctx.teardown()
+    failed = result.get("core_eval", {}).get("failed")
+    if failed:
+        print(f"base_eval: error: {len(failed)} CORE task(s) failed ({'; '.join(failed.values())}); the other "
+              f"{result['core_eval']['n_tasks']} were scored and written above", file=sys.stderr, flush=True)
+        raise SystemExit(1)
     return result
 
 

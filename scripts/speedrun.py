@@ -262,10 +262,44 @@ def stage_eval(p: Preset, tag: str, nproc: int, report: rc.Report) -> dict:
     return result
 
 
+def env_defaults() -> dict:
+    """The flags' defaults from the environment, checked like the flags themselves: a bad value stops here
+    with one line (exit 2) instead of a traceback (argparse does not check defaults against choices)."""
+    preset = os.environ.get("NANOCHAT_PRESET") or "auto"
+    if preset not in ("auto", *PRESETS):
+        usage_error(f"NANOCHAT_PRESET={preset!r} is not a preset: use one of {', '.join(['auto', *PRESETS])}")
+    depth = os.environ.get("NANOCHAT_DEPTH") or None
+    if depth is not None:
+        try:
+            depth = int(depth)
+        except ValueError:
+            depth = -1
+        if depth < 1:
+            usage_error(f"NANOCHAT_DEPTH={os.environ['NANOCHAT_DEPTH']!r} is not a positive integer: use e.g. "
+                        f"NANOCHAT_DEPTH=12, or unset it for the preset's depth")
+    return {"preset": preset, "depth": depth}
+
+
+def usage_error(msg: str) -> None:
+    print(f"speedrun: error: {msg}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
+    env = env_defaults()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default=os.environ.get("NANOCHAT_PRESET", "auto"), choices=["auto", *PRESETS])
-    ap.add_argument("--depth", type=int, default=int(os.environ.get("NANOCHAT_DEPTH", "0")) or None)
+    ap.add_argument("--preset", default=env["preset"], choices=["auto", *PRESETS])
+    ap.add_argument("--depth", type=positive_int, default=env["depth"])
     ap.add_argument("--data", default=os.environ.get("NANOCHAT_DATA"),
                     help="climbmix | fineweb-edu | embedded | a file/folder/`datasets` name to prepare")
     ap.add_argument("--run", default=os.environ.get("WANDB_RUN", "dummy"), help="wandb run name (dummy = off)")

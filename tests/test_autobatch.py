@@ -96,7 +96,7 @@ def test_cli_auto_batch_keeps_the_total_batch(base_dir, capsys):
     assert "--device-batch-size auto: 4 (no probe on cpu; 12 rows per rank per step)" in out
     assert re.search(r"tokens per step +384 = 4 x 32 x 1 ranks x 3 accumulation", out), out
     info = json.loads((base_dir / "base_checkpoints" / "auto" / "run.json").read_text())
-    assert info["args"]["device_batch_size"] == 4  # the resolved size, which a resume reuses
+    assert info["args"]["device_batch_size"] == 4  # the resolved size (a resume probes again)
     assert main(SYNTH + ["--device-batch-size", "auto", "--model-tag", "auto", "--num-iterations", "3",
                          "--resume", "latest"]) == 0
     with pytest.raises(SystemExit):

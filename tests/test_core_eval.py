@@ -540,14 +540,16 @@ def test_base_eval_rejects_unknown_parts():
         parse_args(["--eval", "core,perplexity"])
 
 
-def test_base_eval_without_bundle_fails_fast_before_loading(tmp_path, base_dir, monkeypatch):
+def test_base_eval_without_bundle_fails_fast_before_loading(tmp_path, base_dir, monkeypatch, capsys):
     from scripts import base_eval
 
     monkeypatch.delenv(ce.EVAL_BUNDLE_ENV, raising=False)
     monkeypatch.setattr(ce, "EVAL_BUNDLE_URL", f"http://127.0.0.1:{free_port()}/eval_bundle.zip")
     monkeypatch.setattr(ce.resolve_eval_bundle, "__defaults__", (None, None, True, ce.EVAL_BUNDLE_URL, 2.0))
-    with pytest.raises(SystemExit, match="--eval-bundle PATH"):
+    with pytest.raises(SystemExit) as exit_info:
         base_eval.main(["--eval", "core", "--device-type", "cpu"])  # no checkpoint either: the bundle is checked first
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--eval-bundle PATH" in err and len(err.strip().splitlines()) == 1
 
 
 def test_shared_prefix_equals_unbatched(tmp_path):

@@ -54,10 +54,16 @@ def reference_batches(tok, data_dir, B, T, buffer_size, n_batches, rank=0, world
                       keep_remainder=0):
     """Best-fit packing written the plain way: a list in read order, linear scans, `max`/`min` taking the
     first (earliest read) among equals. The stream is `iter_documents` looped over epochs. With
-    keep_remainder, a cropped tail of at least that many tokens takes its document's place in the list."""
+    keep_remainder, a cropped tail of at least that many tokens takes its document's place in the list.
+    Rank r of W: rows [r*B, (r+1)*B) of each batch of W*B rows of the one global stream."""
+    if world_size > 1:
+        full = reference_batches(tok, data_dir, B * world_size, T, buffer_size, n_batches, split=split,
+                                 keep_remainder=keep_remainder)
+        return [(x[rank * B:(rank + 1) * B], y[rank * B:(rank + 1) * B]) for x, y in full]
+
     def stream():
         while True:
-            for text in dataset.iter_documents(split, data_dir, rank, world_size):
+            for text in dataset.iter_documents(split, data_dir):
                 if text.strip():
                     yield tok.encode([text], prepend=tok.get_bos_token_id())[0]
 
@@ -179,19 +185,45 @@ def test_rows_are_full_and_every_document_starts_with_bos(data):
     assert 0 < stats["crop_fraction"] < 0.2 and stats["cropped_tokens"] > 0
 
 
-def test_ranks_see_disjoint_documents(data):
+def test_ranks_split_the_rows_of_the_single_process_stream(data):
+    """Elastic: rank r of W gets rows [r*B, (r+1)*B) of the single-process loader's W*B-row batches, so the
+    ranks see disjoint documents and together exactly what one process sees."""
     tok = ByteTokenizer()
+    with DataLoader(tok, 4, 128, data_dir=data, buffer_size=8) as single:
+        want = take(single, 30)
     seen = []
     for rank in range(2):
         with DataLoader(tok, 2, 128, data_dir=data, buffer_size=8, rank=rank, world_size=2) as dl:
-            ids = set()
-            for x, y in take(dl, 30):
-                text = bytes(t if t != BOS else ord("\n") for t in torch.cat([x, y[:, -1:]], 1).flatten().tolist())
-                ids |= set(re.findall(rb"\n#(\d{5})#", text))
-            seen.append(ids)
+            got = take(dl, 30)
+        assert_same(got, [(x[rank * 2:(rank + 1) * 2], y[rank * 2:(rank + 1) * 2]) for x, y in want])
+        ids = set()
+        for x, y in got:
+            text = bytes(t if t != BOS else ord("\n") for t in torch.cat([x, y[:, -1:]], 1).flatten().tolist())
+            ids |= set(re.findall(rb"\n#(\d{5})#", text))
+        seen.append(ids)
     assert seen[0] and seen[1] and not seen[0] & seen[1]
-    mine = [{d[1:6].encode() for d in dataset.iter_documents("train", data, r, 2)} for r in range(2)]
-    assert seen[0] <= mine[0] and seen[1] <= mine[1]
+
+
+@pytest.mark.parametrize("world_size,batch_size", [(1, 4), (4, 1), (2, 2)])
+def test_resume_with_another_world_size_or_micro_batch_continues_exactly(data, world_size, batch_size):
+    """A state saved by 2 ranks x 2 rows (4 global rows per micro-step) continues on another split of the same
+    4 rows: the concatenated ranks' rows after the resume are the uninterrupted run's."""
+    tok = ByteTokenizer()
+    with DataLoader(tok, 4, 64, data_dir=data, buffer_size=8) as single:
+        want = take(single, 25)
+    states = []
+    for rank in range(2):
+        with DataLoader(tok, 2, 64, data_dir=data, buffer_size=8, rank=rank, world_size=2) as dl:
+            take(dl, 10)
+            states.append(json.loads(json.dumps(dl.state_dict())))
+    assert {json.dumps({k: v for k, v in st.items() if k != "rank"}) for st in states}.__len__() == 1
+    parts = []
+    for rank in range(world_size):
+        with DataLoader(tok, batch_size, 64, data_dir=data, buffer_size=8, rank=rank, world_size=world_size,
+                        state=states[rank % 2]) as dl:
+            parts.append(take(dl, 15))
+    got = [(torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts])) for i in range(15)]
+    assert_same(got, want[10:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,8 +272,11 @@ def test_state_mismatch_is_refused(data):
         state = dl.state_dict()
     with pytest.raises(ValueError, match="seq_len"):
         DataLoader(tok, 2, 32, data_dir=data, buffer_size=8, state=state)
-    with pytest.raises(ValueError, match="split/rank/world_size"):
-        DataLoader(tok, 2, 64, data_dir=data, buffer_size=8, rank=1, world_size=2, state=state)
+    with pytest.raises(ValueError, match="'train' split, this loader reads 'val'"):
+        DataLoader(tok, 2, 64, split="val", data_dir=data, buffer_size=8, state=state)
+    old = dict(state, version=1, world_size=2)  # a rank-strided state of the earlier loader
+    with pytest.raises(ValueError, match="written by 2 ranks before the loader became rank-free"):
+        DataLoader(tok, 2, 64, data_dir=data, buffer_size=8, state=old)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -264,10 +299,13 @@ def test_validation_loader_is_deterministic_and_bounded(data):
 # bad input
 
 
-def test_more_ranks_than_row_groups_is_an_error(data):
+def test_more_ranks_than_row_groups_still_gives_every_rank_rows(data):
     n_groups = len(dataset.list_units("val", data)[0])
-    with pytest.raises(DataError, match=f"{n_groups + 1} ranks but the val split has only {n_groups} row groups"):
-        DataLoader(ByteTokenizer(), 2, 64, split="val", data_dir=data, rank=0, world_size=n_groups + 1)
+    W = n_groups + 1
+    want = reference_batches(ByteTokenizer(), data, 1, 64, 4, 2, rank=W - 1, world_size=W, split="val")
+    with DataLoader(ByteTokenizer(), 1, 64, split="val", data_dir=data, buffer_size=4, rank=W - 1, world_size=W,
+                    max_batches=2) as dl:
+        assert_same(list(dl), want)
 
 
 def test_corrupt_shard_named_or_skipped_and_counted(data):
@@ -357,12 +395,13 @@ def _rank_worker(rank, world_size, port, data_dir, out_dir):
         with DataLoader(ByteTokenizer(), 2, 128, data_dir=data_dir, buffer_size=8, rank=dist.get_rank(),
                         world_size=dist.get_world_size()) as dl:
             ids = set()
+            rows = []
             for x, y in take(dl, 30):
+                rows.append(torch.cat([x, y[:, -1:]], 1).tolist())
                 text = bytes(t if t != BOS else ord("\n") for t in torch.cat([x, y[:, -1:]], 1).flatten().tolist())
                 ids |= {m.decode() for m in re.findall(rb"\n#(\d{5})#", text)}
-        docs = [d[1:6] for d in dataset.iter_documents("train", data_dir, dist.get_rank(), dist.get_world_size())]
         gathered = [None] * world_size
-        dist.all_gather_object(gathered, (sorted(ids), docs))
+        dist.all_gather_object(gathered, (sorted(ids), rows))
         if rank == 0:
             (Path(out_dir) / "result.json").write_text(json.dumps(gathered))
     finally:
@@ -370,7 +409,7 @@ def _rank_worker(rank, world_size, port, data_dir, out_dir):
 
 
 @pytest.mark.slow
-def test_two_processes_on_gloo_read_disjoint_documents_covering_the_split(data, tmp_path):
+def test_two_processes_on_gloo_split_the_single_process_rows(data, tmp_path):
     import socket
 
     import torch.multiprocessing as mp
@@ -379,11 +418,11 @@ def test_two_processes_on_gloo_read_disjoint_documents_covering_the_split(data, 
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_rank_worker, args=(2, port, str(data), str(tmp_path)), nprocs=2, join=True)
-    (seen0, docs0), (seen1, docs1) = json.loads((tmp_path / "result.json").read_text())
+    (seen0, rows0), (seen1, rows1) = json.loads((tmp_path / "result.json").read_text())
     assert seen0 and seen1 and not set(seen0) & set(seen1)
-    assert set(seen0) <= set(docs0) and set(seen1) <= set(docs1)
-    assert not set(docs0) & set(docs1)
-    assert sorted(docs0 + docs1) == sorted(d[1:6] for d in dataset.iter_documents("train", data))
+    want = reference_batches(ByteTokenizer(), data, 4, 128, 8, 30)
+    for n, (x, y) in enumerate(want):
+        assert torch.cat([x, y[:, -1:]], 1).tolist() == rows0[n] + rows1[n], f"micro-batch {n}"
 
 
 def test_plain_folder_of_jsonl_and_txt_matches_reference(tmp_path):

@@ -78,3 +78,203 @@ def test_cache_overflow_is_an_error():
     cache = KVCache.for_model(model, 1, 4)
     with pytest.raises(ValueError, match="KV cache"):
         model(torch.zeros(1, 5, dtype=torch.long), kv_cache=cache)
+
+
+# ---------------------------------------------------------------------------------------------
+# tool use, stops, streaming decode: a scripted model and a real (tiny) tokenizer
+
+import threading  # noqa: E402
+
+from nanochat.engine import StreamDecoder  # noqa: E402
+from nanochat.tokenizer import Tokenizer  # noqa: E402
+
+TEXTS = ["The quick brown fox jumps over the lazy dog. " * 3, "What is 12 times 3? It is 36, so the answer is 36.",
+         "Count the letters in strawberry: there are 3 r's.", "Hello there, how are you today? I am fine."] * 10
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train_from_iterator(TEXTS, vocab_size=300)
+
+
+class ScriptedModel(torch.nn.Module):
+    """Predicts `plan[p + 1]` after position p whatever it is fed, and records what it was fed.
+
+    Stands in for a trained model that has learnt to call the calculator: at the positions where the
+    engine must force the tool's output, `plan` holds a decoy, so a forced token is visible as such.
+    """
+
+    def __init__(self, plan: list[int], vocab_size: int, sequence_len: int = 64):
+        super().__init__()
+        self.config = GPTConfig(sequence_len=sequence_len, vocab_size=vocab_size, n_layer=1, n_head=1, n_kv_head=1,
+                                n_embd=8)
+        self.compute_dtype = torch.float32
+        self.plan = plan
+        self.fed: list[list[int]] = []
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    def get_device(self):
+        return self.anchor.device
+
+    def forward(self, idx, kv_cache=None):
+        B, T = idx.shape
+        t0 = kv_cache.pos if kv_cache is not None else 0
+        if not self.fed or t0 == 0:
+            self.fed = [[] for _ in range(B)]
+        if len(self.fed) != B:
+            self.fed = [list(self.fed[0]) for _ in range(B)]  # the prefill cache was expanded
+        for b in range(B):
+            self.fed[b].extend(idx[b].tolist())
+        logits = torch.full((B, T, self.config.vocab_size), -10.0)
+        for t in range(T):
+            nxt = self.plan[min(t0 + t + 1, len(self.plan) - 1)]
+            logits[:, t, nxt] = 10.0
+        if kv_cache is not None:
+            kv_cache.advance(T)
+        return logits
+
+
+def calculator_script(tok):
+    """(prompt, model plan, expected reply tokens, expected masks) for a reply that calls the calculator."""
+    sp = tok.encode_special
+    prompt = tok.encode("What is 12 times 3?", prepend="<|bos|>") + [sp("<|assistant_start|>")]
+    lead = tok.encode("It is ")
+    call = [sp("<|python_start|>"), *tok.encode("12*3"), sp("<|python_end|>")]
+    output = [sp("<|output_start|>"), *tok.encode("36"), sp("<|output_end|>")]
+    tail = tok.encode(", so 36.")
+    decoy = tok.encode("x")[0]
+    plan = prompt + lead + call + [decoy] * len(output) + tail + [sp("<|assistant_end|>")]
+    reply = lead + call + output + tail
+    masks = [1] * len(lead + call) + [0] * len(output) + [1] * len(tail)
+    return prompt, plan, reply, masks
+
+
+def test_calculator_call_forces_output_with_mask_0(tok):
+    prompt, plan, reply, masks = calculator_script(tok)
+    model = ScriptedModel(plan, tok.get_vocab_size())
+    results, got_masks = Engine(model, tok).generate_batch(prompt, num_samples=2, max_tokens=40, temperature=0.0)
+    for r, m in zip(results, got_masks):
+        assert r == prompt + reply
+        assert m == [0] * len(prompt) + masks
+    assert tok.decode(results[0][len(prompt):]).endswith("<|output_start|>36<|output_end|>, so 36.")
+    # the forced tokens were fed back to the model (they are in its context from then on)
+    assert model.fed[0][len(prompt):] == reply
+
+
+def test_tools_off_forces_nothing(tok):
+    prompt, plan, reply, masks = calculator_script(tok)
+    results, got_masks = Engine(ScriptedModel(plan, tok.get_vocab_size()), tok).generate_batch(
+        prompt, max_tokens=40, temperature=0.0, tools=False)
+    assert 0 not in got_masks[0][len(prompt):]
+    assert results[0][len(prompt):] == plan[len(prompt):-1]  # the decoys come through unchanged
+
+
+def test_refused_expression_forces_nothing(tok):
+    sp = tok.encode_special
+    prompt = [sp("<|bos|>"), sp("<|assistant_start|>")]
+    call = [sp("<|python_start|>"), *tok.encode("open(1)"), sp("<|python_end|>")]
+    tail = tok.encode("ok")
+    plan = prompt + call + tail + [sp("<|assistant_end|>")]
+    results, masks = Engine(ScriptedModel(plan, tok.get_vocab_size()), tok).generate_batch(prompt, max_tokens=30,
+                                                                                           temperature=0.0)
+    assert results[0] == plan[:-1] and set(masks[0][len(prompt):]) == {1}
+
+
+def test_tool_use_from_worker_threads(tok):
+    """The web server generates from worker threads: each gets the forced tokens (no SIGALRM anywhere)."""
+    prompt, plan, reply, masks = calculator_script(tok)
+    out, errors = {}, []
+
+    def work(i):
+        try:
+            engine = Engine(ScriptedModel(plan, tok.get_vocab_size()), tok)
+            out[i] = engine.generate_batch(prompt, max_tokens=40, temperature=1.0, top_k=5, seed=i)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for results, got_masks in out.values():
+        assert results[0] == prompt + reply and got_masks[0] == [0] * len(prompt) + masks
+
+
+def test_generate_yields_tokens_masks_and_stops(tok):
+    prompt, plan, reply, masks = calculator_script(tok)
+    steps = list(Engine(ScriptedModel(plan, tok.get_vocab_size()), tok).generate(prompt, max_tokens=40,
+                                                                                  temperature=0.0))
+    assert [ids[0] for ids, _ in steps] == reply + [tok.encode_special("<|assistant_end|>")]  # stop token yielded
+    assert [m[0] for _, m in steps] == masks + [1]
+
+
+def test_finished_samples_yield_none_and_should_stop_cancels():
+    model = model_for()
+    eng = Engine(model)
+    stops = set(range(10))
+    steps = list(eng.generate([1, 2, 3], num_samples=4, max_tokens=30, temperature=1.0, seed=3, stop_tokens=stops))
+    ended = []
+    for i in range(4):
+        column = [(ids[i], m[i]) for ids, m in steps]
+        end = next(j for j, (t, m) in enumerate(column) if t in stops)
+        assert all(m == 1 for _, m in column[:end + 1])
+        assert column[end + 1:] == [(None, 0)] * (len(column) - end - 1)
+        ended.append(end)
+    assert len(set(ended)) > 1 and len(steps) == max(ended) + 1  # ends when the last sample does
+    calls = []
+    steps = list(eng.generate([1, 2, 3], max_tokens=30, temperature=0.0, stop_tokens=[],
+                              should_stop=lambda: len(calls.append(0) or calls) > 5))
+    assert len(steps) == 5
+
+
+def test_context_limit_stops_without_error():
+    model = model_for(sequence_len=16)
+    results, masks = Engine(model).generate_batch(list(range(1, 11)), max_tokens=100, temperature=0.0, stop_tokens=[])
+    assert len(results[0]) == 16  # prompt + reply fill the context exactly
+    assert results[0][10:] == generate_naive(model, list(range(1, 11)), 6)
+    assert len(list(Engine(model).generate([1] * 15, max_tokens=5, stop_tokens=[]))) == 1
+    assert list(Engine(model).generate([1] * 16, max_tokens=5)) == []  # the context is full: no reply
+    assert list(Engine(model).generate([1] * 70, max_tokens=5)) == []  # nor past it (rotary table: 64)
+
+
+def test_top_p_keeps_the_nucleus():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).expand(2000, -1)
+    from nanochat.engine import sample_next
+
+    picks = sample_next(logits, 1.0, None, gen, top_p=0.7)[:, 0]
+    assert set(picks.tolist()) == {0, 1}  # 0.5 + 0.3 reaches 0.7; 0.15 and 0.05 are cut
+    assert abs((picks == 0).float().mean().item() - 0.5 / 0.8) < 0.05
+    assert set(sample_next(logits, 1.0, None, gen, top_p=0.3)[:, 0].tolist()) == {0}
+
+
+def test_stream_decoder_keeps_multibyte_characters_whole(tok):
+    text = "Emoji 😀 and 🎉🇫🇷, accents héllo, 日本語, done."
+    ids = tok.encode(text)
+    # this tokenizer never saw these characters: they are split into byte tokens
+    assert any(not _is_utf8(tok.decode_bytes([i])) for i in ids)
+    naive = "".join(tok.decode([i]) for i in ids)
+    assert naive != text and "\ufffd" in naive  # token-by-token decoding garbles them
+    dec = StreamDecoder(tok)
+    pieces = [dec.push(i) for i in ids] + [dec.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    assert "" in pieces  # held back while a character was incomplete
+
+
+def test_stream_decoder_skips_specials_and_replaces_invalid_bytes(tok):
+    dec = StreamDecoder(tok)
+    assert dec.push(tok.encode_special("<|assistant_end|>")) == ""
+    assert dec.push(0xF0) == "" and dec.push(ord("a")) == "\ufffda"  # a 4-byte lead byte, then ASCII
+    assert dec.push(0xE6) == "" and dec.flush() == "\ufffd"  # a dangling partial character at the end
+    assert StreamDecoder(tok, skip_special=False).push(tok.encode_special("<|bos|>")) == "<|bos|>"
+
+
+def _is_utf8(b: bytes) -> bool:
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False

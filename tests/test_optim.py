@@ -11,7 +11,13 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import nanochat.optim as optim_module
-from nanochat.optim import MuonAdamW, build_optimizer, normuon_scale, orthogonalize
+from nanochat.optim import (
+    MuonAdamW,
+    build_optimizer,
+    merge_rank_states,
+    normuon_scale,
+    orthogonalize,
+)
 from tests.helpers import free_port
 
 
@@ -348,6 +354,16 @@ def _dist_worker(rank, world, port, out_dir):
             results[f"state{i}"] = opt.state_dict()
         resumed = _roundtrip(CONFIGS[0], 2, rank, world)
         results["resumed0"] = {n: p.detach().clone() for n, p in resumed.named_parameters()}
+        # elastic: this run's state after 2 steps (merged later into one process), and the single-process
+        # state after 2 steps cut into this world size's shards, then trained on to the end
+        results["two_steps"] = _train(CONFIGS[0], 2, rank, world)[1].state_dict()
+        single = torch.load(f"{out_dir}/single_two_steps.pt")
+        model = ToyModel(seed=123)
+        model.load_state_dict(single["model"])
+        opt = build_optimizer(model, orth_dtype=torch.float32, shard_min_numel=0, **CONFIGS[0])
+        opt.load_state_dict(single["optim"])
+        results["from_single"] = {n: p.detach().clone()
+                                  for n, p in _train(CONFIGS[0], STEPS, rank, world, model, opt, start=2)[0].named_parameters()}
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -356,6 +372,8 @@ def _dist_worker(rank, world, port, out_dir):
 @pytest.mark.slow
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed_matches_single_process(world, tmp_path):
+    model, opt = _train(CONFIGS[0], 2)
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, tmp_path / "single_two_steps.pt")
     mp.spawn(_dist_worker, args=(world, free_port(), str(tmp_path)), nprocs=world)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     for i, config in enumerate(CONFIGS):
@@ -385,6 +403,27 @@ def test_distributed_matches_single_process(world, tmp_path):
     emb_states = [res["state0"]["state"][1] for res in ranks]
     assert sum(bool(s[0]) for s in emb_states) == 1
     assert all(s[1]["exp_avg"].shape == (12 // world, 8) for s in emb_states)
+    # elastic resume: 1 process -> W processes, and W processes -> 1 process, continue the uninterrupted run
+    straight, _ = _train(CONFIGS[0], STEPS)
+    for r, res in enumerate(ranks):
+        for name, p in straight.named_parameters():
+            torch.testing.assert_close(res["from_single"][name], p.detach(), rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, r=r, name=name: f"1 -> {world} ranks, rank {r}, {name}: {m}")
+    merged = merge_rank_states([res["two_steps"] for res in ranks])
+    assert merged["world_size"] == 1 and merged["merged_from_world_size"] == world
+    single_two = torch.load(tmp_path / "single_two_steps.pt")["optim"]
+    for units, single_units in zip(merged["state"], single_two["state"]):
+        for unit, single_unit in zip(units, single_units, strict=True):
+            assert unit.keys() == single_unit.keys()
+            for k, v in unit.items():
+                torch.testing.assert_close(v, single_unit[k], rtol=1e-5, atol=1e-6)
+    model = ToyModel(seed=123)
+    model.load_state_dict(torch.load(tmp_path / "single_two_steps.pt")["model"])
+    opt = build_optimizer(model, orth_dtype=torch.float32, shard_min_numel=0, **CONFIGS[0])
+    opt.load_state_dict(merged)
+    continued, _ = _train(CONFIGS[0], STEPS, model=model, opt=opt, start=2)
+    for name, p in straight.named_parameters():
+        torch.testing.assert_close(dict(continued.named_parameters())[name], p, rtol=1e-5, atol=1e-5)
 
 
 def test_trains_the_real_gpt():
