@@ -61,7 +61,7 @@ def main() -> None:
         stacks.setdefault(tuple(p_.shape), []).append(p_.detach())
 
     def pieces(dt):
-        leaf = lambda *s: torch.randn(*s, generator=gen).to(dt).requires_grad_()  # noqa: E731
+        leaf = lambda *s: torch.randn(*s, generator=gen).to(dt).requires_grad_()
         x, hid, q = leaf(B * T, C), leaf(B * T, 4 * C), leaf(B, T, H, D)
         qh = leaf(B, H, T, D)
         w1, w2 = torch.randn(4 * C, C, generator=gen), torch.randn(C, 4 * C, generator=gen)
@@ -81,9 +81,9 @@ def main() -> None:
         }
 
     fns = {dt: pieces(dt) for dt in (torch.float32, torch.bfloat16)}
-    times = {dt: {k: [] for k in fns[dt]} for dt in fns}
-    for dt in fns:  # warm-up (oneDNN kernel generation, first-touch allocations)
-        for f in fns[dt].values():
+    times = {dt: {k: [] for k in pcs} for dt, pcs in fns.items()}
+    for pieces_of_dtype in fns.values():  # warm-up (oneDNN kernel generation, first-touch allocations)
+        for f in pieces_of_dtype.values():
             f()
     for _ in range(args.reps):
         for name in fns[torch.float32]:

@@ -48,7 +48,7 @@ def main() -> None:
     data = {s.label: core_eval.load_task_data(bundle, s, args.max_per_task) for s in specs}
     results = {}
     for dtype in (torch.float32, torch.bfloat16):
-        model, tokenizer, meta = load_model("base", ctx.device, model_tag=args.model_tag, compute_dtype=dtype)
+        model, tokenizer, _ = load_model("base", ctx.device, model_tag=args.model_tag, compute_dtype=dtype)
         seq = model.config.sequence_len
         t0 = time.time()
         with torch.no_grad():
@@ -63,8 +63,8 @@ def main() -> None:
                     continue  # missing from the bundle (core_eval says which)
                 tasks[s.label] = core_eval.evaluate_task(model, tokenizer, data[s.label], ctx.device, s,
                                                          max_seq_len=seq, collect_examples=True, ctx=ctx)
-        results[dtype] = dict(bpb=bpb, tasks=tasks, t_bpb=t_bpb, t_core=time.time() - t0)
-        print(f"{str(dtype):15s} val bpb {bpb:.5f} ({t_bpb:.1f} s)  CORE tasks {len(tasks)} ({time.time() - t0:.1f} s)",
+        results[dtype] = {"bpb": bpb, "tasks": tasks, "t_bpb": t_bpb, "t_core": time.time() - t0}
+        print(f"{dtype!s:15s} val bpb {bpb:.5f} ({t_bpb:.1f} s)  CORE tasks {len(tasks)} ({time.time() - t0:.1f} s)",
               flush=True)
     f32, b16 = results[torch.float32], results[torch.bfloat16]
     n_total = n_diff = 0

@@ -101,7 +101,7 @@ def run_one(name: str, args, work: Path, env: dict) -> dict:
         cwd = ROOT
     load0 = os.getloadavg()[0]
     t0 = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=run_env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=run_env, check=False)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     result = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -37,7 +37,10 @@ def main() -> None:
     import numpy as np
     import torch
 
-    from nanochat.gpt import GPT, GPTConfig  # the reference's package (reference_dir is first on the path)
+    from nanochat.gpt import (  # the reference's package (reference_dir is first on the path)
+        GPT,
+        GPTConfig,
+    )
 
     if "nanochat" not in sys.modules or args.reference_dir not in (sys.modules["nanochat"].__file__ or ""):
         sys.exit(f"error: nanochat was not imported from {args.reference_dir}")

@@ -137,9 +137,9 @@ def measure_gemm_gflops(shapes, budget_s: float = 0.3) -> dict:
     deadline = time.perf_counter() + budget_s
     slow = {dt for dt in best if best[dt] > 4 * min(best.values())}
     while time.perf_counter() < deadline:
-        for dt in ops:
+        for dt, pairs in ops.items():
             if dt not in slow:
-                best[dt] = min(best[dt], _time_gemms(ops[dt], 1))
+                best[dt] = min(best[dt], _time_gemms(pairs, 1))
     return {str(dt).replace("torch.", ""): flops / best[dt] / 1e9 for dt in ops}
 
 
