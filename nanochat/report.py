@@ -17,7 +17,7 @@ import torch
 
 from nanochat.sizing import count_params, flops_per_token, model_config
 
-SECTION_ORDER = ["environment", "tokenizer", "sizing", "training", "evaluation", "samples", "timing"]
+SECTION_ORDER = ["environment", "tokenizer", "sizing", "training", "evaluation", "samples", "chat", "timing"]
 
 # Rough on-demand price of one H100 SXM GPU-hour (USD, late 2026 cloud list prices range ~2-4).
 GPU_HOUR_USD = 3.0
@@ -190,6 +190,37 @@ def samples_section(samples: list[tuple[str, str]]) -> str:
     for prompt, completion in samples:
         line = f"**{prompt.strip()}** {completion.strip()}" if prompt else completion.strip()
         text += "- " + line.replace("\n", " / ") + "\n"
+    return text
+
+
+def chat_section(evals: dict[str, dict | None], sft: dict | None = None) -> str:
+    """The chat phases: per-task accuracy and ChatCORE by phase (`evals`: "base" / "sft" / "rl" -> a
+    scripts/chat_eval.py JSON, or None), the SFT masked val loss (`sft`: val_loss_start, val_loss, steps)
+    and two sample conversations of the latest phase."""
+    phases = [(ph, evals[ph]) for ph in ("base", "sft", "rl") if evals.get(ph)]
+    text = "## Chat\n\n"
+    if not phases:
+        return text + "No chat evaluation yet.\n"
+    tasks = list(dict.fromkeys(t for _, r in phases for t in r.get("tasks", {})))
+    rows = [[t] + [r["tasks"][t]["accuracy"] if t in r.get("tasks", {}) else "-" for _, r in phases] for t in tasks]
+    rows.append(["**ChatCORE**"] + [r["chatcore"] if r.get("chatcore") is not None else "-" for _, r in phases])
+    text += md_table(["task"] + [ph.upper() if ph != "base" else "base" for ph, _ in phases], rows) + "\n"
+    covered = next((r.get("chatcore_tasks") for _, r in reversed(phases) if r.get("chatcore") is not None), None)
+    if covered:
+        text += f"\nChatCORE over the tasks that ran: {', '.join(covered)}.\n"
+    if "EmbeddedChat" in tasks:
+        text += ("\nEmbeddedChat is the offline mix's held-out split (verse lookup, calculator arithmetic, letter "
+                 "counting, identity): the share of replies with the right answer.\n")
+    if sft and sft.get("val_loss") is not None and sft.get("val_loss_start") is not None:
+        text += (f"\nSFT masked validation loss (nats per assistant token): {sft['val_loss_start']:.4f} before, "
+                 f"{sft['val_loss']:.4f} after {sft.get('steps', '?')} steps.\n")
+    samples = next((s for _, r in reversed(phases) for s in (r.get("samples") or {}).values() if s), [])
+    if samples:
+        text += f"\n### Sample conversations ({phases[-1][0]})\n\n"
+        for s in samples[:2]:
+            reply = s["reply"].strip().replace("\n", " / ")
+            verdict = "right" if s["correct"] else "wrong"
+            text += f"- **user:** {s['prompt'].strip()}\n  **assistant:** {reply} ({verdict})\n"
     return text
 
 

@@ -130,12 +130,16 @@ class StopSignal:
 class TestHooks:
     """Fault injection for tests, from the environment (see the module docstring); off by default."""
 
-    nan_step: int = -1
-    hang_step: int = -1
+    nan_step: int | None = None
+    hang_step: int | None = None
 
     @classmethod
     def from_env(cls) -> "TestHooks":
-        return cls(int(os.environ.get("NANOCHAT_TEST_NAN_STEP", "-1")), int(os.environ.get("NANOCHAT_TEST_HANG_STEP", "-1")))
+        def read(name: str) -> int | None:
+            value = os.environ.get(name)
+            return int(value) if value not in (None, "", "-1") else None
+
+        return cls(read("NANOCHAT_TEST_NAN_STEP"), read("NANOCHAT_TEST_HANG_STEP"))
 
 
 @dataclass
@@ -154,7 +158,7 @@ def apply_schedule(optimizer, lr_mult: float, wd_mult: float = 1.0, muon_momentu
 
 
 def train_step(model, optimizer, batches, grad_accum: int, ctx: RuntimeContext, stop: StopSignal | None = None,
-               step: int = -1, hooks: TestHooks | None = None) -> StepResult:
+               step: int | None = None, hooks: TestHooks | None = None) -> StepResult:
     """One optimizer step: `grad_accum` micro-batches (x, y) from `batches` (targets -1 are ignored),
     backward on each, one all-reduce of (loss, stop flag) across ranks (the step's only host sync), then
     the update. A non-finite loss raises NonFiniteLoss before the update, on every rank alike."""
@@ -163,11 +167,11 @@ def train_step(model, optimizer, batches, grad_accum: int, ctx: RuntimeContext, 
     for _ in range(grad_accum):
         x, y = next(batches)
         loss = model(x, y)
-        if step == hooks.nan_step:
+        if step is not None and step == hooks.nan_step:
             loss = loss * float("nan")
         loss_sum += loss.detach()
         (loss / grad_accum).backward()
-    if step == hooks.hang_step:  # test hook: stuck mid-step until a signal (or SIGKILL) arrives
+    if step is not None and step == hooks.hang_step:  # test hook: stuck mid-step until a signal (or SIGKILL) arrives
         print(f"hanging at step {step}", flush=True)
         while stop is not None and stop.received is None:
             time.sleep(0.05)

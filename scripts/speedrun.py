@@ -1,4 +1,5 @@
-"""The whole pipeline in one command: data -> tokenizer -> pretraining -> evaluation -> report card.
+"""The whole pipeline in one command: data -> tokenizer -> pretraining -> evaluation -> SFT -> chat
+evaluation (-> RL with --rl on the gpu preset) -> report card.
 
     python -m scripts.speedrun                 # preset chosen by the hardware (gpu if CUDA, else cpu)
     python -m scripts.speedrun --preset ci     # the few-minute CPU smoke run CI executes
@@ -45,6 +46,8 @@ class Preset:
     train_args: list[str] = field(default_factory=list)  # horizon, evals, model options
     core_max_per_task: int = -1  # -1 = all examples
     eval_split_tokens: int = 2 ** 20
+    sft_args: list[str] = field(default_factory=list)  # scripts.chat_sft flags (mix, batch, evals)
+    chat_eval_args: list[str] = field(default_factory=list)  # scripts.chat_eval flags (tasks, problem caps)
 
 
 PRESETS = {
@@ -54,7 +57,9 @@ PRESETS = {
                   train_args=["--target-param-data-ratio=8", "--window-pattern=SSSL", "--value-embeds",
                               "--resid-scalars", "--eval-every=250", "--core-metric-every=2000",
                               "--sample-every=2000", "--save-every=1000", "--keep-last=2"],
-                  core_max_per_task=-1, eval_split_tokens=40 * 2 ** 19),
+                  core_max_per_task=-1, eval_split_tokens=40 * 2 ** 19,
+                  # the reference SFT mix from the hub, then the five ChatCORE tasks
+                  sft_args=["--device-batch-size=8", "--eval-every=200", "--save-every=500", "--keep-last=2"]),
     # ~10 minutes on 2 CPU cores, offline: the embedded corpus, a 4K tokenizer, a depth-4 model.
     # LRs are 8x the reference's base values: its sqrt(B / 2^19) batch rule was fitted at 2^18-2^21
     # tokens per step and starves a 2,048-token batch (measured, 40 steps: val bpb 2.14 at 1x, 1.78 at 4x,
@@ -68,14 +73,21 @@ PRESETS = {
                               "--matrix-lr=0.16", "--embedding-lr=2.4", "--unembedding-lr=0.064", "--scalar-lr=1.0",
                               "--eval-every=65", "--eval-tokens=32768", "--core-metric-every=0",
                               "--sample-every=-1", "--save-every=65", "--keep-last=2"],
-                  core_max_per_task=16, eval_split_tokens=65536),
+                  core_max_per_task=16, eval_split_tokens=65536,
+                  # the embedded chat mix (offline), scored on its held-out split before and after SFT
+                  sft_args=["--mix=embedded", "--train-size=2000", "--device-batch-size=8", "--eval-every=-1",
+                            "--eval-steps=16"],
+                  chat_eval_args=["--tasks=EmbeddedChat", "--max-problems=100", "--max-new-tokens=96"]),
     # CI smoke test: every stage for real, in a couple of minutes
     "ci": Preset("ci", data="embedded", num_shards=0, tok_first_shards=0, vocab_size=512,
                  tok_max_chars=2_000_000, depth=2, max_seq_len=128, device_batch_size=4,
                  train_args=["--num-iterations=30", "--total-batch-size=1024", "--warmup-steps=5",
                              "--eval-every=15", "--eval-tokens=8192", "--core-metric-every=0",
                              "--sample-every=-1", "--save-every=15", "--aspect-ratio=64", "--head-dim=64"],
-                 core_max_per_task=11, eval_split_tokens=8192),
+                 core_max_per_task=11, eval_split_tokens=8192,
+                 sft_args=["--mix=embedded", "--train-size=200", "--val-size=32", "--device-batch-size=4",
+                           "--eval-every=-1", "--eval-steps=4"],
+                 chat_eval_args=["--tasks=EmbeddedChat", "--max-problems=8", "--max-new-tokens=16"]),
 }
 
 
@@ -262,6 +274,48 @@ def stage_eval(p: Preset, tag: str, nproc: int, report: rc.Report) -> dict:
     return result
 
 
+def chat_phase_done(run_dir: Path) -> bool:
+    """The last checkpoint of an SFT / RL run is its final one."""
+    from nanochat.checkpoint_manager import list_steps, load_meta
+
+    steps = list_steps(run_dir)
+    return bool(steps) and bool(load_meta(run_dir, steps[-1]).get("finished"))
+
+
+def stage_chat_train(phase: str, p: Preset, tag: str, nproc: int) -> None:
+    """SFT from the base checkpoint (or RL from the SFT one), resumed when interrupted, skipped when done."""
+    run_dir = run_dir_of(phase, tag)
+    if chat_phase_done(run_dir):
+        log(f"{phase} finished earlier ({run_dir}), skipping")
+        return
+    module, source, extra = (("scripts.chat_sft", "base", p.sft_args) if phase == "sft" else
+                             ("scripts.chat_rl", "sft", []))
+    run(launcher(nproc, module) + [f"--source={source}", f"--source-tag={tag}", f"--model-tag={tag}",
+                                   "--resume=auto"] + extra)
+
+
+def stage_chat_eval(p: Preset, tag: str, nproc: int, report: rc.Report, phases: list[str]) -> dict:
+    """scripts.chat_eval of each phase's last checkpoint (skipped when its JSON exists); the report's chat section."""
+    from nanochat.checkpoint_manager import find_last_step, load_meta
+
+    evals, sft = {}, None
+    for phase in phases:
+        run_dir = run_dir_of(phase, tag)
+        step = find_last_step(run_dir)
+        out = run_dir / f"chat_eval_{step:06d}.json"
+        if out.exists():
+            log(f"chat evaluation of {phase} step {step} exists ({out}), skipping")
+        else:
+            run(launcher(nproc, "scripts.chat_eval") + [f"--source={phase}", f"--model-tag={tag}", f"--step={step}",
+                                                        f"--output={out}"] + p.chat_eval_args)
+        evals[phase] = json.loads(out.read_text())
+        if phase == "sft":
+            meta = load_meta(run_dir, step)
+            sft = dict(meta.get("sft_evals") or {}, steps=step)
+    report.set("chat", rc.chat_section(evals, sft))
+    return evals
+
+
 def env_defaults() -> dict:
     """The flags' defaults from the environment, checked like the flags themselves: a bad value stops here
     with one line (exit 2) instead of a traceback (argparse does not check defaults against choices)."""
@@ -305,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", default=os.environ.get("WANDB_RUN", "dummy"), help="wandb run name (dummy = off)")
     ap.add_argument("--model-tag", default=None, help="run folder name (default <preset>_d<depth>)")
     ap.add_argument("--nproc", type=int, default=None, help="processes for torchrun (default: all local GPUs)")
+    ap.add_argument("--rl", action=argparse.BooleanOptionalAction, default=os.environ.get("NANOCHAT_RL") == "1",
+                    help="add the GSM8K RL stage after SFT (gpu preset; env NANOCHAT_RL=1)")
     args = ap.parse_args(argv)
 
     gpus = num_cuda_gpus()
@@ -339,10 +395,21 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("speedrun: the shard download failed; re-run to resume it")
     timed("train", stage_train, p, tag, nproc, args.run, report)
     result = timed("eval", stage_eval, p, tag, nproc, report)
+    timed("sft", stage_chat_train, "sft", p, tag, nproc)
+    chat_phases = ["base", "sft"]
+    if args.rl and name == "gpu":
+        timed("rl", stage_chat_train, "rl", p, tag, nproc)
+        chat_phases.append("rl")
+    elif args.rl:
+        log(f"--rl is for the gpu preset (GSM8K from the hub); skipped on the {name} preset")
+    chat = timed("chat_eval", stage_chat_eval, p, tag, nproc, report, chat_phases)
     report.set("timing", rc.timing_section(report.state.get("stage_seconds", {}), gpus))
     log(f"done. report: {report.path}")
     if result.get("val_bpb") is not None:
         log(f"val bpb {result['val_bpb']:.4f}" + (f", CORE {result['core']:.4f}" if result.get("core") is not None else ""))
+    for phase, r in chat.items():
+        accs = ", ".join(f"{t} {v['accuracy']:.4f}" for t, v in r.get("tasks", {}).items())
+        log(f"chat {phase}: {accs}" + (f", ChatCORE {r['chatcore']:.4f}" if r.get("chatcore") is not None else ""))
     return 0
 
 

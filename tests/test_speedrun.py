@@ -30,7 +30,8 @@ def test_ci_preset_end_to_end(tmp_path, shared_data_optional):
 
     run_dir = tmp_path / "base" / "base_checkpoints" / "ci_d2"
     report = (run_dir / "report" / "report.md").read_text()
-    for section in ("## Environment", "## Tokenizer", "## Model sizing", "## Training", "## Evaluation", "## Wall time"):
+    for section in ("## Environment", "## Tokenizer", "## Model sizing", "## Training", "## Evaluation", "## Chat",
+                    "## Wall time"):
         assert section in report, section
     assert (run_dir / "report" / "curve_vs_step.png").exists()
     result = json.loads(next(run_dir.glob("base_eval_*.json")).read_text())
@@ -41,9 +42,16 @@ def test_ci_preset_end_to_end(tmp_path, shared_data_optional):
     else:
         assert "CORE was not computed" in report
 
+    # the chat stages: SFT on the embedded mix, then the held-out embedded metric before and after it
+    chat_evals = {ph: json.loads(next((tmp_path / "base" / d / "ci_d2").glob("chat_eval_*.json")).read_text())
+                  for ph, d in (("base", "base_checkpoints"), ("sft", "chatsft_checkpoints"))}
+    assert all(r["tasks"]["EmbeddedChat"]["n"] == 8 for r in chat_evals.values())
+    assert "SFT masked validation loss" in report and "| EmbeddedChat |" in report
+
     # re-running skips every finished stage
     again = run_speedrun(env, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
+    assert "sft finished earlier" in again.stdout and "chat evaluation of sft" in again.stdout
     assert "skipping training" in again.stdout and "training finished earlier" in again.stdout
     assert "exists" in again.stdout and "skipping" in again.stdout
 
