@@ -1,12 +1,14 @@
 """Training throughput of the real loop (scripts/base_train.py) and where a step's time goes.
 
     python benchmarks/bench_train.py                        # CPU: depth 4, seq 256, 2,048-token steps, 32K vocab
+    python benchmarks/bench_train.py --real-data DIR        # the same on real text: DIR holds tokenizer/ and base_data/
     python benchmarks/bench_train.py --depth 12 --max-seq-len 2048 --device-batch-size 32 --total-batch-size 524288
 
-Runs `base_train` on synthetic tokens (throughput does not depend on the text) in a throw-away
-base dir, reads its metrics.jsonl and prints the median tok/s (and MFU on a GPU) over the steps
-after the first `--skip` (warm-up / compilation), then times the forward+backward and the optimizer
-step of the same model separately.
+Runs `base_train` on synthetic tokens (or, with --real-data, on real text through the real tokenizer
+and data loader, evaluations off) in a throw-away base dir, reads its metrics.jsonl and prints the
+median tok/s (and MFU on a GPU) over the steps after the first `--skip` (warm-up / compilation), then
+times the forward+backward and the optimizer step of the same model separately (`--no-breakdown`
+skips that). `--json` prints one JSON line last (for benchmarks/bench_vs_reference.py).
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ def parse() -> argparse.Namespace:
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--device-type", default=None)
     p.add_argument("--dtype", default=None)
+    p.add_argument("--real-data", default=None, help="a base dir with tokenizer/ and base_data/: train on real text")
+    p.add_argument("--breakdown", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--json", action="store_true")
     return p.parse_args()
 
 
@@ -53,7 +58,18 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as base:
         os.environ["NANOCHAT_BASE_DIR"] = base
-        flags = ["--synthetic-data", "--vocab-size", str(args.vocab_size), "--depth", str(args.depth),
+        if args.real_data:
+            real = Path(args.real_data).resolve()
+            if not (real / "tokenizer").is_dir() or not (real / "base_data").is_dir():
+                sys.exit(f"error: --real-data {real} needs tokenizer/ and base_data/ (bench_vs_reference.py makes them)")
+            os.symlink(real / "tokenizer", Path(base) / "tokenizer")
+            os.symlink(real / "base_data", Path(base) / "base_data")
+            if (real / "dtype_probe.json").is_file():  # the probe's cache: measured once per machine
+                os.symlink(real / "dtype_probe.json", Path(base) / "dtype_probe.json")
+            data = ["--eval-every", "0", "--core-metric-every", "0", "--sample-every", "0"]
+        else:
+            data = ["--synthetic-data", "--vocab-size", str(args.vocab_size)]
+        flags = data + ["--depth", str(args.depth),
                  "--max-seq-len", str(args.max_seq_len), "--device-batch-size", str(args.device_batch_size),
                  "--total-batch-size", str(args.total_batch_size), "--num-iterations", str(args.steps),
                  "--model-tag", "bench", "--weight-decay", "0", "--window-pattern", args.window_pattern]
@@ -67,6 +83,8 @@ def main() -> None:
         if code != 0:
             sys.exit(code)
         records = [json.loads(x) for x in (Path(base) / "base_checkpoints/bench/metrics.jsonl").read_text().splitlines()]
+        records = [r for r in records if "tok_per_sec" in r]
+        run = json.loads((Path(base) / "base_checkpoints/bench/run.json").read_text())
     timed = records[args.skip:]
     tok_s = statistics.median(r["tok_per_sec"] for r in timed)
     first = records[0]["dt"]
@@ -80,7 +98,13 @@ def main() -> None:
           f"wall {wall:.1f} s (incl. start-up)")
     if mfu:
         print(f"MFU {100 * statistics.median(mfu):.2f}%   peak memory {max(r['peak_mem_mb'] for r in records):,.0f} MB")
-    breakdown(args)
+    if args.breakdown:
+        breakdown(args)
+    if args.json:
+        print(json.dumps({"impl": "ours", "tok_per_sec": tok_s, "step_s": statistics.median(r["dt"] for r in timed),
+                          "first_step_s": first, "wall_s": wall, "dtype": run["env"]["dtype"],
+                          "real_data": bool(args.real_data), "threads": torch.get_num_threads(),
+                          "loss": records[-1].get("loss")}))
 
 
 def breakdown(args) -> None:
@@ -88,18 +112,20 @@ def breakdown(args) -> None:
     import torch
 
     from nanochat import sizing
-    from nanochat.common import autodetect_device_type, resolve_dtype
+    from nanochat.common import init_runtime, matmul_probe_shapes
     from nanochat.gpt import GPT
     from nanochat.optim import build_optimizer
 
-    device_type = autodetect_device_type(args.device_type)
-    device = torch.device(device_type)
     config = sizing.model_config(args.depth, max_seq_len=args.max_seq_len, vocab_size=args.vocab_size,
                                  window_pattern=args.window_pattern, value_embeds=args.value_embeds)
-    model = GPT(config, compute_dtype=resolve_dtype(device_type, args.dtype)).to(device)
+    ctx = init_runtime(args.device_type, args.dtype, seed=0,
+                       probe_shapes=matmul_probe_shapes(config.n_embd, args.device_batch_size * args.max_seq_len,
+                                                        config.padded_vocab_size))
+    device_type, device = ctx.device_type, ctx.device
+    model = GPT(config, compute_dtype=ctx.dtype).to(device)
     model.init_weights()
     lrs = sizing.learning_rates(args.total_batch_size, config.n_embd)
-    opt = build_optimizer(model, **lrs, **({"orth_dtype": torch.float32} if device_type == "cpu" else {}))
+    opt = build_optimizer(model, **lrs, orth_dtype=ctx.orth_dtype)
     x = torch.randint(0, args.vocab_size, (args.device_batch_size, args.max_seq_len + 1), device=device)
     fb, st = [], []
     for _ in range(5):

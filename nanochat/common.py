@@ -7,57 +7,18 @@ Nothing here runs at import time. A script calls `init_runtime()` once and passe
 from __future__ import annotations
 
 import datetime
-import logging
+import json
 import os
 import random
-import sys
+import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-# ---------------------------------------------------------------------------------------------
-# artifact directory
-
-
-def get_base_dir() -> Path:
-    """Where tokenizers, data shards, checkpoints and reports live.
-
-    `NANOCHAT_BASE_DIR` overrides the default `~/.cache/nanochat`. Created on first use.
-    """
-    env = os.environ.get("NANOCHAT_BASE_DIR")
-    base = Path(env).expanduser() if env else Path.home() / ".cache" / "nanochat"
-    base.mkdir(parents=True, exist_ok=True)
-    return base
-
-
-# ---------------------------------------------------------------------------------------------
-# rank-aware printing and logging (reads torchrun's environment, so it works before init)
-
-
-def env_rank() -> int:
-    return int(os.environ.get("RANK", "0"))
-
-
-def print0(*args, **kwargs) -> None:
-    """print() on global rank 0 only."""
-    if env_rank() == 0:
-        kwargs.setdefault("flush", True)
-        print(*args, **kwargs)
-
-
-def get_logger(name: str = "nanochat") -> logging.Logger:
-    """A logger that emits on rank 0 and stays silent elsewhere (warnings still pass on all ranks)."""
-    logger = logging.getLogger(name)
-    if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
-        logger.addHandler(handler)
-        logger.propagate = False
-    logger.setLevel(logging.INFO if env_rank() == 0 else logging.WARNING)
-    return logger
-
+# the artifact directory and rank-aware printing live in the torch-free nanochat.env (readers of text
+# and the tokenizer scripts use them without importing torch); re-exported here
+from nanochat.env import env_rank, get_base_dir, get_logger, print0  # noqa: E402,F401 (re-exported)
 
 # ---------------------------------------------------------------------------------------------
 # device and dtype policy
@@ -84,20 +45,137 @@ def autodetect_device_type(requested: str | None = None) -> str:
     return "cpu"
 
 
-def resolve_dtype(device_type: str, requested: str | None = None) -> torch.dtype:
-    """Compute dtype policy: bf16 on CUDA GPUs with compute capability >= 8.0, fp32 elsewhere.
+def resolve_dtype(device_type: str, requested: str | None = None,
+                  probe_shapes: tuple[tuple[int, int, int], ...] | None = None) -> torch.dtype:
+    """Compute dtype policy (`auto`, the default): bf16 on CUDA GPUs with compute capability >= 8.0; on
+    CPU bf16 where a measured GEMM probe finds it clearly faster than fp32 (AMX / AVX512-BF16), else
+    fp32; fp32 on MPS.
 
-    `requested` (a flag) or env NANOCHAT_DTYPE overrides: float32/bfloat16/float16 (or fp32/bf16/fp16).
-    fp16 needs a gradient scaler (see `RuntimeContext.needs_grad_scaler`).
+    `requested` (a flag) or env NANOCHAT_DTYPE overrides: float32/bfloat16/float16 (or fp32/bf16/fp16),
+    or auto. fp16 needs a gradient scaler (see `RuntimeContext.needs_grad_scaler`).
     """
-    requested = requested or os.environ.get("NANOCHAT_DTYPE") or None
-    if requested:
+    return _resolve_dtype(device_type, requested, probe_shapes)[0]
+
+
+def _resolve_dtype(device_type: str, requested: str | None, probe_shapes) -> tuple[torch.dtype, "DtypeProbe | None"]:
+    requested = requested or os.environ.get("NANOCHAT_DTYPE") or "auto"
+    if requested != "auto":
         if requested not in DTYPES:
-            raise ValueError(f"unknown dtype {requested!r}: use one of {sorted(DTYPES)}")
-        return DTYPES[requested]
-    if device_type == "cuda" and torch.cuda.get_device_capability()[0] >= 8:
-        return torch.bfloat16
-    return torch.float32
+            raise ValueError(f"unknown dtype {requested!r}: use auto or one of {sorted(DTYPES)}")
+        return DTYPES[requested], None
+    if device_type == "cuda":
+        return (torch.bfloat16 if torch.cuda.get_device_capability()[0] >= 8 else torch.float32), None
+    if device_type == "cpu":
+        probe = probe_cpu_dtype(probe_shapes)
+        return probe.dtype, probe
+    return torch.float32, None
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU dtype probe: time fp32 and bf16 GEMMs at the model's shapes, keep bf16 only where it clearly wins
+
+BF16_MIN_SPEEDUP = 1.3  # bf16 must beat fp32 by this factor on the probe: its elementwise passes and casts cost extra
+DTYPE_PROBE_FILE = "dtype_probe.json"  # in the base dir: {key: result}, key = CPU model, torch, threads, shapes
+
+
+@dataclass(frozen=True)
+class DtypeProbe:
+    """What the CPU dtype probe measured: the chosen dtype and each dtype's GFLOP/s over the shapes."""
+
+    dtype: torch.dtype
+    gflops: dict  # {"float32": GFLOP/s, "bfloat16": GFLOP/s}
+    shapes: tuple
+    key: str
+    cached: bool = False
+    seconds: float = 0.0  # time spent measuring (0 when read from the cache)
+
+    @property
+    def speedup(self) -> float:
+        return self.gflops["bfloat16"] / max(self.gflops["float32"], 1e-9)
+
+    def summary(self) -> str:
+        how = "cached" if self.cached else f"measured in {self.seconds:.2f} s"
+        return (f"{str(self.dtype).replace('torch.', '')} (GEMM probe: fp32 {self.gflops['float32']:.3g} GFLOP/s, "
+                f"bf16 {self.gflops['bfloat16']:.3g} GFLOP/s, {self.speedup:.2f}x; {how})")
+
+
+def matmul_probe_shapes(n_embd: int = 256, tokens: int = 2048, vocab_size: int = 32768) -> tuple:
+    """(M, K, N) products that stand for a training step: the block matrices (C x C, C x 4C, 4C x C) over
+    the step's rows and the LM head (vocab-major, as nanochat.lm_loss lays it out), each capped so the
+    probe stays well under a second even where bf16 is emulated."""
+    rows, C, V = min(tokens, 512), n_embd, min(vocab_size, 8192)
+    return ((rows, C, C), (rows, C, 4 * C), (rows, 4 * C, C), (V, C, rows))
+
+
+def _probe_key(shapes) -> str:
+    return f"{_cpu_name()}|torch {torch.__version__}|threads {torch.get_num_threads()}|shapes {list(map(list, shapes))}"
+
+
+def _time_gemms(pairs, reps: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        for a, b in pairs:
+            torch.mm(a, b)
+    return (time.perf_counter() - t0) / reps
+
+
+def measure_gemm_gflops(shapes, budget_s: float = 0.3) -> dict:
+    """GFLOP/s of fp32 and bf16 `torch.mm` over `shapes`, on this process's threads.
+
+    The two dtypes are timed in alternating rounds (a competing process then slows both alike) and each
+    keeps its best round. A dtype whose first round is 4x slower than the other's (bf16 emulated on an
+    AVX2 CPU) is not timed again."""
+    flops = sum(2.0 * m * k * n for m, k, n in shapes)
+    gen = torch.Generator().manual_seed(0)
+    ops = {}
+    for dt in (torch.float32, torch.bfloat16):
+        pairs = [(torch.randn(m, k, generator=gen).to(dt), torch.randn(k, n, generator=gen).to(dt)) for m, k, n in shapes]
+        for a, b in pairs:  # warm-up: oneDNN builds its bf16 kernels on first use
+            torch.mm(a, b)
+        ops[dt] = pairs
+    best = {dt: _time_gemms(ops[dt], 1) for dt in ops}
+    deadline = time.perf_counter() + budget_s
+    slow = {dt for dt in best if best[dt] > 4 * min(best.values())}
+    while time.perf_counter() < deadline:
+        for dt, pairs in ops.items():
+            if dt not in slow:
+                best[dt] = min(best[dt], _time_gemms(pairs, 1))
+    return {str(dt).replace("torch.", ""): flops / best[dt] / 1e9 for dt in ops}
+
+
+def probe_cpu_dtype(shapes=None, *, refresh: bool = False, budget_s: float = 0.3) -> DtypeProbe:
+    """fp32 or bf16 for CPU compute, by a GEMM probe at `shapes` (default `matmul_probe_shapes()`).
+
+    The result is cached in `<base dir>/dtype_probe.json` under the CPU model, torch version, thread
+    count and shapes, so a machine measures once (`refresh=True`, or deleting the file, measures again)."""
+    shapes = tuple(tuple(int(v) for v in s) for s in (shapes or matmul_probe_shapes()))
+    key = _probe_key(shapes)
+    path = get_base_dir() / DTYPE_PROBE_FILE
+    try:
+        cache = json.loads(path.read_text())
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, ValueError):
+        cache = {}
+    hit = cache.get(key)
+    if hit and not refresh:
+        try:
+            return DtypeProbe(dtype=DTYPES[hit["dtype"]], gflops=dict(hit["gflops"]), shapes=shapes, key=key, cached=True)
+        except (KeyError, TypeError):
+            pass  # a malformed entry: measure again
+    t0 = time.perf_counter()
+    gflops = measure_gemm_gflops(shapes, budget_s)
+    seconds = time.perf_counter() - t0
+    dtype = torch.bfloat16 if gflops["bfloat16"] >= BF16_MIN_SPEEDUP * gflops["float32"] else torch.float32
+    cache[key] = {"dtype": str(dtype).replace("torch.", ""), "gflops": gflops,
+                  "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    try:  # atomic: concurrent runs on one machine may both write
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only base dir only costs a re-measure next time
+    return DtypeProbe(dtype=dtype, gflops=gflops, shapes=shapes, key=key, cached=False, seconds=seconds)
 
 
 # Peak dense bf16 tensor-core FLOP/s (no sparsity; fp32 accumulation, which halves the GeForce parts'
@@ -167,6 +245,7 @@ class RuntimeContext:
     backend: str | None = None
     device_name: str = "cpu"
     peak_flops: float | None = None
+    dtype_probe: DtypeProbe | None = None  # set when `auto` measured the CPU (nanochat.common.probe_cpu_dtype)
     _owns_process_group: bool = field(default=False, repr=False)
 
     @property
@@ -176,6 +255,29 @@ class RuntimeContext:
     @property
     def needs_grad_scaler(self) -> bool:
         return self.dtype == torch.float16
+
+    @property
+    def orth_dtype(self) -> torch.dtype:
+        """Muon's orthogonalisation dtype: the recipe's bf16 on accelerators; on CPU the compute dtype
+        (bf16 where the probe chose it or it was asked for; fp32 otherwise: emulated bf16 matmuls there
+        run ~10x slower than fp32)."""
+        if self.device_type == "cpu":
+            return torch.bfloat16 if self.dtype == torch.bfloat16 else torch.float32
+        return torch.bfloat16
+
+    def probe_at(self, shapes) -> None:
+        """When `auto` chose the CPU dtype by the probe, choose again at the model's own GEMM shapes
+        (`matmul_probe_shapes(n_embd, tokens, vocab)`); call it before building the model."""
+        shapes = tuple(tuple(int(v) for v in s) for s in shapes)
+        if self.dtype_probe is not None and shapes != self.dtype_probe.shapes:
+            self.dtype_probe = _agree(probe_cpu_dtype(shapes), self.ddp)
+            self.dtype = self.dtype_probe.dtype
+
+    def dtype_summary(self) -> str:
+        """One line for the sizing table: the compute dtype and, when measured, the probe's GFLOP/s."""
+        if self.dtype_probe is not None:
+            return "auto: " + self.dtype_probe.summary()
+        return str(self.dtype).replace("torch.", "")
 
     def print0(self, *args, **kwargs) -> None:
         if self.is_master:
@@ -253,14 +355,17 @@ def is_torchrun() -> bool:
 
 
 def init_runtime(device_type: str | None = None, dtype: str | None = None, seed: int | None = 42,
-                 timeout_minutes: float = 30.0) -> RuntimeContext:
+                 timeout_minutes: float = 30.0, probe_shapes=None) -> RuntimeContext:
     """Create the runtime context once per process.
+
+    `dtype` None or "auto" follows `resolve_dtype`; on CPU the probe runs at `probe_shapes`
+    (`matmul_probe_shapes(...)` of the model; default: those of the depth-4 CPU model).
 
     Under torchrun (RANK/LOCAL_RANK/WORLD_SIZE set, single or multi-node) the default process
     group is initialised with NCCL on CUDA and gloo otherwise; a plain `python` run is rank 0 of 1.
     """
     device_type = autodetect_device_type(device_type)
-    compute_dtype = resolve_dtype(device_type, dtype)
+    compute_dtype, probe = _resolve_dtype(device_type, dtype, probe_shapes)
     rank, local_rank, world_size = 0, 0, 1
     ddp = is_torchrun() and int(os.environ["WORLD_SIZE"]) > 1
     owns = False
@@ -289,11 +394,24 @@ def init_runtime(device_type: str | None = None, dtype: str | None = None, seed:
     else:
         device_name = "mps" if device_type == "mps" else _cpu_name()
         peak = None
+    if probe is not None and ddp:
+        probe = _agree(probe, ddp)
+        compute_dtype = probe.dtype
     if seed is not None:
         set_seed(seed)  # same seed on every rank: identical model init without a broadcast
     return RuntimeContext(device_type=device_type, device=device, dtype=compute_dtype, ddp=ddp, rank=rank,
                           local_rank=local_rank, world_size=world_size, backend=backend,
-                          device_name=device_name, peak_flops=peak, _owns_process_group=owns)
+                          device_name=device_name, peak_flops=peak, dtype_probe=probe,
+                          _owns_process_group=owns)
+
+
+def _agree(probe: DtypeProbe, ddp: bool) -> DtypeProbe:
+    """Every rank takes rank 0's probe result: ranks measuring near the threshold must not disagree."""
+    if ddp and dist.is_initialized():
+        box = [probe]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return probe
 
 
 def _cpu_name() -> str:

@@ -26,7 +26,7 @@ class ConfigError(ValueError):
 class RunConfig:
     model_tag: str | None = None  # run folder name under <base>/<phase>_checkpoints/ (default: per phase)
     device_type: str | None = None  # cuda | mps | cpu (None: autodetect)
-    dtype: str | None = None  # float32 | bfloat16 | float16 (None: the device's default)
+    dtype: str | None = None  # auto | float32 | bfloat16 | float16 (None: auto, nanochat.common.resolve_dtype)
     seed: int = 42
     compile: bool | None = None  # torch.compile the model (None: on for CUDA)
     run: str = "dummy"  # wandb run name ("dummy": no wandb)

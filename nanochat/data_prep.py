@@ -35,8 +35,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanochat.dataset import (EMBEDDED_PACKAGE, EMBEDDED_VERSION, MANIFEST, PREPARED_VAL_NAME, ROWS_PER_GROUP,
-                              SOURCES, TEXT_SUFFIXES, DataError, get_data_dir, open_parquet, read_jsonl_file,
-                              read_manifest, read_text_file, write_manifest)
+                              SOURCES, DataError, file_kind, get_data_dir, list_text_files, read_documents,
+                              read_manifest, write_manifest)
 
 # ---------------------------------------------------------------------------------------------
 # writing shards (`prepare`)
@@ -55,22 +55,10 @@ def load_documents(source: str | Path, text_field: str = "text", encoding_errors
     """Documents from a txt/jsonl/parquet file, a folder of them (sorted), or a `datasets` source.
     Everything is held in memory: meant for up to a few GB of text (hub sources come sharded already)."""
     path = Path(source)
-    if path.exists():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES) \
-            if path.is_dir() else [path]
-        if not files:
-            raise DataError(f"{path} holds no .txt/.jsonl/.parquet files")
+    if path.exists():  # nanochat.dataset's reader: the same files and documents tokenizer training sees
         docs = []
-        for f in files:
-            if f.suffix == ".parquet":
-                pf = open_parquet(f)
-                docs.extend(t or "" for t in pf.read(columns=["text"]).column("text").to_pylist())
-            elif f.suffix == ".jsonl":
-                docs.extend(read_jsonl_file(f, text_field, encoding_errors))
-            elif f.suffix == ".txt":
-                docs.extend(read_text_file(f, encoding_errors))
-            else:
-                raise DataError(f"{f}: unsupported file type (use .txt, .jsonl or .parquet)")
+        for f in list_text_files(path):
+            docs.extend(read_documents(f, text_field, encoding_errors))
         return docs
     if source_looks_like_path(str(source)):
         raise DataError(f"{source}: no such file or folder (for a Hugging Face dataset give its name, e.g. "
@@ -86,7 +74,7 @@ def load_documents(source: str | Path, text_field: str = "text", encoding_errors
 
 
 def source_looks_like_path(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or source.endswith(TEXT_SUFFIXES) or source.count("/") > 1
+    return source.startswith((".", "/", "~")) or file_kind(Path(source)) is not None or source.count("/") > 1
 
 
 def prepare(source: str | Path | Iterable[str], data_dir: str | Path | None = None, val_fraction: float = 0.05,

@@ -36,13 +36,17 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.common import get_base_dir
+from nanochat.env import get_base_dir
 
 MANIFEST = "manifest.json"
 PREPARED_VAL_NAME = "val_shard.parquet"
 ROWS_PER_GROUP = 1024
 TXT_DOC_CHARS = 4000
-TEXT_SUFFIXES = (".parquet", ".jsonl", ".txt")
+# Every reader of text files (data preparation, the data loader, tokenizer training) goes through
+# `file_kind` / `read_documents` below: one set of suffixes, one rule for where a document ends.
+PLAIN_SUFFIXES = (".txt", ".text", ".raw")  # plain text: <|endoftext|> lines or paragraphs (read_text_file)
+JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")  # one JSON object per line, the text in a field
+TEXT_SUFFIXES = (".parquet",) + JSONL_SUFFIXES + PLAIN_SUFFIXES  # jsonl and plain text may also be .gz
 
 
 @dataclass(frozen=True)
@@ -124,7 +128,7 @@ def list_shards(split: str, data_dir: str | Path | None = None) -> list[Path]:
             raise DataError(f"{data_dir / MANIFEST} lists no {what} shard; re-run the download/prepare")
         return paths
     # plain folder: val = files named val*, or a known source's pinned validation shard
-    files = sorted(p for p in data_dir.iterdir() if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    files = sorted(p for p in data_dir.iterdir() if p.is_file() and file_kind(p) is not None)
     if not files:
         raise DataError(f"{data_dir} holds no .parquet/.jsonl/.txt files and no {MANIFEST}")
     pinned = {s.val_name for s in SOURCES.values()}
@@ -146,17 +150,40 @@ def list_shards(split: str, data_dir: str | Path | None = None) -> list[Path]:
 # reading documents
 
 
-def _decode(raw: bytes, path: Path, errors: str) -> str:
+def file_kind(path: Path) -> str | None:
+    """"parquet", "jsonl" or "text" by the file's suffixes (jsonl and text may end in .gz), None if unreadable."""
+    name = Path(path).name.lower()
+    if name.endswith(".parquet"):
+        return "parquet"
+    name = name[:-3] if name.endswith(".gz") else name
+    return "jsonl" if name.endswith(JSONL_SUFFIXES) else "text" if name.endswith(PLAIN_SUFFIXES) else None
+
+
+def _decode(raw: bytes, path: Path, errors: str, counts: dict | None = None) -> str:
     try:
-        return raw.decode("utf-8", errors=errors)
+        text = raw.decode("utf-8", errors=errors)
     except UnicodeDecodeError as e:
         raise DataError(f"{path} is not valid UTF-8 (byte {e.start}: {raw[e.start:e.start + 8]!r}); convert it "
                         f"(e.g. `iconv -f latin1 -t utf-8`) or pass --encoding-errors replace") from None
+    if counts is not None and errors == "replace":  # U+FFFD beyond those in the input stand for bad bytes
+        counts["replaced_bytes"] = counts.get("replaced_bytes", 0) + text.count("\ufffd") - raw.count(b"\xef\xbf\xbd")
+    return text
 
 
-def read_text_file(path: Path, errors: str = "strict") -> list[str]:
-    """Documents of a .txt file: split at `<|endoftext|>` lines if present, else paragraphs merged to ~4k chars."""
-    text = _decode(Path(path).read_bytes(), path, errors)
+def _read_bytes(path: Path) -> bytes:
+    if Path(path).name.lower().endswith(".gz"):
+        import gzip
+
+        try:
+            return gzip.decompress(Path(path).read_bytes())
+        except (OSError, EOFError) as e:
+            raise DataError(f"{path} is not a readable gzip file ({e}); re-create it") from None
+    return Path(path).read_bytes()
+
+
+def read_text_file(path: Path, errors: str = "strict", counts: dict | None = None) -> list[str]:
+    """Documents of a plain text file: split at `<|endoftext|>` lines if present, else paragraphs merged to ~4k chars."""
+    text = _decode(_read_bytes(path), path, errors, counts)
     if "<|endoftext|>" in text:
         return [d.strip() for d in text.split("<|endoftext|>") if d.strip()]
     docs, current, size = [], [], 0
@@ -173,8 +200,8 @@ def read_text_file(path: Path, errors: str = "strict") -> list[str]:
     return docs
 
 
-def read_jsonl_file(path: Path, field: str = "text", errors: str = "strict") -> list[str]:
-    text = _decode(Path(path).read_bytes(), path, errors)
+def read_jsonl_file(path: Path, field: str = "text", errors: str = "strict", counts: dict | None = None) -> list[str]:
+    text = _decode(_read_bytes(path), path, errors, counts)
     docs = []
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
@@ -203,6 +230,34 @@ def open_parquet(path: Path) -> pq.ParquetFile:
     return pf
 
 
+def read_documents(path: Path, text_field: str = "text", errors: str = "strict", counts: dict | None = None) -> list[str]:
+    """The documents of one readable file, whatever its kind (see `file_kind`). With errors="replace",
+    undecodable bytes become U+FFFD and are counted in counts["replaced_bytes"]."""
+    kind = file_kind(path)
+    if kind == "parquet":
+        return [t or "" for t in open_parquet(path).read(columns=["text"]).column("text").to_pylist()]
+    if kind == "jsonl":
+        return read_jsonl_file(path, text_field, errors, counts)
+    if kind == "text":
+        return read_text_file(path, errors, counts)
+    raise DataError(f"{path}: unsupported file type (use .txt, .jsonl or .parquet; jsonl and txt may be .gz)")
+
+
+def list_text_files(path: str | Path) -> list[Path]:
+    """The readable files at `path`: the file itself, or a folder's (recursively, sorted)."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise DataError(f"{path} does not exist: pass a .txt/.jsonl/.parquet file or a folder of them")
+    if path.is_file():
+        if file_kind(path) is None:
+            raise DataError(f"{path}: unsupported file type (use .txt, .jsonl or .parquet; jsonl and txt may be .gz)")
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.is_file() and file_kind(p) is not None)
+    if not files:
+        raise DataError(f"{path} holds no .txt/.jsonl/.parquet files")
+    return files
+
+
 @dataclass(frozen=True)
 class Unit:
     """A unit of reading: parquet row group `index`, or chunk `index` of a jsonl/txt file."""
@@ -219,15 +274,12 @@ class ShardReader:
 
     def _file_docs(self, path: Path) -> list[str]:
         if self._cached is None or self._cached[0] != path:
-            if path.suffix == ".jsonl":
-                docs = read_jsonl_file(path, self.text_field, self.encoding_errors)
-            else:
-                docs = read_text_file(path, self.encoding_errors)
+            docs = read_documents(path, self.text_field, self.encoding_errors)
             self._cached = (path, docs)
         return self._cached[1]
 
     def num_units(self, path: Path) -> int:
-        if path.suffix == ".parquet":
+        if file_kind(path) == "parquet":
             meta = open_parquet(path).metadata
             n = meta.num_row_groups if meta.num_rows > 0 else 0
         else:
@@ -237,7 +289,7 @@ class ShardReader:
         return n
 
     def read(self, unit: Unit) -> list[str]:
-        if unit.path.suffix == ".parquet":
+        if file_kind(unit.path) == "parquet":
             try:
                 table = pq.ParquetFile(unit.path).read_row_group(unit.index, columns=["text"])
             except (pa.ArrowException, OSError) as e:

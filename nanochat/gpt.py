@@ -3,7 +3,9 @@
 - rotary position embeddings (base 100k), QK-norm with a small gain, parameter-free RMSNorm (pre-norm
   and a final norm), ReLU^2 MLP 4x wide, untied embedding and LM head, no biases anywhere
 - logits soft-capped `cap * tanh(z / cap)` in fp32 (cap 15)
-- fp32 master weights, cast to the compute dtype inside every matmul (bf16 on SM80+, fp32 on CPU)
+- fp32 master weights, cast to the compute dtype inside every matmul (bf16 on SM80+ GPUs and on CPUs where
+  the GEMM probe of nanochat.common finds bf16 faster, i.e. AMX / AVX512-BF16; fp32 elsewhere); the residual
+  stream, norms, rotary and attention run in that dtype, the loss in fp32 (nanochat.lm_loss)
 - options: grouped-query attention (`n_kv_head < n_head`), a sliding-window layer pattern (e.g. "SSSL":
   short window = a quarter of the context, last layer always long), value embeddings on alternate
   layers mixed into v through a sigmoid gate (ResFormer), per-layer residual and x0 scalars

@@ -43,15 +43,16 @@ def _chunk_loss_and_grad(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor
     tanh (5x the cost of a multiply on CPU, sigmoid is 2.5x) is ever evaluated.
 
     `work` is two flat fp32 buffers of at least V * c elements reused across chunks (a fresh 64 MB
-    tensor per chunk costs page faults worth ~10% of the elementwise time)."""
+    tensor per chunk costs page faults worth ~10% of the elementwise time), and for low-precision x a
+    third one of x's dtype that receives the product before it is widened to fp32."""
     V, c = w.size(0), x.size(0)
     z = work[0][:V * c].view(V, c)
     if cap:
         x = x * (2.0 / cap)  # folds the 2 / cap into the (c, C) operand: z below is 2 z / cap
     if x.dtype == torch.float32:
         torch.mm(w, x.t(), out=z)
-    else:
-        z.copy_(w @ x.t())
+    else:  # bf16 product (the fast units), everything after it in fp32
+        z.copy_(torch.mm(w, x.t(), out=work[2][:V * c].view(V, c)) if len(work) > 2 else w @ x.t())
     valid = targets != IGNORE_INDEX
     tgt = torch.where(valid, targets, 0).unsqueeze(0)  # (1, c)
     if cap:
@@ -95,18 +96,27 @@ class _LinearSoftcapCE(torch.autograd.Function):
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if ctx.needs_input_grad[1] else None
         total = torch.zeros((), dtype=torch.float32, device=x.device)  # sum of per-row losses
         rows = min(chunk_rows, n)
+        low = x.dtype != torch.float32
         work = tuple(torch.empty(vocab_size * rows, dtype=torch.float32, device=x.device) for _ in range(2))
+        if low:
+            work += (torch.empty(vocab_size * rows, dtype=x.dtype, device=x.device),)
         for lo in range(0, n, chunk_rows):
             hi = min(lo + chunk_rows, n)
             xs = x[lo:hi]
-            loss, g, factor = _chunk_loss_and_grad(xs, w, targets[lo:hi], cap, work)  # g: (V, c)
+            loss, g, factor = _chunk_loss_and_grad(xs, w, targets[lo:hi], cap, work)  # g: (V, c) fp32
             total += loss.sum()
             f = (factor * row_scale[lo:hi]).unsqueeze(1)  # (c, 1): d total / d logits[:, r] = g[:, r] * f_r
+            if low:
+                # low precision (bf16 on GPUs and AMX CPUs): g rounded once into x's dtype and both backward
+                # products in it; the per-row factors stay fp32 and the weight gradient sums over chunks in fp32
+                gl = work[2][:g.numel()].view(g.shape).copy_(g)
+                if grad_x is not None:
+                    grad_x[lo:hi].copy_(gl.t() @ w).mul_(f)
+                if grad_w is not None:
+                    grad_w[:vocab_size].add_(gl @ (xs.float() * f).to(x.dtype))
+                continue
             if grad_x is not None:
-                if x.dtype == torch.float32:
-                    torch.mm(g.t(), w, out=grad_x[lo:hi]).mul_(f)
-                else:
-                    grad_x[lo:hi].copy_(g.t().to(x.dtype) @ w).mul_(f)
+                torch.mm(g.t(), w, out=grad_x[lo:hi]).mul_(f)
             if grad_w is not None:
                 grad_w[:vocab_size].addmm_(g, xs.float() * f)
         ctx.save_for_backward(grad_x, grad_w)

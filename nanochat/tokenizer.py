@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import base64
 import copy
-import gzip
 import hashlib
 import json
 from pathlib import Path
@@ -98,105 +97,35 @@ def cap_documents(texts: Iterable[str], max_chars: int | None = DEFAULT_MAX_CHAR
         yield text
 
 
-TEXT_SUFFIXES = (".txt", ".text", ".raw")
-JSONL_SUFFIXES = (".jsonl", ".json", ".ndjson")
-
-
-def _file_kind(path: Path) -> str | None:
-    name = path.name.lower()
-    if name.endswith(".gz"):
-        name = name[:-3]
-    if name.endswith(".parquet"):
-        return "parquet"
-    if name.endswith(JSONL_SUFFIXES):
-        return "jsonl"
-    if name.endswith(TEXT_SUFFIXES):
-        return "text"
-    return None
-
-
-def _decode_line(raw: bytes, stats: TextStats) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = raw.decode("utf-8", errors="replace")
-        # every U+FFFD beyond those genuinely in the input stands for undecodable bytes
-        stats.replaced_bytes += text.count("\ufffd") - raw.count("\ufffd".encode())
-        return text
-
-
-def _iter_file(path: Path, stats: TextStats, pack_chars: int) -> Iterator[str]:
-    kind = _file_kind(path)
-    if kind == "parquet":
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(path)
-        if "text" not in pf.schema_arrow.names:
-            raise TokenizerError(f"{path}: parquet file has no 'text' column (columns: {pf.schema_arrow.names})")
-        for i in range(pf.num_row_groups):
-            for text in pf.read_row_group(i, columns=["text"]).column("text").to_pylist():
-                if text:
-                    yield text
-        return
-    opener = gzip.open if path.name.lower().endswith(".gz") else open
-    with opener(path, "rb") as f:
-        if kind == "jsonl":
-            for lineno, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    record = json.loads(_decode_line(raw, stats))
-                except json.JSONDecodeError as e:
-                    raise TokenizerError(f"{path}:{lineno}: not valid JSON ({e}); jsonl input needs one object per line") from None
-                if not isinstance(record, dict) or "text" not in record:
-                    raise TokenizerError(f"{path}:{lineno}: jsonl records need a 'text' field")
-                if record["text"]:
-                    yield record["text"]
-            return
-        # Plain text has no document boundaries: pack lines into documents of up to `pack_chars`
-        # characters, cutting after a blank line when there is one (so "\n\n" runs are still seen).
-        doc: list[str] = []
-        size = 0
-        last_break = 0  # len(doc) just after its last blank line
-        for raw in f:
-            line = _decode_line(raw, stats)
-            if doc and size + len(line) > pack_chars:
-                cut = last_break or len(doc)
-                yield "".join(doc[:cut])
-                doc = doc[cut:]
-                size, last_break = sum(map(len, doc)), 0
-            doc.append(line)
-            size += len(line)
-            if not line.strip():
-                last_break = len(doc)
-        if doc:
-            yield "".join(doc)
-
-
 def list_text_files(path: str | Path) -> list[Path]:
-    """The readable files at `path` (a file, or a folder searched recursively), sorted."""
-    path = Path(path).expanduser()
-    if not path.exists():
-        raise TokenizerError(f"input {path} does not exist: pass a .txt/.jsonl/.parquet file or a folder of them")
-    if path.is_file():
-        if _file_kind(path) is None:
-            raise TokenizerError(f"{path}: unknown file type; use .txt, .jsonl (field 'text') or .parquet (column 'text')")
-        return [path]
-    files = sorted(p for p in path.rglob("*") if p.is_file() and _file_kind(p) is not None)
-    if not files:
-        raise TokenizerError(f"no .txt/.jsonl/.parquet files found under {path}")
-    return files
+    """The readable files at `path` (a file, or a folder searched recursively), sorted: the data
+    preparation's own rule (`nanochat.dataset.list_text_files`)."""
+    from nanochat import dataset  # pyarrow: only when files are read
+
+    try:
+        return dataset.list_text_files(path)
+    except dataset.DataError as e:
+        raise TokenizerError(str(e)) from None
 
 
-def iter_text_files(path: str | Path, stats: TextStats | None = None,
-                    pack_chars: int = DEFAULT_DOC_CAP) -> Iterator[str]:
-    """Documents from a text / jsonl (`text`) / parquet (`text`) file or a folder of them.
+def iter_text_files(path: str | Path, stats: TextStats | None = None) -> Iterator[str]:
+    """Documents from a text / jsonl (`text`) / parquet (`text`) file or a folder of them, split exactly
+    as data preparation splits them (`nanochat.dataset.read_documents`: `<|endoftext|>` lines or
+    ~4k-character paragraph groups in plain text, one record per jsonl line, one row per parquet row).
 
     Undecodable bytes become U+FFFD and are counted in `stats.replaced_bytes`.
     """
+    from nanochat import dataset
+
     stats = stats if stats is not None else TextStats()
     for f in list_text_files(path):
-        yield from _iter_file(f, stats, pack_chars)
+        counts: dict = {}
+        try:
+            docs = dataset.read_documents(f, errors="replace", counts=counts)
+        except dataset.DataError as e:
+            raise TokenizerError(str(e)) from None
+        stats.replaced_bytes += counts.get("replaced_bytes", 0)
+        yield from (d for d in docs if d)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,7 +460,7 @@ def _validated_messages(conversation: dict) -> list[dict]:
 
 def get_tokenizer_dir(base_dir: str | Path | None = None) -> Path:
     if base_dir is None:
-        from nanochat.common import get_base_dir
+        from nanochat.env import get_base_dir
 
         base_dir = get_base_dir()
     return Path(base_dir) / "tokenizer"

@@ -36,7 +36,7 @@ from nanochat import checkpoint_manager as ckpt
 from nanochat import sizing
 from nanochat.attention import windowed_kernel_available
 from nanochat.autobatch import find_device_batch_size, oom_message
-from nanochat.common import RuntimeContext, init_runtime
+from nanochat.common import RuntimeContext, init_runtime, matmul_probe_shapes
 from nanochat.config import ConfigError, TrainConfig
 from nanochat.core_eval import EvalBundleError, check_bundle, evaluate_core
 from nanochat.dataloader import DataLoader
@@ -266,7 +266,7 @@ def sizing_table(plan: sizing.RunPlan, ctx: RuntimeContext, model) -> str:
         ("schedule", f"warmup {p.warmup_steps}, warmdown {p.warmdown_ratio:g}, final {p.final_lr_frac:g}"),
         ("weight decay (Muon)", f"{p.weight_decay:.4g}"),
         ("world size", f"{ctx.world_size} ({ctx.device_name})"),
-        ("dtype", str(ctx.dtype).replace("torch.", "") + (" (block Linears in fp8)" if getattr(model, "fp8", False) else "")),
+        ("dtype", ctx.dtype_summary() + (" (block Linears in fp8)" if getattr(model, "fp8", False) else "")),
         ("attention", model.attention_backend),
         ("peak FLOP/s (MFU)", f"{ctx.peak_flops:.4g} dense bf16" + (" (fp8 matmuls counted against the bf16 peak)"
                                                                     if getattr(model, "fp8", False) else "")
@@ -367,6 +367,8 @@ def _train_locked(cfg: TrainConfig, ctx: RuntimeContext, tokenizer, vocab_size: 
     auto_batch = cfg.device_batch_size == "auto"
     out_dir, resume_which = _setup_run_folder(cfg, ctx)
 
+    mc = plan.model_config  # --dtype auto on CPU: the GEMM probe again at this model's shapes (cached)
+    ctx.probe_at(matmul_probe_shapes(mc.n_embd, plan.device_batch_size * plan.max_seq_len, mc.padded_vocab_size))
     with torch.device("meta"):
         model = GPT(plan.model_config, compute_dtype=ctx.dtype, attention=cfg.attention)
     model.to_empty(device=ctx.device)
@@ -393,10 +395,10 @@ def _train_locked(cfg: TrainConfig, ctx: RuntimeContext, tokenizer, vocab_size: 
         cfg = replace(cfg, device_batch_size=int(found))
         plan = sizing.plan_run(replace(cfg, total_batch_size=plan.tokens_per_step), vocab_size, ctx.world_size)
     N, A = plan.num_iterations, plan.grad_accum_steps
-    # bf16 matmuls on CPUs without bf16 units run ~10x slower than fp32 (measured: Muon step 24 s vs 2 s at
-    # depth 4), so the orthogonalisation runs in fp32 there; GPUs keep the recipe's bf16
-    extra = {"orth_dtype": torch.float32} if ctx.device_type == "cpu" else {"compile": compile_model}
-    optimizer = build_optimizer(model, weight_decay=plan.weight_decay, **plan.lrs, **extra)
+    # Muon's orthogonalisation: bf16 on GPUs and where the CPU probe chose bf16; fp32 on other CPUs, whose
+    # emulated bf16 matmuls run ~10x slower (measured: Muon step 24 s vs 2 s at depth 4)
+    extra = {} if ctx.device_type == "cpu" else {"compile": compile_model}
+    optimizer = build_optimizer(model, weight_decay=plan.weight_decay, **plan.lrs, orth_dtype=ctx.orth_dtype, **extra)
     for group in optimizer.param_groups:
         group["initial_weight_decay"] = group.get("weight_decay", 0.0)
     train_loader = make_loader(cfg, tokenizer, "train", ctx, A, vocab_size)

@@ -275,7 +275,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seq-len", type=int, default=None, help="bpb row length (default: the model's context)")
     p.add_argument("--out", default=None, help="JSON output path (CSV and .md go beside it)")
     p.add_argument("--device-type", default=None, choices=["cuda", "cpu", "mps"], help="default: autodetect")
-    p.add_argument("--dtype", default=None, help="compute dtype (default: bf16 on Ampere+ GPUs, else fp32)")
+    p.add_argument("--dtype", default=None, help="compute dtype: auto (default: bf16 on Ampere+ GPUs and AMX/AVX512-BF16 CPUs, by a GEMM probe) | float32 | bfloat16")
     args = p.parse_args(argv)
     parts = [s.strip() for s in args.eval.split(",") if s.strip()]
     bad = [s for s in parts if s not in PARTS]

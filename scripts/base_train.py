@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model-tag", type=str, default=None, help="run folder name (default d<depth>)")
     g = p.add_argument_group("runtime")
     g.add_argument("--device-type", type=str, default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
-    g.add_argument("--dtype", type=str, default=None, help="float32 | bfloat16 | float16 (default: bf16 on SM80+)")
+    g.add_argument("--dtype", type=str, default=None, help="auto | float32 | bfloat16 | float16 (auto: bf16 on SM80+ GPUs and on CPUs where a GEMM probe finds it faster)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA, off elsewhere)")
     g.add_argument("--fused-loss", choices=["auto", "on", "off"], default="auto",

@@ -5,14 +5,18 @@
 """
 
 import argparse
+import importlib
 import sys
+import threading
 import time
 from pathlib import Path
 
 if not __package__:  # `python scripts/tok_train.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nanochat.common import env_rank, print0  # noqa: E402
+# nothing here imports torch up front (nanochat.env, not nanochat.common): torch, which saving needs, is
+# imported beside the reading and merging (see preload)
+from nanochat.env import env_rank, print0  # noqa: E402
 from nanochat.tokenizer import (DEFAULT_DOC_CAP, DEFAULT_MAX_CHARS, DEFAULT_VOCAB_SIZE, TRAINERS,  # noqa: E402
                                 TextStats, Tokenizer, TokenizerError, describe, get_tokenizer_dir,
                                 iter_text_files)
@@ -36,11 +40,20 @@ def pretraining_documents():
     return dataset.iter_documents(split="train")
 
 
+def preload(module: str) -> threading.Thread:
+    """Import `module` in a background thread: torch takes 1-3 s to import, and the trainer releases the
+    GIL for much of its work, so the import overlaps it instead of delaying the save at the end."""
+    thread = threading.Thread(target=importlib.import_module, args=(module,), name=f"import-{module}", daemon=True)
+    thread.start()
+    return thread
+
+
 def train(vocab_size: int, max_chars: int, doc_cap: int, input_path: str | None = None, trainer: str = "rustbpe",
           base_dir: str | None = None, out_dir: str | None = None) -> Path:
+    torch_import = preload("torch")  # for token_bytes.pt in tok.save()
     stats = TextStats()
     if input_path:
-        texts = iter_text_files(input_path, stats, pack_chars=doc_cap)
+        texts = iter_text_files(input_path, stats)
         source = input_path
     else:
         texts = pretraining_documents()
@@ -57,6 +70,7 @@ def train(vocab_size: int, max_chars: int, doc_cap: int, input_path: str | None 
     seconds = time.time() - t0
     tok.meta.update(seconds=round(seconds, 2), source=str(source))
     out = Path(out_dir) if out_dir else get_tokenizer_dir(base_dir)
+    torch_import.join()
     tok.save(out)
     print0(f"trained in {seconds:.1f}s ({stats.chars / 1e6 / max(seconds, 1e-9):.2f} MB/s): {describe(tok)}; "
            f"{stats.truncated_docs:,} documents truncated to {doc_cap:,} chars")
@@ -73,12 +87,11 @@ def train(vocab_size: int, max_chars: int, doc_cap: int, input_path: str | None 
 def overwrite_guard(out: Path, force: bool) -> None:
     """Refuse to replace a tokenizer that checkpoints were trained with: their token ids would silently mean
     other strings (a retrained 32K tokenizer took a model's val bpb from 3.85 to 4.20, with rc 0)."""
-    from nanochat.checkpoint_manager import TOKENIZER_COPY, runs_trained_with
-
     try:
         old = Tokenizer.from_directory(out)
     except (FileNotFoundError, TokenizerError, ValueError, KeyError):
         return  # nothing (readable) to protect
+    from nanochat.checkpoint_manager import TOKENIZER_COPY, runs_trained_with  # torch: only when there is one
     runs = runs_trained_with(old)
     if not runs:
         return

@@ -12,6 +12,12 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+# The default compute dtype (`auto`) depends on the machine: bf16 on AMX / AVX512-BF16 CPUs (measured by
+# nanochat.common.probe_cpu_dtype), fp32 elsewhere. Tests pin fp32 so that their numbers, and the exact
+# comparisons between runs (resume, 1 rank vs 2), are the same on every CI box; subprocesses inherit it.
+# tests/test_common.py and the bf16 tests unset it or pass --dtype where they test the policy itself.
+os.environ.setdefault("NANOCHAT_DTYPE", "float32")
+
 
 def _shared_data_dir() -> Path:
     env = os.environ.get("NANOCHAT_SHARED_DATA")

@@ -451,6 +451,25 @@ def test_two_node_launch_trains_checkpoints_and_resumes_on_another_world_size(en
     assert one[2]["val_bpb"] == pytest.approx(before[2]["val_bpb"], rel=1e-5)
 
 
+def test_bf16_cpu_training_follows_fp32(env_base, capsys):
+    # the bf16 CPU path (bf16 matmuls, bf16 Muon orthogonalisation, fp32 master weights and loss) against
+    # the fp32 run of the same seed: the same losses to bf16 accuracy, and the run records its dtype
+    assert train_inprocess(*TINY, "--num-iterations", "6", "--model-tag", "f32", "--dtype", "float32") == 0
+    assert train_inprocess(*TINY, "--num-iterations", "6", "--model-tag", "b16", "--dtype", "bfloat16") == 0
+    f32 = [r["raw_loss"] for r in read_metrics(env_base, "f32") if "raw_loss" in r]
+    b16 = [r["raw_loss"] for r in read_metrics(env_base, "b16") if "raw_loss" in r]
+    assert len(f32) == len(b16) == 6 and f32[-1] < f32[0]
+    assert b16 == pytest.approx(f32, rel=0.02)
+    run = json.loads((run_dir(env_base, "b16") / "run.json").read_text())
+    assert run["env"]["dtype"] == "bfloat16"
+    from nanochat.checkpoint_manager import load_checkpoint
+
+    model_state, optim_state, _ = load_checkpoint(run_dir(env_base, "b16"), 6, device="cpu", load_optimizer=True)
+    assert all(v.dtype == torch.float32 for v in model_state.values() if v.is_floating_point())  # fp32 masters
+    muon = [g for g in optim_state["param_groups"] if g.get("kind", g.get("type")) == "muon" or "orth_dtype" in g]
+    assert muon and all("bfloat16" in str(g["orth_dtype"]) for g in muon)
+
+
 def test_failed_final_evaluation_keeps_the_trained_model(env_base, monkeypatch, capsys):
     """The final checkpoint is written before the final evaluations; an evaluation that raises is reported
     (exit code 5, its error named) and the trained model, its metrics and the other evaluations survive."""

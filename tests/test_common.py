@@ -1,5 +1,6 @@
 """Runtime context: device and dtype policy, base dir, peak FLOPs, and a real 2-process gloo group."""
 
+import json
 import os
 import subprocess
 import sys
@@ -35,7 +36,7 @@ def test_device_and_dtype_policy(monkeypatch):
     monkeypatch.delenv("NANOCHAT_DEVICE", raising=False)
     assert common.autodetect_device_type() == ("cuda" if torch.cuda.is_available() else
                                                "mps" if torch.backends.mps.is_available() else "cpu")
-    assert common.resolve_dtype("cpu") == torch.float32
+    assert common.resolve_dtype("cpu", "fp32") == torch.float32
     assert common.resolve_dtype("cpu", "bf16") == torch.bfloat16
     monkeypatch.setenv("NANOCHAT_DTYPE", "float16")
     assert common.resolve_dtype("cpu") == torch.float16
@@ -89,13 +90,43 @@ def test_two_process_gloo_group(tmp_path):
         dist.all_reduce(t)
         ctx.barrier()
         print(f"rank={ctx.rank} local={ctx.local_rank} sum={t.item()}")
+        # --dtype auto: each rank measures, all take rank 0's result (timings never agree on their own)
+        auto = init_runtime("cpu", "auto", seed=None)
+        seen = [None, None]
+        dist.all_gather_object(seen, (auto.dtype, auto.dtype_probe.gflops))
+        assert seen[0] == seen[1], seen
         ctx.teardown()
         assert not dist.is_initialized()
     """))
     repo = common.__file__.rsplit("/nanochat/", 1)[0]
-    env = dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=repo, OMP_NUM_THREADS="1", NANOCHAT_BASE_DIR=str(tmp_path / "base"))
     out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
                           f"--master_port={free_port()}", str(script)],
                          capture_output=True, text=True, env=env, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "rank=0 local=0 sum=3.0" in out.stdout and "rank=1 local=1 sum=3.0" in out.stdout
+
+
+def test_cpu_dtype_probe_measures_once_and_is_cached(base_dir, monkeypatch):
+    monkeypatch.delenv("NANOCHAT_DTYPE", raising=False)
+    shapes = common.matmul_probe_shapes(n_embd=64, tokens=128, vocab_size=1000)
+    assert shapes == ((128, 64, 64), (128, 64, 256), (128, 256, 64), (1000, 64, 128))
+    first = common.probe_cpu_dtype(shapes, budget_s=0.05)
+    assert not first.cached and first.seconds > 0 and set(first.gflops) == {"float32", "bfloat16"}
+    assert all(v > 0 for v in first.gflops.values())
+    # the rule: bf16 only where its GEMMs are clearly faster
+    assert (first.dtype == torch.bfloat16) == (first.gflops["bfloat16"] >= common.BF16_MIN_SPEEDUP * first.gflops["float32"])
+    again = common.probe_cpu_dtype(shapes)
+    assert again.cached and again.dtype == first.dtype and again.gflops == first.gflops
+    cache = json.loads((base_dir / common.DTYPE_PROBE_FILE).read_text())
+    (key,) = cache
+    assert torch.__version__ in key and f"threads {torch.get_num_threads()}" in key
+    # auto resolves through the probe (default shapes: a second entry), an explicit dtype never probes
+    ctx = common.init_runtime("cpu", "auto", seed=None, probe_shapes=shapes)
+    assert ctx.dtype == first.dtype and ctx.dtype_probe.cached and "GEMM probe" in ctx.dtype_summary()
+    assert ctx.orth_dtype == (torch.bfloat16 if first.dtype == torch.bfloat16 else torch.float32)
+    assert common.init_runtime("cpu", "float32", seed=None).dtype_probe is None
+    assert common.init_runtime("cpu", "float32", seed=None).orth_dtype == torch.float32
+    # a corrupt cache is measured again, not an error
+    (base_dir / common.DTYPE_PROBE_FILE).write_text("{not json")
+    assert not common.probe_cpu_dtype(shapes, budget_s=0.01).cached

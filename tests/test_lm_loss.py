@@ -72,10 +72,12 @@ def test_all_targets_ignored_gives_zero_loss_and_zero_grads():
     assert loss.item() == 0.0 and gx.abs().max() == 0 and gw.abs().max() == 0
 
 
-def test_low_precision_inputs_follow_fp32_math():
+@pytest.mark.parametrize("chunk_rows", [5, 512])  # several chunks: the weight gradient sums them in fp32
+def test_low_precision_inputs_follow_fp32_math(chunk_rows):
     x, w, t = make(n=16, dtype=torch.float32)
     ref = grads(lambda a, b: reference(a.bfloat16(), b.bfloat16(), t, 100, 15.0, "mean"), x, w)
-    out = grads(lambda a, b: linear_softcap_cross_entropy(a.bfloat16(), b, t, vocab_size=100, softcap=15.0), x, w)
+    out = grads(lambda a, b: linear_softcap_cross_entropy(a.bfloat16(), b, t, vocab_size=100, softcap=15.0,
+                                                          chunk_rows=chunk_rows), x, w)
     torch.testing.assert_close(out[0], ref[0], rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(out[1], ref[1], rtol=5e-2, atol=5e-3)
     torch.testing.assert_close(out[2], ref[2], rtol=5e-2, atol=5e-3)

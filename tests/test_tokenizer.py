@@ -1,5 +1,6 @@
 """Tokenizer: training, round trips, token byte lengths, chat rendering, saving, CLI, bad input."""
 
+import gzip
 import json
 import random
 import subprocess
@@ -126,7 +127,7 @@ def test_invalid_utf8_input(tok, tmp_path):
     (tmp_path / "bad.txt").write_bytes(raw)
     stats = TextStats()
     docs = list(iter_text_files(tmp_path / "bad.txt", stats))
-    assert docs == [raw.decode("utf-8", errors="replace")]
+    assert docs == [raw.decode("utf-8", errors="replace").rstrip("\n")]  # one paragraph: one document
     assert stats.replaced_bytes == 3  # ff, fe, and the truncated e2 82 sequence
 
 
@@ -332,7 +333,7 @@ def test_bad_input_paths(tmp_path):
     with pytest.raises(TokenizerError, match="no .txt/.jsonl/.parquet"):
         list(iter_text_files(tmp_path))
     (tmp_path / "a.jsonl").write_text('{"body": "x"}\n')
-    with pytest.raises(TokenizerError, match="'text' field"):
+    with pytest.raises(TokenizerError, match="field 'text'"):
         list(iter_text_files(tmp_path / "a.jsonl"))
 
 
@@ -343,10 +344,20 @@ def test_reads_text_jsonl_and_parquet(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
     pq.write_table(pa.table({"text": ["three", "four"]}), tmp_path / "b.parquet")
     (tmp_path / "c.txt").write_text("para 1\nline\n\npara 2\n" * 3)
-    docs = list(iter_text_files(tmp_path, pack_chars=30))
+    (tmp_path / "d.txt.gz").write_bytes(gzip.compress(b"doc a\n<|endoftext|>\ndoc b\n"))
+    (tmp_path / "e.jsonl.gz").write_bytes(gzip.compress(json.dumps({"text": "five"}).encode() + b"\n"))
+    docs = list(iter_text_files(tmp_path))
     assert docs[:4] == ["one", "two", "three", "four"]
-    assert "".join(docs[4:]) == "para 1\nline\n\npara 2\n" * 3  # packing keeps every character
-    assert all(len(d) <= 30 for d in docs[4:]) and docs[4].endswith("\n\n")
+    # plain text as data preparation splits it: short paragraphs grouped into one document; end-of-text lines
+    assert docs[4:] == ["para 1\nline\n\npara 2\npara 1\nline\n\npara 2\npara 1\nline\n\npara 2", "doc a", "doc b", "five"]
+
+
+def test_tokenizer_reads_what_data_preparation_reads(shared_data):
+    # one reader: the documents tokenizer training sees are those `dataset prepare` would shard
+    from nanochat import data_prep
+
+    folder = shared_data / "text"
+    assert list(iter_text_files(folder)) == [d for d in data_prep.load_documents(folder, encoding_errors="replace") if d]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -408,7 +419,8 @@ def test_tok_eval_table(tok, base_dir, tmp_path, capsys):
     main(["--compare", str(tmp_path / "small"), "--text-dir", str(tmp_path / "texts"), "--no-baselines"])
     out = capsys.readouterr().out
     assert "| text | bytes | ours 1K B/tok | ours 512 B/tok |" in out
-    for name, text in [*EVAL_SAMPLES.items(), ("mine.txt", mine)]:
+    # the file's documents as data preparation reads them (one paragraph, its final newline dropped)
+    for name, text in [*EVAL_SAMPLES.items(), ("mine.txt", mine.rstrip("\n"))]:
         row = next(line for line in out.splitlines() if line.startswith(f"| {name} |"))
         n = len(text.encode())
         assert row == f"| {name} | {n:,} | {n / len(tok.encode(text)):.2f} | {n / len(small.encode(text)):.2f} |"
