@@ -26,18 +26,7 @@ from nanochat.config import ConfigError, TrainConfig  # noqa: E402
 from nanochat.dataset import DataError  # noqa: E402
 from nanochat.tokenizer import TokenizerError  # noqa: E402
 from nanochat.train_loop import EXIT_CONFIG, train  # noqa: E402
-
-
-def resume_step(value: str):
-    if value in ("latest", "auto"):
-        return value
-    try:
-        step = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a step number, 'latest' or 'auto', got {value!r}") from None
-    if step < 0:
-        raise argparse.ArgumentTypeError(f"step must be >= 0, got {step}")
-    return step
+from scripts.flags import resume_step  # noqa: E402
 
 
 def device_batch_size(value: str):

@@ -16,7 +16,7 @@ if __package__ in (None, ""):  # `python scripts/chat_rl.py`: make the repo root
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nanochat.chat_rl import RLConfig, run_rl  # noqa: E402
-from nanochat.chat_sft import config_from_args, config_parser  # noqa: E402
+from scripts.flags import config_parser  # noqa: E402
 
 HELP = {
     "source": "phase of the starting checkpoint (sft, base or rl)",
@@ -33,7 +33,7 @@ HELP = {
 
 def main(argv: list[str] | None = None) -> int:
     args = config_parser(RLConfig, "Chat RL (GSM8K policy gradient)", HELP).parse_args(argv)
-    return run_rl(config_from_args(RLConfig, args))
+    return run_rl(RLConfig.from_dict(vars(args)))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python scripts/chat_sft.py`: make the repo root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from nanochat.chat_sft import SFTConfig, config_from_args, config_parser, run_sft  # noqa: E402
+from nanochat.chat_sft import SFTConfig, run_sft  # noqa: E402
+from scripts.flags import config_parser  # noqa: E402
 
 HELP = {
     "source": "phase of the starting checkpoint (base or sft)",
@@ -33,7 +34,7 @@ HELP = {
 
 def main(argv: list[str] | None = None) -> int:
     args = config_parser(SFTConfig, "Chat supervised fine-tuning", HELP).parse_args(argv)
-    return run_sft(config_from_args(SFTConfig, args))
+    return run_sft(SFTConfig.from_dict(vars(args)))
 
 
 if __name__ == "__main__":
