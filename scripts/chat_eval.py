@@ -59,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     ctx = init_runtime(args.device_type, args.dtype)
     try:
         tag = args.model_tag or ckpt.find_last_tag(rd.phase_dir(args.source))
-        model, tokenizer, meta = ckpt.load_model(args.source, ctx.device, tag, args.step, compute_dtype=ctx.dtype)
+        # no --dtype: the inference default of load_model (auto decided at decode shapes; generation dominates)
+        model, tokenizer, meta = ckpt.load_model(args.source, ctx.device, tag, args.step,
+                                                 compute_dtype=ctx.dtype if args.dtype else None)
     except (ckpt.CheckpointError, FileNotFoundError) as e:
         print(f"chat_eval: error: {e}", file=sys.stderr)
         ctx.teardown()
