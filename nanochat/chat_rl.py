@@ -18,6 +18,7 @@ reference cannot resume RL). Metrics: step, reward (mean over the step's samples
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -32,7 +33,8 @@ from nanochat.config import ConfigError, RunConfig
 from nanochat.optim import build_optimizer
 from nanochat.tasks import EVAL_TASKS, MIX_TASKS, TaskDataError
 from nanochat.training import (EXIT_CONFIG, EXIT_NONFINITE, EXIT_OK, EXIT_OOM, LoopState, NonFiniteLoss, StopSignal,
-                               apply_schedule, restore_training_checkpoint, save_training_checkpoint)
+                               apply_schedule, open_run_folder, restore_training_checkpoint,
+                               save_training_checkpoint)
 
 
 @dataclass
@@ -112,12 +114,17 @@ def run_rl(cfg: RLConfig, ctx: RuntimeContext | None = None, train_task=None, ev
     own_ctx = ctx is None
     if own_ctx:
         ctx = init_runtime(cfg.device_type, cfg.dtype, seed=cfg.seed)
+    lock = None
     try:
-        return _run(cfg, ctx, train_task, eval_task)
+        out_dir = rd.run_dir("rl", cfg.model_tag or cfg.source_tag or ckpt.find_last_tag(rd.phase_dir(cfg.source)))
+        lock, resume = open_run_folder(out_dir, cfg.resume_from_step, ctx, "chat_rl")
+        return _run(dataclasses.replace(cfg, resume_from_step=resume), ctx, train_task, eval_task)
     except (ConfigError, TaskDataError, ckpt.CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"chat_rl: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     finally:
+        if lock is not None:
+            lock.release()
         if own_ctx:
             ctx.teardown()
 
@@ -153,22 +160,15 @@ def _run(cfg: RLConfig, ctx: RuntimeContext, train_task, eval_task) -> int:
     model.train()
     model_config = model.config.to_dict()
     limit = model.config.sequence_len
-    out_dir = rd.run_dir("rl", cfg.model_tag or src_tag)
+    out_dir = rd.run_dir("rl", cfg.model_tag or src_tag)  # taken by run_rl (lock, --resume auto, refusals)
     resume = cfg.resume_from_step
-    if resume == "auto":
-        resume = "latest" if ckpt.list_steps(out_dir) else None
-    if resume is None and ckpt.list_steps(out_dir):
-        raise ConfigError(f"{out_dir} already holds checkpoints (steps {ckpt.list_steps(out_dir)[-3:]}): pass "
-                          f"--resume latest to continue, choose another --model-tag, or delete the folder")
-    if ctx.is_master:
-        out_dir.mkdir(parents=True, exist_ok=True)
 
     # the base run's LRs x init_lr_frac (as the reference, whose SFT and RL both scale the same base LRs): an SFT
     # run.json records them as base_lrs; a base run's own sizing holds them
     src_run = rd.read_run_json(rd.run_dir(cfg.source, src_tag)) or {}
     src_lrs = (src_run.get("sizing") or {}).get("base_lrs") or base_learning_rates(src_run or src_meta)
     lrs = {k: v * cfg.init_lr_frac for k, v in src_lrs.items()}
-    extra = {"orth_dtype": torch.float32} if ctx.device_type == "cpu" else {}
+    extra = {"orth_dtype": ctx.orth_dtype}
     optimizer = build_optimizer(model, weight_decay=cfg.weight_decay, **lrs, **extra)
     cursor = ProblemCursor(len(train_task))
     N = cfg.num_iterations if cfg.num_iterations > 0 else max(1, int(cfg.num_epochs * len(train_task)) //

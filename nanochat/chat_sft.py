@@ -34,8 +34,8 @@ from nanochat.config import ConfigError, RunConfig
 from nanochat.optim import build_optimizer
 from nanochat.tasks import TaskDataError, build_mix
 from nanochat.training import (EXIT_CONFIG, EXIT_NONFINITE, EXIT_OK, EXIT_OOM, LoopState, NonFiniteLoss, StopSignal,
-                               TestHooks, apply_schedule, restore_training_checkpoint, save_training_checkpoint,
-                               train_step)
+                               TestHooks, apply_schedule, open_run_folder, restore_training_checkpoint,
+                               save_training_checkpoint, train_step)
 
 LR_KEYS = ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr")
 DEFAULT_LRS = {"matrix_lr": 0.02, "embedding_lr": 0.3, "unembedding_lr": 0.008, "scalar_lr": 0.5}
@@ -121,12 +121,17 @@ def run_sft(cfg: SFTConfig, ctx: RuntimeContext | None = None) -> int:
     own_ctx = ctx is None
     if own_ctx:
         ctx = init_runtime(cfg.device_type, cfg.dtype, seed=cfg.seed)
+    lock = None
     try:
-        return _run(cfg, ctx)
+        out_dir = rd.run_dir("sft", cfg.model_tag or cfg.source_tag or ckpt.find_last_tag(rd.phase_dir(cfg.source)))
+        lock, resume = open_run_folder(out_dir, cfg.resume_from_step, ctx, "chat_sft")
+        return _run(dataclasses.replace(cfg, resume_from_step=resume), ctx)
     except (ConfigError, TaskDataError, ckpt.CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"chat_sft: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     finally:
+        if lock is not None:
+            lock.release()
         if own_ctx:
             ctx.teardown()
 
@@ -134,10 +139,6 @@ def run_sft(cfg: SFTConfig, ctx: RuntimeContext | None = None) -> int:
 def _run(cfg: SFTConfig, ctx: RuntimeContext) -> int:
     say = (lambda *a: None) if cfg.quiet else ctx.print0
     cfg.validate()
-    if cfg.resume_from_step == "auto":
-        cfg = dataclasses.replace(cfg, resume_from_step="latest" if ckpt.list_steps(
-            rd.run_dir("sft", cfg.model_tag or cfg.source_tag or ckpt.find_last_tag(rd.phase_dir(cfg.source))))
-            else None)
     for name in ("device_batch_size", "grad_accum"):
         if getattr(cfg, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -155,12 +156,7 @@ def _run(cfg: SFTConfig, ctx: RuntimeContext) -> int:
     T = cfg.max_seq_len if cfg.max_seq_len > 0 else model.config.sequence_len
     if T > model.config.sequence_len:
         raise ConfigError(f"--max-seq-len {T} exceeds the model's context ({model.config.sequence_len})")
-    out_dir = rd.run_dir("sft", cfg.model_tag or src_tag)
-    if cfg.resume_from_step is None and ckpt.list_steps(out_dir):
-        raise ConfigError(f"{out_dir} already holds checkpoints (steps {ckpt.list_steps(out_dir)[-3:]}): pass "
-                          f"--resume latest to continue, choose another --model-tag, or delete the folder")
-    if ctx.is_master:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = rd.run_dir("sft", cfg.model_tag or src_tag)  # taken by run_sft (lock, --resume auto, refusals)
 
     # --- data ---------------------------------------------------------------------------------------
     train_task = build_mix(cfg.mix, "train", cfg.task_data, seed=cfg.seed)
@@ -178,7 +174,7 @@ def _run(cfg: SFTConfig, ctx: RuntimeContext) -> int:
 
     # --- optimizer: the source's LRs x init_lr_frac, no weight decay ----------------------------
     lrs = {k: v * cfg.init_lr_frac for k, v in base_learning_rates(src_meta).items()}
-    extra = {"orth_dtype": torch.float32} if ctx.device_type == "cpu" else {}
+    extra = {"orth_dtype": ctx.orth_dtype}
     optimizer = build_optimizer(model, weight_decay=cfg.weight_decay, **lrs, **extra)
     for group in optimizer.param_groups:
         group["initial_weight_decay"] = group.get("weight_decay", 0.0)

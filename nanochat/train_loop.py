@@ -44,13 +44,12 @@ from nanochat.engine import Engine
 from nanochat.gpt import GPT
 from nanochat.loss_eval import check_eval_data, evaluate_loss_and_bpb
 from nanochat.optim import build_optimizer
-from nanochat.run_dir import (MetricsWriter, RunLock, RunLockedError, clean_run_dir, remove_if_unused,
-                              run_dir, write_run_json)
+from nanochat.run_dir import MetricsWriter, remove_if_unused, run_dir, write_run_json
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (EXIT_CONFIG, EXIT_EVAL, EXIT_NONFINITE, EXIT_OK, EXIT_OOM, LoopState, NonFiniteLoss,
                                StopSignal, TestHooks, apply_schedule, git_commit, peak_memory_mb,
-                               restore_training_checkpoint, save_training_checkpoint, train_step,
-                               update_checkpoint_meta)
+                               open_run_folder, restore_training_checkpoint, save_training_checkpoint,
+                               train_step, update_checkpoint_meta)
 
 __all__ = ["ConfigError", "EXIT_CONFIG", "EXIT_EVAL", "EXIT_NONFINITE", "EXIT_OK", "EXIT_OOM", "train"]
 
@@ -292,41 +291,6 @@ def train(cfg: TrainConfig) -> int:
         ctx.teardown()
 
 
-def lock_run_folder(out_dir: Path, ctx: RuntimeContext, what: str) -> RunLock | None:
-    """Rank 0 takes the run folder's lock (one writer per folder) and removes what killed runs left there (temp
-    files, uncommitted steps); every rank learns whether that worked. ConfigError naming the holder if not."""
-    lock, error = None, ""
-    if ctx.is_master:
-        try:
-            lock = RunLock(out_dir, what=what).acquire()
-            for p in clean_run_dir(out_dir):
-                ctx.print0(f"removed {p.name} (left by an interrupted write)")
-        except RunLockedError as e:
-            error = str(e)
-    if ctx.all_reduce_sum([1.0 if error else 0.0])[0] > 0:
-        raise ConfigError(error or f"{out_dir} is in use by another process (see rank 0)")
-    return lock
-
-
-def _setup_run_folder(cfg: TrainConfig, ctx: RuntimeContext) -> tuple[Path, int | str | None]:
-    """The run folder and the checkpoint to resume from (None: fresh), resolving --resume auto."""
-    out_dir = run_dir("base", cfg.tag)
-    existing = ckpt.list_steps(out_dir)
-    which = cfg.resume_from_step
-    if which == "auto":  # preemptible jobs: the same command for the first launch and requeues
-        which = "latest" if existing else None
-        ctx.print0(f"--resume auto: resuming from step {existing[-1]}" if existing
-                   else f"--resume auto: no checkpoint in {out_dir}, starting fresh")
-    if which is None and existing:
-        # a fresh run here would mix its checkpoints and metrics with the old ones (and --keep-last would
-        # prune the new, lower steps first)
-        raise ConfigError(f"{out_dir} already holds checkpoints of an earlier run (steps {existing[-3:]}): pass "
-                          f"--resume latest to continue it, choose another --model-tag, or delete the folder")
-    if ctx.is_master:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    return out_dir, which
-
-
 def _start_wandb(cfg: TrainConfig, plan: sizing.RunPlan, ctx: RuntimeContext):
     if cfg.run == "dummy" or not ctx.is_master:
         return None
@@ -351,9 +315,9 @@ def _train(cfg: TrainConfig, ctx: RuntimeContext) -> int:
     except ValueError as e:
         raise ConfigError(str(e)) from e
     out_dir = run_dir("base", cfg.tag)
-    lock = lock_run_folder(out_dir, ctx, "base_train")
+    lock, resume_which = open_run_folder(out_dir, cfg.resume_from_step, ctx, "base_train")
     try:
-        return _train_locked(cfg, ctx, tokenizer, vocab_size, plan)
+        return _train_locked(cfg, ctx, tokenizer, vocab_size, plan, out_dir, resume_which)
     except BaseException:
         if ctx.is_master:
             remove_if_unused(out_dir)  # a command that failed before its first checkpoint leaves no empty folder
@@ -363,9 +327,9 @@ def _train(cfg: TrainConfig, ctx: RuntimeContext) -> int:
             lock.release()
 
 
-def _train_locked(cfg: TrainConfig, ctx: RuntimeContext, tokenizer, vocab_size: int, plan: sizing.RunPlan) -> int:
+def _train_locked(cfg: TrainConfig, ctx: RuntimeContext, tokenizer, vocab_size: int, plan: sizing.RunPlan,
+                  out_dir: Path, resume_which) -> int:
     auto_batch = cfg.device_batch_size == "auto"
-    out_dir, resume_which = _setup_run_folder(cfg, ctx)
 
     mc = plan.model_config  # --dtype auto on CPU: the GEMM probe again at this model's shapes (cached)
     ctx.probe_at(matmul_probe_shapes(mc.n_embd, plan.device_batch_size * plan.max_seq_len, mc.padded_vocab_size))

@@ -27,6 +27,7 @@ import torch.distributed as dist
 from nanochat import checkpoint_manager as ckpt
 from nanochat.common import RuntimeContext
 from nanochat.config import ConfigError
+from nanochat.run_dir import RunLock, RunLockedError, clean_run_dir
 
 EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_OOM, EXIT_EVAL = 0, 2, 3, 4, 5
 LOSS_EMA_BETA = 0.9  # the logged loss: an EMA of the raw loss, debiased by 1 - beta^n
@@ -254,3 +255,38 @@ def peak_memory_mb(ctx: RuntimeContext) -> float:
     if ctx.device_type == "cuda":
         return torch.cuda.max_memory_allocated(ctx.device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB of peak RSS
+
+
+def open_run_folder(out_dir: Path, resume, ctx: RuntimeContext, what: str) -> tuple[RunLock | None, int | str | None]:
+    """Take a run folder for this run, the same way in every phase. Rank 0 locks it (one writer per folder)
+    and removes what killed runs left there (temp files, uncommitted steps); `--resume auto` becomes
+    "latest" when the folder has a checkpoint and None (fresh) when not; a fresh run over existing
+    checkpoints is refused, since it would mix its checkpoints and metrics with theirs (and --keep-last
+    would prune the new, lower steps first). Returns (the lock to release at the end, the checkpoint to
+    resume: a step, "latest" or None). ConfigError naming the holder when another process has the folder."""
+    lock, error = None, ""
+    if ctx.is_master:
+        try:
+            lock = RunLock(out_dir, what=what).acquire()
+            for p in clean_run_dir(out_dir):
+                ctx.print0(f"removed {p.name} (left by an interrupted write)")
+        except RunLockedError as e:
+            error = str(e)
+    if ctx.all_reduce_sum([1.0 if error else 0.0])[0] > 0:
+        raise ConfigError(error or f"{out_dir} is in use by another process (see rank 0)")
+    try:
+        existing = ckpt.list_steps(out_dir)
+        if resume == "auto":  # preemptible jobs: the same command for the first launch and requeues
+            resume = "latest" if existing else None
+            ctx.print0(f"--resume auto: resuming from step {existing[-1]}" if existing
+                       else f"--resume auto: no checkpoint in {out_dir}, starting fresh")
+        if resume is None and existing:
+            raise ConfigError(f"{out_dir} already holds checkpoints of an earlier run (steps {existing[-3:]}): pass "
+                              f"--resume latest to continue it, choose another --model-tag, or delete the folder")
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    if ctx.is_master:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    return lock, resume

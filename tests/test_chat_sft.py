@@ -173,3 +173,19 @@ def test_sigkill_mid_step_then_resume_reproduces_the_losses(base):
     a, b = rd.read_metrics(rd.run_dir("sft", "whole")), rd.read_metrics(killed)
     assert [r["step"] for r in b] == list(range(1, 9))
     assert [r["raw_loss"] for r in a] == [r["raw_loss"] for r in b]
+
+
+def test_one_writer_per_run_folder_and_no_fresh_run_over_checkpoints(base, capsys):
+    """SFT takes its run folder the way pretraining does (training.open_run_folder): a folder another process
+    holds is refused naming the holder, and a fresh run over existing checkpoints is refused."""
+    holder = rd.RunLock(rd.run_dir("sft", "held"), what="another chat_sft").acquire()
+    try:
+        assert run_sft(cfg(model_tag="held", num_iterations=1)) == 2
+        err = capsys.readouterr().err
+        assert "is in use by process" in err and "another chat_sft" in err
+    finally:
+        holder.release()
+    assert run_sft(cfg(model_tag="held", num_iterations=2, train_size=32, eval_every=0)) == 0
+    assert run_sft(cfg(model_tag="held", num_iterations=2, train_size=32, eval_every=0)) == 2
+    assert "already holds checkpoints" in capsys.readouterr().err
+    assert run_sft(cfg(model_tag="held", num_iterations=3, train_size=32, eval_every=0, resume_from_step="auto")) == 0
