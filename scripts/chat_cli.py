@@ -24,13 +24,12 @@ import torch  # noqa: E402
 from nanochat.chat_session import SOURCES, ChatError, ReplyStream, fit_prompt, load_chat_model  # noqa: E402
 from nanochat.common import autodetect_device_type  # noqa: E402
 from nanochat.engine import Engine  # noqa: E402
+from scripts.flags import add_checkpoint_flags  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Chat with a trained nanochat model in the terminal")
-    p.add_argument("--source", default="sft", choices=SOURCES, help="which training phase's checkpoint (default sft)")
-    p.add_argument("--model-tag", default=None, help="run folder under the phase (default: the latest)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    add_checkpoint_flags(p, SOURCES)
     p.add_argument("-p", "--prompt", default=None, help="answer this one message, print the reply and exit")
     p.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature, 0 = greedy (0.6)")
     p.add_argument("-k", "--top-k", type=int, default=50, help="sample among the k most likely tokens, 0 = all (50)")

@@ -29,13 +29,12 @@ import torch  # noqa: E402
 from nanochat.chat_session import SOURCES, ChatError, load_chat_model  # noqa: E402
 from nanochat.common import autodetect_device_type  # noqa: E402
 from nanochat.engine import Engine  # noqa: E402
+from scripts.flags import add_checkpoint_flags  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Web chat UI and OpenAI-compatible API for a nanochat model")
-    p.add_argument("--source", default="sft", choices=SOURCES, help="which training phase's checkpoint (default sft)")
-    p.add_argument("--model-tag", default=None, help="run folder under the phase (default: the latest)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
+    add_checkpoint_flags(p, SOURCES)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; 0.0.0.0 = every interface)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--num-workers", type=int, default=None,

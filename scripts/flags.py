@@ -39,3 +39,11 @@ def config_parser(cls, description: str, help: dict | None = None) -> argparse.A
         else:
             parser.add_argument(flag, type=base, default=f.default, help=text)
     return parser
+
+
+def add_checkpoint_flags(parser: argparse.ArgumentParser, sources, default: str = "sft") -> None:
+    """--source / --model-tag / --step: which checkpoint a chat front end loads."""
+    parser.add_argument("--source", default=default, choices=sources,
+                        help=f"which training phase's checkpoint (default {default})")
+    parser.add_argument("--model-tag", default=None, help="run folder under the phase (default: the latest)")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the last)")
