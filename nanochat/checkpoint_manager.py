@@ -374,8 +374,8 @@ def build_model(model_config: dict, device, compute_dtype: torch.dtype | None = 
     """An uninitialised GPT of `model_config` on `device` (weights to be loaded).
 
     Without `compute_dtype` the model is for inference, so `auto` is decided at decode shapes (a few rows
-    per matmul): there bf16 loses to fp32 on CPU even with AMX (depth 4: 200 vs 417 tok/s at batch 1,
-    1,371 vs 2,399 at 8 samples), while training-sized products gain 1.7x."""
+    per matmul): there bf16 loses to fp32 on CPU even with AMX (depth 4: 193 vs 373 tok/s at batch 1,
+    benchmarks/bench_decode_dtype.py), while training-sized products gain 1.7x."""
     device = torch.device(device)
     config = GPTConfig(**model_config)
     dtype = compute_dtype if compute_dtype is not None else resolve_dtype(
