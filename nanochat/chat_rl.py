@@ -113,7 +113,7 @@ def run_rl(cfg: RLConfig, ctx: RuntimeContext | None = None, train_task=None, ev
     """Train; returns an exit code. `train_task` / `eval_task` override cfg.task / cfg.eval_task (tests)."""
     own_ctx = ctx is None
     if own_ctx:
-        ctx = init_runtime(cfg.device_type, cfg.dtype, seed=cfg.seed)
+        ctx = init_runtime(cfg.device_type, cfg.dtype, seed=cfg.seed, threads=cfg.threads)
     lock = None
     try:
         out_dir = rd.run_dir("rl", cfg.model_tag or cfg.source_tag or ckpt.find_last_tag(rd.phase_dir(cfg.source)))

@@ -120,7 +120,7 @@ def run_sft(cfg: SFTConfig, ctx: RuntimeContext | None = None) -> int:
     """Train; returns an exit code (EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_OOM)."""
     own_ctx = ctx is None
     if own_ctx:
-        ctx = init_runtime(cfg.device_type, cfg.dtype, seed=cfg.seed)
+        ctx = init_runtime(cfg.device_type, cfg.dtype, seed=cfg.seed, threads=cfg.threads)
     lock = None
     try:
         out_dir = rd.run_dir("sft", cfg.model_tag or cfg.source_tag or ckpt.find_last_tag(rd.phase_dir(cfg.source)))

@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 # the artifact directory and rank-aware printing live in the torch-free nanochat.env (readers of text
 # and the tokenizer scripts use them without importing torch); re-exported here
+from nanochat import cpu_threads
 from nanochat.env import env_rank, get_base_dir, get_logger, print0  # noqa: E402,F401 (re-exported)
 
 # ---------------------------------------------------------------------------------------------
@@ -246,6 +247,7 @@ class RuntimeContext:
     device_name: str = "cpu"
     peak_flops: float | None = None
     dtype_probe: DtypeProbe | None = None  # set when `auto` measured the CPU (nanochat.common.probe_cpu_dtype)
+    threads: str = ""  # the intra-op thread policy, for the sizing table (nanochat/cpu_threads.py)
     _owns_process_group: bool = field(default=False, repr=False)
 
     @property
@@ -355,7 +357,7 @@ def is_torchrun() -> bool:
 
 
 def init_runtime(device_type: str | None = None, dtype: str | None = None, seed: int | None = 42,
-                 timeout_minutes: float = 30.0, probe_shapes=None) -> RuntimeContext:
+                 timeout_minutes: float = 30.0, probe_shapes=None, threads: str | int | None = None) -> RuntimeContext:
     """Create the runtime context once per process.
 
     `dtype` None or "auto" follows `resolve_dtype`; on CPU the probe runs at `probe_shapes`
@@ -363,8 +365,12 @@ def init_runtime(device_type: str | None = None, dtype: str | None = None, seed:
 
     Under torchrun (RANK/LOCAL_RANK/WORLD_SIZE set, single or multi-node) the default process
     group is initialised with NCCL on CUDA and gloo otherwise; a plain `python` run is rank 0 of 1.
+
+    `threads`: "auto" (default, or NANOCHAT_THREADS) follows the machine's load on CPU; a number fixes it
+    (nanochat/cpu_threads.py).
     """
     device_type = autodetect_device_type(device_type)
+    threads_summary = cpu_threads.configure(threads, device_type, say=print if env_rank() == 0 else None)
     compute_dtype, probe = _resolve_dtype(device_type, dtype, probe_shapes)
     rank, local_rank, world_size = 0, 0, 1
     ddp = is_torchrun() and int(os.environ["WORLD_SIZE"]) > 1
@@ -401,7 +407,7 @@ def init_runtime(device_type: str | None = None, dtype: str | None = None, seed:
         set_seed(seed)  # same seed on every rank: identical model init without a broadcast
     return RuntimeContext(device_type=device_type, device=device, dtype=compute_dtype, ddp=ddp, rank=rank,
                           local_rank=local_rank, world_size=world_size, backend=backend,
-                          device_name=device_name, peak_flops=peak, dtype_probe=probe,
+                          device_name=device_name, peak_flops=peak, dtype_probe=probe, threads=threads_summary,
                           _owns_process_group=owns)
 
 

@@ -29,6 +29,7 @@ class RunConfig:
     dtype: str | None = None  # auto | float32 | bfloat16 | float16 (None: auto, nanochat.common.resolve_dtype)
     seed: int = 42
     compile: bool | None = None  # torch.compile the model (None: on for CUDA)
+    threads: str = "auto"  # CPU intra-op threads: auto (follow the machine's load) or a number (cpu_threads.py)
     run: str = "dummy"  # wandb run name ("dummy": no wandb)
     save_every: int = -1  # checkpoint every N steps (-1: only at the end)
     keep_last: int = -1  # keep the newest N checkpoints (-1: all)
@@ -50,6 +51,9 @@ class RunConfig:
                               f"{self.save_every}")
         if self.keep_last == 0 or self.keep_last < -1:
             raise ConfigError(f"--keep-last must be >= 1, or -1 (keep all); got {self.keep_last}")
+        threads = str(self.threads).strip().lower()
+        if threads != "auto" and not (threads.isdigit() and int(threads) >= 1):
+            raise ConfigError(f"--threads must be 'auto' or a number >= 1; got {self.threads!r}")
 
 
 @dataclass

@@ -46,6 +46,7 @@ import torch.nn.functional as F
 import yaml
 from jinja2 import Environment
 
+from nanochat import cpu_threads
 from nanochat.common import RuntimeContext, context_for, get_base_dir
 from nanochat.engine import KVCache
 
@@ -571,6 +572,7 @@ def run_examples(model, examples: list[PreparedExample], pad_id: int, device, ba
         owner.extend([k] * len(ex.tokens))
     results: list = [None] * len(rows)
     for group in pack_rows([len(t) for t, _, _ in rows], batch_tokens):
+        cpu_threads.tick()
         for i, res in zip(group, score_rows(model, [rows[i] for i in group], pad_id, device)):
             results[i] = res
         tick(len(group) * len(examples) / max(1, len(rows)))  # examples' worth of rows scored

@@ -16,6 +16,7 @@ from typing import Iterable
 import torch
 import torch.nn.functional as F
 
+from nanochat import cpu_threads
 from nanochat.common import RuntimeContext, context_for
 from nanochat.dataloader import DataLoader
 
@@ -78,6 +79,7 @@ def evaluate_loss_and_bpb(model, batches: Iterable, steps: int, token_bytes: tor
         except StopIteration:
             raise ValueError(f"evaluate_bpb: the batch iterator ran out after {step} of {steps} steps; "
                              "lower the number of steps (or the split-token budget)") from None
+        cpu_threads.tick()
         loss_BT = per_token_loss(model, x, y).to(device)
         y = y.to(device)
         valid = y >= 0

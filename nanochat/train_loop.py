@@ -265,6 +265,7 @@ def sizing_table(plan: sizing.RunPlan, ctx: RuntimeContext, model) -> str:
         ("schedule", f"warmup {p.warmup_steps}, warmdown {p.warmdown_ratio:g}, final {p.final_lr_frac:g}"),
         ("weight decay (Muon)", f"{p.weight_decay:.4g}"),
         ("world size", f"{ctx.world_size} ({ctx.device_name})"),
+        *([("threads", ctx.threads)] if ctx.device_type == "cpu" and ctx.threads else []),
         ("dtype", ctx.dtype_summary() + (" (block Linears in fp8)" if getattr(model, "fp8", False) else "")),
         ("attention", model.attention_backend),
         ("peak FLOP/s (MFU)", f"{ctx.peak_flops:.4g} dense bf16" + (" (fp8 matmuls counted against the bf16 peak)"
@@ -280,7 +281,7 @@ def train(cfg: TrainConfig) -> int:
     """Run pretraining as the config says; returns the process exit code."""
     cfg.validate()
     try:
-        ctx = init_runtime(cfg.device_type, cfg.dtype, seed=cfg.seed)
+        ctx = init_runtime(cfg.device_type, cfg.dtype, seed=cfg.seed, threads=cfg.threads)
     except (ValueError, RuntimeError) as e:  # --device-type cuda without CUDA, --dtype fp8, a failed rendezvous
         raise ConfigError(str(e)) from e
     try:

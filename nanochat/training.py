@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from nanochat import checkpoint_manager as ckpt
+from nanochat import cpu_threads
 from nanochat.common import RuntimeContext
 from nanochat.config import ConfigError
 from nanochat.run_dir import RunLock, RunLockedError, clean_run_dir
@@ -164,6 +165,7 @@ def train_step(model, optimizer, batches, grad_accum: int, ctx: RuntimeContext, 
     backward on each, one all-reduce of (loss, stop flag) across ranks (the step's only host sync), then
     the update. A non-finite loss raises NonFiniteLoss before the update, on every rank alike."""
     hooks = hooks or TestHooks()
+    cpu_threads.tick()
     loss_sum = torch.zeros((), device=ctx.device)
     for _ in range(grad_accum):
         x, y = next(batches)

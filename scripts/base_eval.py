@@ -276,6 +276,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default=None, help="JSON output path (CSV and .md go beside it)")
     p.add_argument("--device-type", default=None, choices=["cuda", "cpu", "mps"], help="default: autodetect")
     p.add_argument("--dtype", default=None, help="compute dtype: auto (default: bf16 on Ampere+ GPUs and AMX/AVX512-BF16 CPUs, by a GEMM probe) | float32 | bfloat16")
+    p.add_argument("--threads", default=None, help="CPU threads: auto (default; fewer while other processes use the "
+                                                   "cores) or a number (or NANOCHAT_THREADS)")
     args = p.parse_args(argv)
     parts = [s.strip() for s in args.eval.split(",") if s.strip()]
     bad = [s for s in parts if s not in PARTS]
@@ -294,7 +296,7 @@ def main(argv=None) -> dict:
     tasks that failed (corrupt data): the results of the rest are written, then exit 1."""
     args = parse_args(argv)
     try:
-        ctx = init_runtime(args.device_type, args.dtype)
+        ctx = init_runtime(args.device_type, args.dtype, threads=args.threads)
     except (ValueError, RuntimeError) as e:  # --device-type cuda without CUDA, --dtype fp8
         fail(str(e))
     try:

@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("runtime")
     g.add_argument("--device-type", type=str, default=None, choices=["cuda", "mps", "cpu"], help="default: autodetect")
     g.add_argument("--dtype", type=str, default=None, help="auto | float32 | bfloat16 | float16 (auto: bf16 on SM80+ GPUs and on CPUs where a GEMM probe finds it faster)")
+    g.add_argument("--threads", type=str, default="auto",
+                   help="CPU intra-op threads: auto (all cores, fewer while other processes use them) or a number")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA, off elsewhere)")
     g.add_argument("--fused-loss", choices=["auto", "on", "off"], default="auto",

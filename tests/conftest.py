@@ -17,6 +17,9 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # comparisons between runs (resume, 1 rank vs 2), are the same on every CI box; subprocesses inherit it.
 # tests/test_common.py and the bf16 tests unset it or pass --dtype where they test the policy itself.
 os.environ.setdefault("NANOCHAT_DTYPE", "float32")
+# Likewise the thread count: `auto` (nanochat/cpu_threads.py) would follow the CI box's load mid-run, and
+# MKL's results depend (in the last bits) on the threads; pinned to torch's default, subprocesses inherit it.
+os.environ.setdefault("NANOCHAT_THREADS", str(torch.get_num_threads()))
 
 
 def _shared_data_dir() -> Path:
