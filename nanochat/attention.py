@@ -4,6 +4,7 @@ Every backend computes the same causal, optionally sliding-window attention:
 
     q (B, T, H, D) at absolute positions q_offset .. q_offset+T-1; k, v (B, S, K, D) at 0 .. S-1.
     Query i sees key j when j <= i and i - j < window.  Returns (B, T, H, D).  K divides H (GQA).
+    `q_offset` may also be a (B,) tensor, one position per row (rows of a SlotKVCache): SDPA only.
 
 Backends, in the order `auto` prefers them on CUDA (REFERENCE.md section 13):
 
@@ -49,6 +50,12 @@ def sdpa_attend(q, k, v, window: int, q_offset: int = 0) -> torch.Tensor:
     T, S = q.size(1), k.size(1)
     qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H|K, T|S, D)
     gqa = qh.size(1) != kh.size(1)
+    if isinstance(q_offset, torch.Tensor):  # (B,) per-row positions: rows of different lengths decoded together
+        qpos = q_offset[:, None, None] + torch.arange(T, device=q.device)[None, :, None]  # (B, T, 1)
+        kpos = torch.arange(S, device=q.device)[None, None, :]
+        mask = ((kpos <= qpos) & (qpos - kpos < window)).unsqueeze(1)  # (B, 1, T, S)
+        y = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, enable_gqa=gqa)
+        return y.transpose(1, 2)
     needs_window = window < S
     if q_offset == 0 and T == S and not needs_window:
         y = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, enable_gqa=gqa)

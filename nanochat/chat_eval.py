@@ -8,7 +8,9 @@ never changes a causal model's logits at the real positions, so batched decision
 one-at-a-time ones (tested).
 
 Generative (GSM8K, HumanEval, the embedded mix): `num_samples` replies per problem sampled with the
-engine (temperature 0 = greedy by default; calculator tool use on), each scored by the task;
+engine (temperature 0 = greedy by default; calculator tool use on), all replies of all problems
+decoded together in rows of `decode_batch` (continuous batching, each reply with its own seed), each
+scored by the task;
 pass@k is the unbiased estimator of Chen et al. (2021) from n samples with c correct, and the
 accuracy is pass@1.
 
@@ -111,40 +113,37 @@ def run_categorical(task, model, tokenizer, ctx=None, batch_size: int = 8, max_p
 # generative
 
 
-def generate_replies(engine, tokenizer, prompt: list[int], num_samples: int, max_new_tokens: int,
-                     temperature: float, top_k: int | None, batch_size: int, seed: int) -> list[str]:
-    """`num_samples` decoded replies, sampled `batch_size` at a time (the last batch may be smaller)."""
-    replies = []
-    for b, start in enumerate(range(0, num_samples, batch_size)):
-        k = min(batch_size, num_samples - start)
-        seqs, _ = engine.generate_batch(prompt, num_samples=k, max_tokens=max_new_tokens, temperature=temperature,
-                                        top_k=top_k, seed=seed + b)
-        replies += [tokenizer.decode(s[len(prompt):]) for s in seqs]
-    return replies
-
-
 def run_generative(task, model, tokenizer, ctx=None, num_samples: int = 1, max_new_tokens: int = 256,
-                   temperature: float = 0.0, top_k: int | None = 50, max_problems: int = -1, batch_size: int = 8,
+                   temperature: float = 0.0, top_k: int | None = 50, max_problems: int = -1, batch_size: int = 32,
                    seed: int = 42, examples: list | None = None) -> dict:
-    from nanochat.engine import Engine
+    """Every (problem, sample) is one reply; `batch_size` replies are decoded together (Engine.generate_many),
+    each with its own seed, so the scores do not depend on the batch size."""
+    from nanochat.engine import Engine, rows_for_memory
+    from nanochat.tasks.embedded import KINDS  # problems with a "kind" (the embedded mix) are also scored per kind
 
     engine = Engine(model, tokenizer)
     n = len(task) if max_problems <= 0 else min(len(task), max_problems)
     indices = list(_rank_indices(n, ctx))
     model.eval()
+    limit = model.config.sequence_len
+    convs = {i: task[i] for i in indices}
+    prompts = {i: tokenizer.render_for_completion(convs[i])[-(limit - 1):] for i in indices}
+    jobs = [(i, j) for i in indices for j in range(num_samples)]
+    caps = [min(max_new_tokens, limit - len(prompts[i])) for i, _ in jobs]
+    longest = max((len(prompts[i]) + c for (i, _), c in zip(jobs, caps)), default=1)
+    rows = rows_for_memory(model, longest, batch_size)
+    replies: dict[int, list[str | None]] = {i: [None] * num_samples for i in indices}
+    for k, toks, _ in engine.generate_many([prompts[i] for i, _ in jobs], max_tokens=caps, temperature=temperature,
+                                           top_k=top_k, seeds=[seed + 1000 * i + j for i, j in jobs],
+                                           batch_size=rows):
+        i, j = jobs[k]
+        replies[i][j] = tokenizer.decode(toks)
     ks = sorted({1, num_samples})
     sums = [0.0] * len(ks)
-    from nanochat.tasks.embedded import KINDS  # problems with a "kind" (the embedded mix) are also scored per kind
-
     by_kind = [0.0] * (2 * len(KINDS))  # (pass@1 sum, count) per kind
-    limit = model.config.sequence_len
     for i in indices:
-        conv = task[i]
-        prompt = tokenizer.render_for_completion(conv)[-(limit - 1):]
-        budget = min(max_new_tokens, limit - len(prompt))
-        replies = generate_replies(engine, tokenizer, prompt, num_samples, budget, temperature, top_k, batch_size,
-                                   seed + 1000 * i)
-        c = sum(bool(task.evaluate(conv, r)) for r in replies)
+        conv = convs[i]
+        c = sum(bool(task.evaluate(conv, r)) for r in replies[i])
         for j, k in enumerate(ks):
             sums[j] += pass_at_k(num_samples, c, k)
         if conv.get("kind") in KINDS:
@@ -152,14 +151,14 @@ def run_generative(task, model, tokenizer, ctx=None, num_samples: int = 1, max_n
             by_kind[2 * kind] += c / num_samples
             by_kind[2 * kind + 1] += 1
         if examples is not None and len(examples) < 2:
-            examples.append({"prompt": conv["messages"][0]["content"], "reply": replies[0], "correct": c > 0})
+            examples.append({"prompt": conv["messages"][0]["content"], "reply": replies[i][0], "correct": c > 0})
     totals = _all_reduce_sum(ctx, sums + by_kind + [len(indices)])
     total = totals[-1]
     out = {f"pass@{k}": (totals[j] / total if total else 0.0) for j, k in enumerate(ks)}
     kinds = totals[len(ks):-1]
     if any(kinds[1::2]):
         out["by_kind"] = {name: kinds[2 * i] / kinds[2 * i + 1] for i, name in enumerate(KINDS) if kinds[2 * i + 1]}
-    out.update(accuracy=out["pass@1"], n=int(total), num_samples=num_samples)
+    out.update(accuracy=out["pass@1"], n=int(total), num_samples=num_samples, decode_rows=rows)
     return out
 
 
@@ -169,7 +168,8 @@ def run_generative(task, model, tokenizer, ctx=None, num_samples: int = 1, max_n
 
 def run_chat_eval(model, tokenizer, ctx=None, tasks: list[str] | None = None, task_data=None, max_problems: int = -1,
                   batch_size: int = 8, num_samples: int = 1, max_new_tokens: int | None = None,
-                  temperature: float = 0.0, top_k: int | None = 50, quiet: bool = False) -> dict:
+                  temperature: float = 0.0, top_k: int | None = 50, quiet: bool = False,
+                  decode_batch: int = 32) -> dict:
     """Evaluate `tasks` (names of nanochat.tasks.EVAL_TASKS; default the five ChatCORE tasks). A task whose
     data cannot be loaded is reported under "missing" with the reason; ChatCORE covers the tasks that ran."""
     say = (lambda *a: None) if quiet else (ctx.print0 if ctx is not None else print)
@@ -192,7 +192,7 @@ def run_chat_eval(model, tokenizer, ctx=None, tasks: list[str] | None = None, ta
             examples: list = []
             res = run_generative(task, model, tokenizer, ctx, num_samples,
                                  max_new_tokens or GENERATIVE_MAX_TOKENS.get(name, 256), temperature, top_k,
-                                 max_problems, batch_size, examples=examples)
+                                 max_problems, decode_batch, examples=examples)
             samples[name] = examples
         res["seconds"] = time.time() - t0
         res["type"] = task.eval_type

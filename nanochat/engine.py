@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
+from nanochat import cpu_threads
 from nanochat.gpt import GPT
 from nanochat.tools import MAX_EXPR_CHARS, calculate
 
@@ -70,6 +71,94 @@ class KVCache:
         new.v = self.v.expand(-1, batch_size, -1, -1, -1).contiguous()
         new.pos = self.pos
         return new
+
+
+class SlotKVCache:
+    """A KV cache whose rows ("slots") hold different sequences, each at its own length.
+
+    Same layout as KVCache; `pos` is a (B,) tensor of per-row positions, which the model reads as
+    per-row rotary positions and per-row attention masks. Only active slots advance; a free slot sits
+    at length 0 (whatever a forward writes there is overwritten when a prompt is loaded into it).
+    """
+
+    def __init__(self, n_layer: int, slots: int, max_len: int, n_kv_head: int, head_dim: int, device, dtype):
+        shape = (n_layer, slots, max_len, n_kv_head, head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.lengths = [0] * slots
+        self.active = [False] * slots
+        self._pos: torch.Tensor | None = None
+
+    @classmethod
+    def for_model(cls, model: GPT, slots: int, max_len: int) -> "SlotKVCache":
+        c = model.config
+        return cls(c.n_layer, slots, max_len, c.n_kv_head, c.head_dim, model.get_device(), model.compute_dtype)
+
+    @property
+    def max_len(self) -> int:
+        return self.k.size(2)
+
+    @property
+    def slots(self) -> int:
+        return self.k.size(1)
+
+    @property
+    def pos(self) -> torch.Tensor:
+        if self._pos is None:
+            self._pos = torch.tensor(self.lengths, dtype=torch.long, device=self.k.device)
+        return self._pos
+
+    def end(self, T: int) -> int:
+        """Key positions a forward of T new tokens attends over (the longest row's)."""
+        return max(self.lengths) + T
+
+    def insert(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, T = k.shape[:2]
+        end = self.end(T)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions; {end} requested")
+        rows = torch.arange(B, device=k.device)[:, None]
+        cols = self.pos[:, None] + torch.arange(T, device=k.device)[None, :]  # (B, T)
+        self.k[layer, rows, cols] = k
+        self.v[layer, rows, cols] = v
+        return self.k[layer, :, :end], self.v[layer, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.lengths = [length + n if a else length for length, a in zip(self.lengths, self.active)]
+        self._pos = None
+
+    def load(self, slot: int, cache: KVCache) -> None:
+        """Put a prefilled batch-1 cache into `slot` and mark it active."""
+        n = cache.pos
+        if n > self.max_len:
+            raise ValueError(f"a {n}-token prompt does not fit a {self.max_len}-position cache")
+        self.k[:, slot, :n] = cache.k[:, 0, :n]
+        self.v[:, slot, :n] = cache.v[:, 0, :n]
+        self.lengths[slot], self.active[slot] = n, True
+        self._pos = None
+
+    def release(self, slot: int) -> None:
+        self.lengths[slot], self.active[slot] = 0, False
+        self._pos = None
+
+    def keep(self, slots: list[int]) -> None:
+        """Drop every slot not in `slots` (in that order): later forwards are that much smaller."""
+        idx = torch.tensor(slots, dtype=torch.long, device=self.k.device)
+        self.k, self.v = self.k.index_select(1, idx), self.v.index_select(1, idx)
+        self.lengths = [self.lengths[s] for s in slots]
+        self.active = [self.active[s] for s in slots]
+        self._pos = None
+
+
+def rows_for_memory(model: GPT, max_len: int, rows: int, budget_bytes: int | None = None) -> int:
+    """At most `rows` rows of a SlotKVCache of `max_len` positions within `budget_bytes` (default: 2 GiB on
+    a CPU, a quarter of the free memory on a GPU); at least 1."""
+    c = model.config
+    per_row = 2 * c.n_layer * max_len * c.n_kv_head * c.head_dim * torch.finfo(model.compute_dtype).bits // 8
+    if budget_bytes is None:
+        device = model.get_device()
+        budget_bytes = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else 2 << 30
+    return max(1, min(rows, budget_bytes // max(per_row, 1)))
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None,
@@ -186,6 +275,7 @@ class Engine:
         for step in range(max_tokens):
             if should_stop is not None and should_stop():
                 return
+            cpu_threads.tick()
             sampled = sample_next(logits, temperature, top_k, gen, top_p)[:, 0].tolist()  # (N,)
             ids: list[int | None] = []
             masks: list[int] = []
@@ -230,6 +320,117 @@ class Engine:
                 results[i].append(t)
                 masks[i].append(m)
         return results, masks
+
+
+    @torch.inference_mode()
+    def generate_many(self, prompts: Sequence[Sequence[int]], max_tokens: int | Sequence[int] = 64,
+                      temperature: float = 1.0, top_k: int | None = None, seeds: Sequence[int] | int = 42,
+                      stop_tokens=None, tools: bool = True, batch_size: int = 16, top_p: float | None = None,
+                      should_stop: Callable[[], bool] | None = None
+                      ) -> Iterator[tuple[int, list[int], list[int]]]:
+        """Decode many prompts together, up to `batch_size` rows per forward (continuous batching).
+
+        Each prompt is prefilled alone (batch 1) into a free row of a SlotKVCache; every forward then
+        advances all busy rows by one token, each at its own position. A row that finishes (stop token,
+        its `max_tokens`, the context) is yielded at once as (prompt index, reply tokens without the
+        stop token, masks) and its row is refilled from the queue, so rows never wait for the slowest
+        one. When the queue is empty and half the rows are idle, the cache is compacted.
+
+        Greedy decoding gives the replies `generate` gives one prompt at a time (up to float rounding
+        of the masked attention; tested). With temperature > 0 every prompt samples from its own
+        generator (`seeds[i]`, or `seeds + i`), so a reply does not depend on what it was batched with.
+        """
+        n = len(prompts)
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("generate_many needs non-empty prompts (start each with the BOS token)")
+        model, device = self.model, self.model.get_device()
+        limit = model.config.sequence_len
+        caps = [max_tokens] * n if isinstance(max_tokens, int) else list(max_tokens)
+        seed_of = [seeds + i for i in range(n)] if isinstance(seeds, int) else list(seeds)
+        if len(caps) != n or len(seed_of) != n:
+            raise ValueError("max_tokens and seeds must be one value or one per prompt")
+        budgets = [min(c, limit - len(p)) for c, p in zip(caps, prompts)]
+        stops = self._stop_tokens(stop_tokens)
+        tool_ids = self._tool_ids() if tools else None
+        queue = deque(i for i in range(n) if budgets[i] > 0)
+        for i in range(n):
+            if budgets[i] <= 0:  # a prompt that fills the context gets an empty reply
+                yield i, [], []
+        if not queue:
+            return
+        rows = min(batch_size, len(queue))
+        max_len = max(len(prompts[i]) + budgets[i] for i in queue)
+        cache = SlotKVCache.for_model(model, rows, max_len)
+        V = model.config.vocab_size
+        logits = torch.zeros(rows, V, device=device)
+        job: list[int | None] = [None] * rows  # prompt index in each row
+        state: list[_Sample | None] = [None] * rows
+        out: list[tuple[list[int], list[int]]] = [([], [])] * rows
+        gens: list[torch.Generator | None] = [None] * rows
+
+        def fill(slot: int) -> None:
+            i = queue.popleft()
+            tokens = prompts[i]
+            one = KVCache.for_model(model, 1, len(tokens))
+            logits[slot] = model(torch.tensor([list(tokens)], dtype=torch.long, device=device), kv_cache=one)[0, -1]
+            cache.load(slot, one)
+            job[slot], state[slot], out[slot] = i, _Sample(), ([], [])
+            if temperature != 0.0:
+                gens[slot] = torch.Generator(device=device)
+                gens[slot].manual_seed(seed_of[i])
+
+        for slot in range(rows):
+            fill(slot)
+        while True:
+            if should_stop is not None and should_stop():
+                return
+            cpu_threads.tick()
+            if temperature == 0.0:
+                sampled = logits.argmax(dim=-1).tolist()
+            else:
+                sampled = [0] * cache.slots
+                for r in range(cache.slots):
+                    if job[r] is not None:
+                        sampled[r] = int(sample_next(logits[r:r + 1], temperature, top_k, gens[r], top_p)[0, 0])
+            feed = [0] * cache.slots
+            for r in range(cache.slots):
+                i, s = job[r], state[r]
+                if i is None:
+                    continue
+                toks, masks = out[r]
+                if s.forced:
+                    t, m = s.forced.popleft(), 0
+                else:
+                    t, m = sampled[r], 1
+                    if t in stops:
+                        s.done = True
+                    elif tool_ids is not None:
+                        self._advance(s, t, tool_ids)
+                if not s.done:
+                    toks.append(t)
+                    masks.append(m)
+                    feed[r] = t
+                if s.done or len(toks) >= budgets[i]:
+                    yield i, toks, masks
+                    job[r], state[r] = None, None
+                    cache.release(r)
+            if not any(cache.active) and not queue:
+                return
+            busy = [r for r in range(cache.slots) if job[r] is not None]
+            if not queue and cache.slots > 1 and len(busy) <= cache.slots // 2:
+                cache.keep(busy)
+                logits = logits[busy]
+                feed = [feed[r] for r in busy]
+                job, state = [job[r] for r in busy], [state[r] for r in busy]
+                out, gens = [out[r] for r in busy], [gens[r] for r in busy]
+            if any(cache.active):
+                nxt = torch.tensor(feed, dtype=torch.long, device=device).unsqueeze(1)  # (B, 1)
+                logits = model(nxt, kv_cache=cache)[:, -1, :].clone()
+            for r in range(cache.slots):
+                if job[r] is None and queue:
+                    fill(r)
 
 
 class StreamDecoder:

@@ -92,6 +92,8 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:
             q_offset = kv_cache.pos
             k, v = kv_cache.insert(self.layer_idx, k, v)  # (B, q_offset + T, K, D)
+            if isinstance(q_offset, torch.Tensor):  # per-row positions (SlotKVCache): SDPA with a per-row mask
+                attn = None
         y = (sdpa_attend if attn is None else attn)(q, k, v, window, q_offset)  # (B, T, H, D)
         return self.c_proj(y.reshape(B, T, -1))
 
@@ -269,10 +271,18 @@ class GPT(nn.Module):
         if positions is not None and targets is not None:
             raise ValueError("positions= selects logits for scoring; it cannot be combined with targets")
         t0 = kv_cache.pos if kv_cache is not None else 0
-        if t0 + T > self.cos.size(1):
-            raise ValueError(f"sequence position {t0 + T} exceeds the rotary table ({self.cos.size(1)}): "
+        if isinstance(t0, torch.Tensor):  # a SlotKVCache: every row at its own position
+            end = kv_cache.end(T)
+            t = t0[:, None] + torch.arange(T, device=idx.device)[None, :]  # (B, T)
+        else:
+            end = t0 + T
+        if end > self.cos.size(1):
+            raise ValueError(f"sequence position {end} exceeds the rotary table ({self.cos.size(1)}): "
                              f"generate fewer tokens or raise sequence_len")
-        cos, sin = self.cos[:, t0:t0 + T].to(self.compute_dtype), self.sin[:, t0:t0 + T].to(self.compute_dtype)
+        if isinstance(t0, torch.Tensor):
+            cos, sin = self.cos[0, t].to(self.compute_dtype), self.sin[0, t].to(self.compute_dtype)  # (B, T, 1, D/2)
+        else:
+            cos, sin = self.cos[:, t0:t0 + T].to(self.compute_dtype), self.sin[:, t0:t0 + T].to(self.compute_dtype)
         x = rms_norm(self.wte(idx).to(self.compute_dtype))  # (B, T, C)
         x0 = x
         attn = self._attention_impl(idx.device.type)

@@ -34,8 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-a", "--tasks", default=None,
                    help=f"comma-separated, of {', '.join(EVAL_TASKS)} (default: the five ChatCORE tasks)")
     p.add_argument("-x", "--max-problems", type=int, default=-1, help="per task (-1: all)")
-    p.add_argument("-b", "--batch-size", type=int, default=8, help="prompts per forward (categorical), samples per "
-                                                                  "batch (generative)")
+    p.add_argument("-b", "--batch-size", type=int, default=8, help="prompts per forward (categorical tasks)")
+    p.add_argument("--decode-batch", type=int, default=32,
+                   help="replies decoded together (generative tasks; fewer if their KV cache would pass 2 GiB on CPU)")
     p.add_argument("-n", "--num-samples", type=int, default=1, help="samples per generative problem (pass@1..n)")
     p.add_argument("-t", "--temperature", type=float, default=0.0)
     p.add_argument("-k", "--top-k", type=int, default=50)
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", default=None, help="JSON path (markdown beside it); default: in the run folder")
     p.add_argument("--device-type", default=None, choices=["cuda", "mps", "cpu"])
     p.add_argument("--dtype", default=None)
+    p.add_argument("--threads", default=None, help="CPU threads: auto (default; fewer while other processes use the "
+                                                   "cores) or a number (or NANOCHAT_THREADS)")
     return p
 
 
@@ -52,11 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     tasks = [t.strip() for t in args.tasks.split(",")] if args.tasks else None
     unknown = [t for t in tasks or [] if t not in EVAL_TASKS]
-    if unknown or args.num_samples < 1 or args.batch_size < 1:
-        why = f"unknown task(s) {unknown}; known: {list(EVAL_TASKS)}" if unknown else "-n and -b must be >= 1"
+    if unknown or args.num_samples < 1 or args.batch_size < 1 or args.decode_batch < 1:
+        why = f"unknown task(s) {unknown}; known: {list(EVAL_TASKS)}" if unknown else \
+            "-n, -b and --decode-batch must be >= 1"
         print(f"chat_eval: error: {why}", file=sys.stderr)
         return EXIT_CONFIG
-    ctx = init_runtime(args.device_type, args.dtype)
+    try:
+        ctx = init_runtime(args.device_type, args.dtype, threads=args.threads)
+    except (ValueError, RuntimeError) as e:  # --device-type cuda without CUDA, --dtype fp8, --threads 0
+        print(f"chat_eval: error: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         tag = args.model_tag or ckpt.find_last_tag(rd.phase_dir(args.source))
         # no --dtype: the inference default of load_model (auto decided at decode shapes; generation dominates)
@@ -68,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     try:
         result = run_chat_eval(model, tokenizer, ctx, tasks, args.task_data, args.max_problems, args.batch_size,
-                               args.num_samples, args.max_new_tokens, args.temperature, args.top_k)
+                               args.num_samples, args.max_new_tokens, args.temperature, args.top_k,
+                               decode_batch=args.decode_batch)
     finally:
         ctx.teardown()
     result.update(source=args.source, model_tag=tag, step=meta.get("step"),

@@ -278,3 +278,132 @@ def _is_utf8(b: bytes) -> bool:
         return True
     except UnicodeDecodeError:
         return False
+
+
+# ---------------------------------------------------------------------------------------------
+# many prompts decoded together (SlotKVCache rows at their own positions)
+
+from nanochat.engine import SlotKVCache  # noqa: E402
+
+PROMPTS = [[1, 5, 9], [2], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19], [7, 7], [40, 2, 9, 1, 1],
+           [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21], [30, 31, 32, 33]]
+
+
+def _one_at_a_time(model, prompts, caps, stops, **kw):
+    out = []
+    for p, cap in zip(prompts, caps):
+        seqs, masks = Engine(model).generate_batch(p, max_tokens=cap, stop_tokens=stops, **kw)
+        out.append((seqs[0][len(p):], masks[0][len(p):]))
+    return out
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(n_kv_head=2), dict(n_kv_head=1, window_pattern="SL"),
+                                dict(value_embeds=True, resid_scalars=True, n_layer=3)])
+def test_generate_many_greedy_equals_one_prompt_at_a_time(kw):
+    model = model_for(**kw)
+    caps = [30, 12, 40, 25, 3, 33, 18]  # rows finish at different steps: refills, then compaction
+    stops = {4, 17}
+    expect = _one_at_a_time(model, PROMPTS, caps, stops, temperature=0.0)
+    assert len({len(r) for r, _ in expect}) > 3  # the rows really do end at different times
+    for batch_size in (1, 3, 16):
+        got = {}
+        for i, toks, masks in Engine(model).generate_many(PROMPTS, max_tokens=caps, temperature=0.0,
+                                                          stop_tokens=stops, batch_size=batch_size):
+            assert i not in got
+            got[i] = (toks, masks)
+        assert [got[i] for i in range(len(PROMPTS))] == expect, batch_size
+
+
+def test_slot_cache_decode_logits_match_single_rows():
+    model = model_for(n_kv_head=2, window_pattern="SL", value_embeds=True)
+    prompts = [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20], [9, 8], [5, 5, 5, 5, 5]]
+    slots = SlotKVCache.for_model(model, len(prompts), 32)
+    with torch.no_grad():
+        singles = []
+        for s, p in enumerate(prompts):
+            one = KVCache.for_model(model, 1, 32)
+            model(torch.tensor([p]), kv_cache=one)
+            slots.load(s, one)
+            singles.append(one)
+        nxt = torch.tensor([[3], [4], [6]])
+        batched = model(nxt, kv_cache=slots)[:, -1]
+        for s, one in enumerate(singles):
+            single = model(nxt[s:s + 1], kv_cache=one)[0, -1]
+            torch.testing.assert_close(batched[s], single, rtol=1e-5, atol=1e-5)
+    assert slots.lengths == [21, 3, 6]
+    slots.release(1)
+    slots.keep([2, 0])
+    assert slots.lengths == [6, 21] and slots.slots == 2 and slots.pos.tolist() == [6, 21]
+
+
+def test_generate_many_sampling_does_not_depend_on_the_batch():
+    model = model_for()
+    caps = [20] * len(PROMPTS)
+    runs = []
+    for batch_size in (1, 4):
+        got = {i: toks for i, toks, _ in Engine(model).generate_many(PROMPTS, max_tokens=caps, temperature=1.0,
+                                                                     top_k=20, seeds=7, stop_tokens=[],
+                                                                     batch_size=batch_size)}
+        runs.append([got[i] for i in range(len(PROMPTS))])
+    assert runs[0] == runs[1]
+    assert len({tuple(r) for r in runs[0]}) == len(PROMPTS)
+    other = {i: t for i, t, _ in Engine(model).generate_many(PROMPTS, max_tokens=caps, temperature=1.0, top_k=20,
+                                                             seeds=8, stop_tokens=[])}
+    assert [other[i] for i in range(len(PROMPTS))] != runs[0]  # the seed matters
+
+
+def test_generate_many_context_limit_and_bad_input():
+    model = model_for(sequence_len=16)
+    got = {i: t for i, t, _ in Engine(model).generate_many([[1] * 16, list(range(1, 11)), [1] * 15], max_tokens=100,
+                                                           temperature=0.0, stop_tokens=[])}
+    assert got[0] == []  # the context is full
+    assert got[1] == generate_naive(model, list(range(1, 11)), 6)
+    assert len(got[2]) == 1
+    with pytest.raises(ValueError, match="non-empty"):
+        list(Engine(model).generate_many([[1], []]))
+    with pytest.raises(ValueError, match="one per prompt"):
+        list(Engine(model).generate_many([[1], [2]], max_tokens=[3]))
+    with pytest.raises(ValueError, match="batch_size"):
+        list(Engine(model).generate_many([[1]], batch_size=0))
+    calls = []
+    out = list(Engine(model).generate_many([[1], [2]], max_tokens=10, temperature=0.0, stop_tokens=[],
+                                           should_stop=lambda: len(calls.append(0) or calls) > 3))
+    assert out == []  # cancelled before any row finished
+
+
+class SlotScriptedModel(ScriptedModel):
+    """ScriptedModel for per-row positions: row b at position p predicts plan_b[p + 1]."""
+
+    def __init__(self, plans: dict[int, list[int]], vocab_size: int):
+        super().__init__(next(iter(plans.values())), vocab_size)
+        self.plans = plans  # first prompt token -> plan
+
+    def forward(self, idx, kv_cache=None):
+        B, T = idx.shape
+        pos = kv_cache.pos
+        pos = pos.tolist() if isinstance(pos, torch.Tensor) else [pos] * B
+        logits = torch.full((B, T, self.config.vocab_size), -10.0)
+        if not isinstance(kv_cache, SlotKVCache):  # a batch-1 prefill: the row's plan key travels in its cache
+            kv_cache.k[0, 0, 0, 0, 0] = float(int(idx[0, 0]))
+        for b in range(B):
+            key = int(kv_cache.k[0, b, 0, 0, 0]) if isinstance(kv_cache, SlotKVCache) else int(idx[0, 0])
+            plan = self.plans.get(key)
+            for t in range(T):
+                if plan is not None:
+                    logits[b, t, plan[min(pos[b] + t + 1, len(plan) - 1)]] = 10.0
+        kv_cache.advance(T)
+        return logits
+
+
+def test_generate_many_forces_tool_output_per_row(tok):
+    prompt, plan, reply, masks = calculator_script(tok)
+    sp = tok.encode_special
+    other = tok.encode("Say hi", prepend="<|bos|>")
+    other[0] = tok.encode("x")[0]  # its own first token selects its own plan
+    other_reply = tok.encode("hi there")
+    plans = {prompt[0]: plan, other[0]: other + other_reply + [sp("<|assistant_end|>")]}
+    engine = Engine(SlotScriptedModel(plans, tok.get_vocab_size()), tok)
+    got = {i: (t, m) for i, t, m in engine.generate_many([prompt, other, prompt], max_tokens=40, temperature=0.0,
+                                                         batch_size=2)}
+    assert got[0] == (reply, masks) and got[2] == (reply, masks)
+    assert got[1] == (other_reply, [1] * len(other_reply))
