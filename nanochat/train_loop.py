@@ -171,10 +171,10 @@ def print_samples(model, tokenizer, max_tokens: int = 16) -> None:
     engine = Engine(model, tokenizer)
     bos = tokenizer.get_bos_token_id()
     model.eval()
-    for prompt in SAMPLE_PROMPTS:
-        tokens = tokenizer.encode(prompt, prepend=bos)
-        results, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=max_tokens, temperature=0.0)
-        print(f"  sample: {tokenizer.decode(results[0][1:])!r}", flush=True)
+    prompts = [tokenizer.encode(prompt, prepend=bos) for prompt in SAMPLE_PROMPTS]
+    replies = {i: toks for i, toks, _ in engine.generate_many(prompts, max_tokens=max_tokens, temperature=0.0)}
+    for i, tokens in enumerate(prompts):
+        print(f"  sample: {tokenizer.decode(tokens[1:] + replies[i])!r}", flush=True)
     model.train()
 
 

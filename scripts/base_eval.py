@@ -197,11 +197,13 @@ def greedy_samples(model, tokenizer, device, max_tokens: int = 16) -> list[str]:
             engine = None
     out = []
     bos = tokenizer.get_bos_token_id()
-    for prompt in PROMPTS:
-        tokens = tokenizer.encode(prompt, prepend=bos)
+    prompts = [tokenizer.encode(prompt, prepend=bos) for prompt in PROMPTS]
+    replies = {}
+    if engine is not None:  # all prompts decoded together
+        replies = {i: toks for i, toks, _ in engine.generate_many(prompts, max_tokens=max_tokens, temperature=0.0)}
+    for i, (prompt, tokens) in enumerate(zip(PROMPTS, prompts)):
         if engine is not None:
-            seqs, _ = engine.generate_batch(tokens, num_samples=1, max_tokens=max_tokens, temperature=0.0)
-            new = seqs[0][len(tokens):]
+            new = replies[i]
         else:
             seq = list(tokens)
             for _ in range(max_tokens):
