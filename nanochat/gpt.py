@@ -38,6 +38,19 @@ class Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight.to(x.dtype))
 
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:  # see Embedding.reset_parameters
+            super().reset_parameters()
+
+
+class Embedding(nn.Embedding):
+    def reset_parameters(self) -> None:
+        # A model is built on the meta device, then init_weights() fills it: initialising meta tensors
+        # computes nothing, but torch's meta normal_ / uniform_ import torch._dynamo (~1.7 s in every
+        # process that builds a model: training, each evaluation, each chat front end)
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     # x: (B, T, H, D); cos/sin: (1, T, 1, D/2). Rotate pairs (first half, second half).
@@ -143,11 +156,11 @@ class GPT(nn.Module):
         # elements (2^26 = 256 MB): no full (B, T, V) fp32 logits (8.6 GB at depth 20, batch 32)
         self.eval_logits_chunk_elems = 2**26
         V, C = config.padded_vocab_size, config.n_embd
-        self.wte = nn.Embedding(V, C)
+        self.wte = Embedding(V, C)
         self.blocks = nn.ModuleList([Block(config, i) for i in range(config.n_layer)])
         self.lm_head = Linear(C, V)
         kv_dim = config.n_kv_head * config.head_dim
-        self.value_embeds = nn.ModuleDict({str(i): nn.Embedding(V, kv_dim)
+        self.value_embeds = nn.ModuleDict({str(i): Embedding(V, kv_dim)
                                            for i in range(config.n_layer) if config.has_value_embed(i)})
         if config.resid_scalars:
             self.resid_lambdas = nn.Parameter(torch.ones(config.n_layer))

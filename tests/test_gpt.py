@@ -212,3 +212,21 @@ def test_logits_at_positions_equal_full_logits():
     torch.testing.assert_close(model(idx, positions=(rows, cols)), full[rows, cols])
     with pytest.raises(ValueError, match="positions"):
         model(idx, idx, positions=(rows, cols))
+
+
+def test_building_on_meta_does_not_import_dynamo():
+    """Initialising meta tensors computes nothing, but torch's meta normal_/uniform_ import torch._dynamo
+    (~1.7 s): every process that builds a model would pay it. Checked in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch\nfrom nanochat.gpt import GPT, GPTConfig\n"
+            "with torch.device('meta'):\n"
+            "    m = GPT(GPTConfig(sequence_len=32, vocab_size=64, n_layer=2, n_head=2, n_kv_head=2, n_embd=32,"
+            " value_embeds=True))\n"
+            "m.to_empty(device='cpu'); m.init_weights()\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"
+    assert GPT(GPTConfig(sequence_len=32, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2,
+                         n_embd=32)).wte.weight.abs().sum() > 0  # off the meta device, nn's own init still runs
