@@ -21,10 +21,34 @@ gradients against that composition.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
 IGNORE_INDEX = -1
+_BUFFERS = threading.local()  # per thread: the chunk work buffers, kept from one call to the next
+
+
+def _work_buffers(n: int, low_dtype: torch.dtype | None, device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Two fp32 buffers of >= n elements (and one of `low_dtype`), reused across calls on CPU.
+
+    At 32K vocab and 512-row chunks they are 64 MB each: above glibc's mmap threshold, so a fresh
+    allocation per step is a fresh mapping whose every page faults on first touch (~20 ms per 32 MB on
+    the 2-core Xeon of benchmarks/results/train.md, as long as the matmul writing it). Accelerators have
+    caching allocators and get fresh ones."""
+    kinds = (torch.float32, torch.float32) + ((low_dtype,) if low_dtype is not None else ())
+    if device.type != "cpu":
+        return tuple(torch.empty(n, dtype=k, device=device) for k in kinds)
+    cache = getattr(_BUFFERS, "tensors", None)
+    if cache is None:
+        cache = _BUFFERS.tensors = {}
+    out = []
+    for i, k in enumerate(kinds):
+        buf = cache.get((i, k))
+        if buf is None or buf.numel() < n:
+            buf = cache[(i, k)] = torch.empty(n, dtype=k)
+        out.append(buf)
+    return tuple(out)
 
 
 def _chunk_loss_and_grad(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor, cap: float,
@@ -42,9 +66,9 @@ def _chunk_loss_and_grad(x: torch.Tensor, w: torch.Tensor, targets: torch.Tensor
     unnormalised probabilities are exp(2 cap s), which cannot overflow fp32 for sane caps, and no
     tanh (5x the cost of a multiply on CPU, sigmoid is 2.5x) is ever evaluated.
 
-    `work` is two flat fp32 buffers of at least V * c elements reused across chunks (a fresh 64 MB
-    tensor per chunk costs page faults worth ~10% of the elementwise time), and for low-precision x a
-    third one of x's dtype that receives the product before it is widened to fp32."""
+    `work` is two flat fp32 buffers of at least V * c elements reused across chunks and calls
+    (`_work_buffers`), and for low-precision x a third one of x's dtype that receives the product
+    before it is widened to fp32."""
     V, c = w.size(0), x.size(0)
     z = work[0][:V * c].view(V, c)
     if cap:
@@ -97,9 +121,7 @@ class _LinearSoftcapCE(torch.autograd.Function):
         total = torch.zeros((), dtype=torch.float32, device=x.device)  # sum of per-row losses
         rows = min(chunk_rows, n)
         low = x.dtype != torch.float32
-        work = tuple(torch.empty(vocab_size * rows, dtype=torch.float32, device=x.device) for _ in range(2))
-        if low:
-            work += (torch.empty(vocab_size * rows, dtype=x.dtype, device=x.device),)
+        work = _work_buffers(vocab_size * rows, x.dtype if low else None, x.device)
         for lo in range(0, n, chunk_rows):
             hi = min(lo + chunk_rows, n)
             xs = x[lo:hi]
@@ -125,9 +147,9 @@ class _LinearSoftcapCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
-        grad_x, grad_w = ctx.saved_tensors
-        gx = (grad_x * grad_out).to(ctx.x_dtype) if grad_x is not None else None
-        gw = (grad_w * grad_out).to(ctx.w_dtype) if grad_w is not None else None
+        grad_x, grad_w = ctx.saved_tensors  # ours alone, used once: scaled in place (no second copy)
+        gx = grad_x.mul_(grad_out).to(ctx.x_dtype) if grad_x is not None else None
+        gw = grad_w.mul_(grad_out).to(ctx.w_dtype) if grad_w is not None else None
         return gx, gw, None, None, None, None, None
 
 

@@ -121,3 +121,22 @@ def test_gpt_fused_and_plain_training_losses_agree():
         model.fused_loss = True
         torch.testing.assert_close(model(idx, tgt), l0, rtol=1e-6, atol=1e-6)
     assert model(idx, tgt, loss_reduction="none").shape == (3, 32)
+
+
+def test_reused_work_buffers_carry_nothing_between_calls():
+    """CPU calls share per-thread work buffers: a smaller call after a larger one (stale data in the tail of
+    the buffers), in both dtypes, still matches the plain composition, and the buffers are not regrown."""
+    from nanochat import lm_loss
+
+    for dtype in (torch.float32, torch.bfloat16):  # fill every buffer with a larger call's data
+        big = make(n=300, c=16, v_pad=128, seed=1, dtype=dtype)
+        linear_softcap_cross_entropy(big[0].requires_grad_(), big[1], big[2], vocab_size=100, softcap=15.0)
+    held = {k: v.data_ptr() for k, v in lm_loss._BUFFERS.tensors.items()}
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w, t = make(n=21, c=16, v_pad=128, seed=2, dtype=dtype)
+        ref = grads(lambda a, b: reference(a, b, t, 100, 15.0, "mean"), x.float(), w.float())
+        out = grads(lambda a, b: linear_softcap_cross_entropy(a, b, t, vocab_size=100, softcap=15.0), x, w)
+        tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[0].float(), ref[0], **tol)
+        torch.testing.assert_close(out[1].float(), ref[1], **tol)
+    assert all(lm_loss._BUFFERS.tensors[k].data_ptr() == p for k, p in held.items())
