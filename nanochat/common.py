@@ -6,10 +6,12 @@ Nothing here runs at import time. A script calls `init_runtime()` once and passe
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import json
 import os
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -370,6 +372,8 @@ def init_runtime(device_type: str | None = None, dtype: str | None = None, seed:
     (nanochat/cpu_threads.py).
     """
     device_type = autodetect_device_type(device_type)
+    if device_type == "cpu":
+        tune_cpu_allocator()
     threads_summary = cpu_threads.configure(threads, device_type, say=print if env_rank() == 0 else None)
     compute_dtype, probe = _resolve_dtype(device_type, dtype, probe_shapes)
     rank, local_rank, world_size = 0, 0, 1
@@ -418,6 +422,35 @@ def _agree(probe: DtypeProbe, ddp: bool) -> DtypeProbe:
         dist.broadcast_object_list(box, src=0)
         return box[0]
     return probe
+
+
+_ALLOCATOR_TUNED = False
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed memory in the process (glibc's heap) instead of handing it back to the kernel.
+
+    PyTorch's CPU allocator is plain malloc. glibc serves large blocks with fresh mappings and trims the
+    heap as soon as it is freed, so every step's activations and temporaries fault their pages in again:
+    a fresh 32 MB block costs ~20 ms of page faults here, as much as the matmul that fills it. Fixing the
+    mmap threshold at its 32 MB ceiling and trimming only past 1 GB made the CPU demo's step (depth 4,
+    4K vocab, bf16) ~5% faster in interleaved runs (213 vs 223 ms median); at 32K vocab in fp32 the
+    difference was inside the noise (the LM loss's big buffers are reused instead: lm_loss.py).
+    Linux/glibc only, once per process, and not when the user set any MALLOC_* variable (theirs win).
+    Returns whether it applied."""
+    global _ALLOCATOR_TUNED
+    if _ALLOCATOR_TUNED:
+        return True
+    if not sys.platform.startswith("linux") or any(k.startswith("MALLOC_") for k in os.environ):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
+        _ALLOCATOR_TUNED = libc.mallopt(m_mmap_threshold, 32 << 20) == 1 and \
+            libc.mallopt(m_trim_threshold, 1 << 30) == 1
+    except (OSError, AttributeError):  # not glibc (musl, ...): leave the allocator alone
+        return False
+    return _ALLOCATOR_TUNED
 
 
 def _cpu_name() -> str:

@@ -130,3 +130,17 @@ def test_cpu_dtype_probe_measures_once_and_is_cached(base_dir, monkeypatch):
     # a corrupt cache is measured again, not an error
     (base_dir / common.DTYPE_PROBE_FILE).write_text("{not json")
     assert not common.probe_cpu_dtype(shapes, budget_s=0.01).cached
+
+
+def test_cpu_allocator_tuning_applies_once_and_yields_to_the_users_malloc_settings():
+    import subprocess
+    import sys
+
+    code = "from nanochat.common import tune_cpu_allocator as t; print(t(), t())"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    if sys.platform.startswith("linux"):
+        assert out.stdout.split() == ["True", "True"]
+    mine = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env=dict(env, MALLOC_ARENA_MAX="2"))
+    assert mine.stdout.split() == ["False", "False"]
