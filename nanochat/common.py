@@ -110,8 +110,15 @@ def matmul_probe_shapes(n_embd: int = 256, tokens: int = 2048, vocab_size: int =
     return ((rows, C, C), (rows, C, 4 * C), (rows, 4 * C, C), (V, C, rows))
 
 
+ISA_ENV = ("ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
 def _probe_key(shapes) -> str:
-    return f"{_cpu_name()}|torch {torch.__version__}|threads {torch.get_num_threads()}|shapes {list(map(list, shapes))}"
+    # the kernels' instruction set too: the same CPU limited to AVX2 (these variables) emulates bf16
+    isa = torch.backends.cpu.get_cpu_capability()
+    limits = ",".join(f"{k}={os.environ[k]}" for k in ISA_ENV if os.environ.get(k))
+    return (f"{_cpu_name()}|torch {torch.__version__}|isa {isa}{'|' + limits if limits else ''}|"
+            f"threads {torch.get_num_threads()}|shapes {list(map(list, shapes))}")
 
 
 def _time_gemms(pairs, reps: int) -> float:

@@ -144,3 +144,16 @@ def test_cpu_allocator_tuning_applies_once_and_yields_to_the_users_malloc_settin
     mine = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                           env=dict(env, MALLOC_ARENA_MAX="2"))
     assert mine.stdout.split() == ["False", "False"]
+
+
+def test_dtype_probe_cache_key_names_the_instruction_set(monkeypatch):
+    """The same CPU limited to AVX2 (MKL / oneDNN / ATen variables) emulates bf16: a cached AMX result
+    must not be reused there."""
+    from nanochat.common import ISA_ENV, _probe_key
+
+    for k in ISA_ENV:
+        monkeypatch.delenv(k, raising=False)
+    plain = _probe_key(((8, 8, 8),))
+    assert "isa " in plain
+    monkeypatch.setenv("MKL_ENABLE_INSTRUCTIONS", "AVX2")
+    assert _probe_key(((8, 8, 8),)) != plain and "MKL_ENABLE_INSTRUCTIONS=AVX2" in _probe_key(((8, 8, 8),))
