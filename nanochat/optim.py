@@ -184,6 +184,7 @@ class MuonAdamW(torch.optim.Optimizer):
             self._tail_fn = torch.compile(muon_tail, dynamic=False)
         self._scalars: dict = {}  # device -> reused 0-d fp32 tensors (step count, lr, wd)
         self._plan = None
+        self._pending: list | None = None  # reductions started by launch_reductions(), used by step()
         super().__init__(list(param_groups), defaults={})
 
     def add_param_group(self, param_group: dict) -> None:
@@ -277,13 +278,31 @@ class MuonAdamW(torch.optim.Optimizer):
     # -- the step ---------------------------------------------------------------------------------
 
     @torch.no_grad()
+    def launch_reductions(self) -> None:
+        """Start averaging every gradient across ranks now; the next step() uses these reductions.
+
+        The training step calls it right after backward, before it waits on the host for the step's
+        loss/stop flags: on GPUs the reduce-scatters then run while the host syncs and launches the
+        optimizer, instead of starting after it. The gradients must not change until step()."""
+        self._pending = [self._reduce(group, unit)
+                         for group, units in zip(self.param_groups, self._get_plan()) for unit in units]
+
+    def discard_reductions(self) -> None:
+        """Finish and drop reductions launched for a step that will not be applied (a non-finite loss)."""
+        for pend in self._pending or []:
+            if pend.work is not None:
+                pend.work.wait()
+        self._pending = None
+
+    @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        pending = [self._reduce(group, unit)
-                   for group, units in zip(self.param_groups, self._get_plan()) for unit in units]
+        if self._pending is None:
+            self.launch_reductions()
+        pending, self._pending = self._pending, None
         for pend in pending:  # each unit waits only for its own reduction, then starts its gather
             if pend.work is not None:
                 pend.work.wait()

@@ -163,7 +163,10 @@ def train_step(model, optimizer, batches, grad_accum: int, ctx: RuntimeContext, 
                step: int | None = None, hooks: TestHooks | None = None) -> StepResult:
     """One optimizer step: `grad_accum` micro-batches (x, y) from `batches` (targets -1 are ignored),
     backward on each, one all-reduce of (loss, stop flag) across ranks (the step's only host sync), then
-    the update. A non-finite loss raises NonFiniteLoss before the update, on every rank alike."""
+    the update. Under DDP the flags' all-reduce is issued first and the optimizer's gradient reductions
+    right after it (`launch_reductions`), so the host waits only for backward and the flags while the
+    gradients are reduced. A non-finite loss raises NonFiniteLoss before the update, on every rank
+    alike."""
     hooks = hooks or TestHooks()
     cpu_threads.tick()
     loss_sum = torch.zeros((), device=ctx.device)
@@ -180,11 +183,18 @@ def train_step(model, optimizer, batches, grad_accum: int, ctx: RuntimeContext, 
             time.sleep(0.05)
     stopped = float(stop is not None and stop.received is not None)
     flags = torch.stack([loss_sum / grad_accum, torch.tensor(stopped, device=ctx.device)])
-    if ctx.ddp:
-        dist.all_reduce(flags)
+    work = dist.all_reduce(flags, async_op=True) if ctx.ddp else None
+    launch = getattr(optimizer, "launch_reductions", None)
+    if launch is not None and ctx.ddp:  # the gradient reductions run while the host waits for the flags
+        launch()
+    if work is not None:
+        work.wait()
     loss_total, stop_flag = flags.tolist()
     loss_mean = loss_total / ctx.world_size
     if not math.isfinite(loss_mean):
+        discard = getattr(optimizer, "discard_reductions", None)
+        if discard is not None:
+            discard()
         raise NonFiniteLoss(f"loss is {loss_mean} at step {step}")
     optimizer.step()
     model.zero_grad(set_to_none=True)

@@ -419,6 +419,21 @@ def test_two_ranks_match_one_rank_with_twice_the_accumulation(tmp_path, monkeypa
 
 
 @pytest.mark.slow
+def test_non_finite_loss_on_two_ranks_stops_both_before_the_update(tmp_path):
+    """The gradient reductions are launched before the step's flags are read: a NaN step must drain them
+    on every rank (no hang) and exit 3 with the last checkpoint intact."""
+    run = torchrun(tmp_path, 2, *SYNTH, "--model-tag", "nan2", "--save-every", "2", NANOCHAT_TEST_NAN_STEP="2")
+    out, _ = run.communicate(timeout=300)
+    assert run.returncode != 0, out  # torchrun itself exits 1 when its workers fail
+    # EXIT_NONFINITE (torchrun may stop the slower rank itself once the first has exited)
+    assert "exitcode  : 3" in out, out
+    assert "loss is nan at step 2; no update was applied" in out
+    from nanochat.checkpoint_manager import list_steps
+
+    assert list_steps(run_dir(tmp_path, "nan2")) == [2]
+
+
+@pytest.mark.slow
 def test_two_node_launch_trains_checkpoints_and_resumes_on_another_world_size(env_base):
     port = free_port()
     flags = [*TINY, "--num-iterations", "3", "--save-every", "2", "--eval-every", "3", "--model-tag", "nodes"]

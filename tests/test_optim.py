@@ -246,8 +246,10 @@ def _batch(step):
     return torch.randint(0, 11, (BATCH, 4), generator=gen), torch.randint(0, 7, (BATCH, 4), generator=gen)
 
 
-def _train(config, steps, rank=0, world=1, model=None, opt=None, start=0):
-    """Train the toy model; each rank takes its own slice of every batch (no DDP, the optimizer averages)."""
+def _train(config, steps, rank=0, world=1, model=None, opt=None, start=0, early=False):
+    """Train the toy model; each rank takes its own slice of every batch (no DDP, the optimizer averages).
+    `early`: the reductions are launched before step() (as train_step does), and on odd steps one launch
+    is discarded first (a skipped non-finite step) and launched again."""
     model = model or ToyModel()
     opt = opt or build_optimizer(model, weight_decay=0.2, orth_dtype=torch.float32, shard_min_numel=0, **config)
     for step in range(start, steps):
@@ -259,6 +261,11 @@ def _train(config, steps, rank=0, world=1, model=None, opt=None, start=0):
         idx, targets = _batch(step)
         rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
         model.loss(idx[rows], targets[rows]).backward()
+        if early:
+            if step % 2:
+                opt.launch_reductions()
+                opt.discard_reductions()
+            opt.launch_reductions()
         opt.step()
         model.zero_grad(set_to_none=True)
     return model, opt
@@ -352,6 +359,8 @@ def _dist_worker(rank, world, port, out_dir):
             model, opt = _train(config, STEPS, rank, world)
             results[f"params{i}"] = {n: p.detach().clone() for n, p in model.named_parameters()}
             results[f"state{i}"] = opt.state_dict()
+        early, _ = _train(CONFIGS[0], STEPS, rank, world, early=True)
+        results["early0"] = {n: p.detach().clone() for n, p in early.named_parameters()}
         resumed = _roundtrip(CONFIGS[0], 2, rank, world)
         results["resumed0"] = {n: p.detach().clone() for n, p in resumed.named_parameters()}
         # elastic: this run's state after 2 steps (merged later into one process), and the single-process
@@ -398,6 +407,7 @@ def test_distributed_matches_single_process(world, tmp_path):
     for name, p in ranks[0]["params0"].items():  # resuming from per-rank state changes nothing
         for res in ranks:
             assert torch.equal(res["resumed0"][name], p), name
+            assert torch.equal(res["early0"][name], p), name  # nor do reductions launched before step()
     assert all(res["state0"]["world_size"] == world and res["state0"]["rank"] == r for r, res in enumerate(ranks))
     # the odd 11-row embedding has its AdamW state on exactly one rank, the 12-row one on all (sharded)
     emb_states = [res["state0"]["state"][1] for res in ranks]
