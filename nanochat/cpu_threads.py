@@ -12,13 +12,16 @@ agree, so a short burst does not make it flap. `tick()` is called from the loops
 (training steps, evaluation batches, decoding steps); it costs a clock read between measurements.
 
 `torch.set_num_threads` acts on the calling thread's OpenMP pool, so `tick()` must run on the thread
-that does the compute, which is why there is no background thread. Off where /proc/stat is missing
-(macOS, Windows), and when the thread count is given (`--threads N`, OMP_NUM_THREADS, torchrun's 1).
+that does the compute, which is why there is no background thread; it acts only on the thread that
+configured it (calls from other threads, e.g. a web server's workers, change nothing). Off where
+/proc/stat is missing (macOS, Windows), and when the thread count is given (`--threads N`,
+OMP_NUM_THREADS, torchrun's 1).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -108,6 +111,7 @@ class ThreadGovernor:
 
 
 _GOVERNOR: ThreadGovernor | None = None
+_OWNER: int | None = None  # the thread that configured the governor, the only one tick() acts on
 
 
 def parse_threads(value: str | int | None) -> int | None:
@@ -129,8 +133,8 @@ def configure(threads: str | int | None = None, device_type: str = "cpu",
 
     `threads` (or NANOCHAT_THREADS): a number fixes the count; auto (default) starts the governor on CPU,
     unless OMP_NUM_THREADS already fixed the count (torchrun sets it to 1 per process)."""
-    global _GOVERNOR
-    _GOVERNOR = None
+    global _GOVERNOR, _OWNER
+    _GOVERNOR, _OWNER = None, threading.get_ident()
     if threads is None:
         threads = os.environ.get(ENV)
     n = parse_threads(threads)
@@ -150,7 +154,7 @@ def configure(threads: str | int | None = None, device_type: str = "cpu",
 
 def tick() -> None:
     """Let the governor (if any) adapt the thread count; cheap enough to call every step."""
-    if _GOVERNOR is not None:
+    if _GOVERNOR is not None and threading.get_ident() == _OWNER:
         _GOVERNOR.tick()
 
 

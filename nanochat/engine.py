@@ -321,7 +321,6 @@ class Engine:
                 masks[i].append(m)
         return results, masks
 
-
     @torch.inference_mode()
     def generate_many(self, prompts: Sequence[Sequence[int]], max_tokens: int | Sequence[int] = 64,
                       temperature: float = 1.0, top_k: int | None = None, seeds: Sequence[int] | int = 42,

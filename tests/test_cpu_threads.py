@@ -122,3 +122,26 @@ def test_bad_threads_flag_is_a_one_line_error(base_dir):
                        text=True, timeout=120)
     assert r.returncode == 2 and "--threads must be 'auto' or a number" in r.stderr
     assert not (base_dir / "base_checkpoints").exists()
+
+
+def test_tick_acts_only_on_the_configuring_thread(monkeypatch):
+    import threading
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        cpu_threads.configure("auto")
+        gov = cpu_threads.governor()
+        if gov is None:
+            pytest.skip("no /proc/stat here")
+        calls = []
+        gov.tick = lambda: calls.append(threading.get_ident())
+        worker = threading.Thread(target=cpu_threads.tick)
+        worker.start()
+        worker.join()
+        assert calls == []  # another thread's OpenMP pool is not ours to resize
+        cpu_threads.tick()
+        assert calls == [threading.get_ident()]
+    finally:
+        cpu_threads.configure(str(before))
+        cpu_threads._GOVERNOR = None
