@@ -18,7 +18,6 @@ reference cannot resume RL). Metrics: step, reward (mean over the step's samples
 
 from __future__ import annotations
 
-import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -28,12 +27,12 @@ import torch
 from nanochat import checkpoint_manager as ckpt
 from nanochat import run_dir as rd
 from nanochat.chat_sft import base_learning_rates
-from nanochat.common import RuntimeContext, init_runtime
+from nanochat.common import RuntimeContext
 from nanochat.config import ConfigError, RunConfig
 from nanochat.optim import build_optimizer
 from nanochat.tasks import EVAL_TASKS, MIX_TASKS, TaskDataError
-from nanochat.training import (EXIT_CONFIG, EXIT_NONFINITE, EXIT_OK, EXIT_OOM, LoopState, NonFiniteLoss, StopSignal,
-                               apply_schedule, open_run_folder, restore_training_checkpoint,
+from nanochat.training import (EXIT_NONFINITE, EXIT_OK, EXIT_OOM, LoopState, NonFiniteLoss, StopSignal,
+                               apply_schedule, restore_training_checkpoint, run_in_run_folder,
                                save_training_checkpoint)
 
 
@@ -111,22 +110,8 @@ def sample_batch(engine, tokenizer, prompt: list[int], n: int, cfg: RLConfig, se
 
 def run_rl(cfg: RLConfig, ctx: RuntimeContext | None = None, train_task=None, eval_task=None) -> int:
     """Train; returns an exit code. `train_task` / `eval_task` override cfg.task / cfg.eval_task (tests)."""
-    own_ctx = ctx is None
-    if own_ctx:
-        ctx = init_runtime(cfg.device_type, cfg.dtype, seed=cfg.seed, threads=cfg.threads)
-    lock = None
-    try:
-        out_dir = rd.run_dir("rl", cfg.model_tag or cfg.source_tag or ckpt.find_last_tag(rd.phase_dir(cfg.source)))
-        lock, resume = open_run_folder(out_dir, cfg.resume_from_step, ctx, "chat_rl")
-        return _run(dataclasses.replace(cfg, resume_from_step=resume), ctx, train_task, eval_task)
-    except (ConfigError, TaskDataError, ckpt.CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"chat_rl: {e}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
-    finally:
-        if lock is not None:
-            lock.release()
-        if own_ctx:
-            ctx.teardown()
+    return run_in_run_folder(cfg, ctx, "rl", "chat_rl", lambda c, x: _run(c, x, train_task, eval_task),
+                             errors=(TaskDataError,))
 
 
 def _run(cfg: RLConfig, ctx: RuntimeContext, train_task, eval_task) -> int:

@@ -18,7 +18,6 @@ chatcore on evaluation steps.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -29,12 +28,12 @@ import torch.distributed as dist
 from nanochat import checkpoint_manager as ckpt
 from nanochat import run_dir as rd
 from nanochat.chat_data import ChatPackingLoader
-from nanochat.common import RuntimeContext, init_runtime
+from nanochat.common import RuntimeContext
 from nanochat.config import ConfigError, RunConfig
 from nanochat.optim import build_optimizer
 from nanochat.tasks import TaskDataError, build_mix
-from nanochat.training import (EXIT_CONFIG, EXIT_NONFINITE, EXIT_OK, EXIT_OOM, LoopState, NonFiniteLoss, StopSignal,
-                               TestHooks, apply_schedule, open_run_folder, restore_training_checkpoint,
+from nanochat.training import (EXIT_NONFINITE, EXIT_OK, EXIT_OOM, LoopState, NonFiniteLoss, StopSignal,
+                               TestHooks, apply_schedule, restore_training_checkpoint, run_in_run_folder,
                                save_training_checkpoint, train_step)
 
 LR_KEYS = ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr")
@@ -118,22 +117,7 @@ def _max_across_ranks(ctx: RuntimeContext, value: float) -> float:
 
 def run_sft(cfg: SFTConfig, ctx: RuntimeContext | None = None) -> int:
     """Train; returns an exit code (EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_OOM)."""
-    own_ctx = ctx is None
-    if own_ctx:
-        ctx = init_runtime(cfg.device_type, cfg.dtype, seed=cfg.seed, threads=cfg.threads)
-    lock = None
-    try:
-        out_dir = rd.run_dir("sft", cfg.model_tag or cfg.source_tag or ckpt.find_last_tag(rd.phase_dir(cfg.source)))
-        lock, resume = open_run_folder(out_dir, cfg.resume_from_step, ctx, "chat_sft")
-        return _run(dataclasses.replace(cfg, resume_from_step=resume), ctx)
-    except (ConfigError, TaskDataError, ckpt.CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"chat_sft: {e}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG
-    finally:
-        if lock is not None:
-            lock.release()
-        if own_ctx:
-            ctx.teardown()
+    return run_in_run_folder(cfg, ctx, "sft", "chat_sft", _run, errors=(TaskDataError,))
 
 
 def _run(cfg: SFTConfig, ctx: RuntimeContext) -> int:

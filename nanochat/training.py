@@ -9,14 +9,17 @@ resumed run reproduces the uninterrupted one bit for bit.
 from __future__ import annotations
 
 import base64
+import dataclasses
 import math
 import os
 import random
 import resource
 import signal
 import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -26,7 +29,8 @@ import torch.distributed as dist
 
 from nanochat import checkpoint_manager as ckpt
 from nanochat import cpu_threads
-from nanochat.common import RuntimeContext
+from nanochat import run_dir as rd
+from nanochat.common import RuntimeContext, init_runtime
 from nanochat.config import ConfigError
 from nanochat.run_dir import RunLock, RunLockedError, clean_run_dir
 
@@ -302,3 +306,27 @@ def open_run_folder(out_dir: Path, resume, ctx: RuntimeContext, what: str) -> tu
     if ctx.is_master:
         out_dir.mkdir(parents=True, exist_ok=True)
     return lock, resume
+
+
+def run_in_run_folder(cfg, ctx: RuntimeContext | None, phase: str, what: str,
+                      body: Callable[[object, RuntimeContext], int], errors: tuple = ()) -> int:
+    """The frame of a chat phase (SFT, RL): the runtime unless `ctx` is given, the run folder
+    <base>/<phase>_checkpoints/<tag> (tag: --model-tag, else the source's) taken by `open_run_folder`, then
+    `body(cfg with its resume resolved, ctx)`. Bad input (config, checkpoint, missing file, `errors`) is one
+    line on stderr and EXIT_CONFIG; the lock is released and an own runtime torn down either way."""
+    own_ctx = ctx is None
+    if own_ctx:
+        ctx = init_runtime(cfg.device_type, cfg.dtype, seed=cfg.seed, threads=cfg.threads)
+    lock = None
+    try:
+        out_dir = rd.run_dir(phase, cfg.model_tag or cfg.source_tag or ckpt.find_last_tag(rd.phase_dir(cfg.source)))
+        lock, resume = open_run_folder(out_dir, cfg.resume_from_step, ctx, what)
+        return body(dataclasses.replace(cfg, resume_from_step=resume), ctx)
+    except (ConfigError, ckpt.CheckpointError, FileNotFoundError, ValueError, *errors) as e:
+        print(f"{what}: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG
+    finally:
+        if lock is not None:
+            lock.release()
+        if own_ctx:
+            ctx.teardown()
