@@ -73,7 +73,7 @@ class KVCache:
         return new
 
 
-class SlotKVCache:
+class SlotKVCache(KVCache):
     """A KV cache whose rows ("slots") hold different sequences, each at its own length.
 
     Same layout as KVCache; `pos` is a (B,) tensor of per-row positions, which the model reads as
@@ -89,14 +89,8 @@ class SlotKVCache:
         self.active = [False] * slots
         self._pos: torch.Tensor | None = None
 
-    @classmethod
-    def for_model(cls, model: GPT, slots: int, max_len: int) -> "SlotKVCache":
-        c = model.config
-        return cls(c.n_layer, slots, max_len, c.n_kv_head, c.head_dim, model.get_device(), model.compute_dtype)
-
-    @property
-    def max_len(self) -> int:
-        return self.k.size(2)
+    def expand(self, batch_size: int) -> "KVCache":
+        raise TypeError("a SlotKVCache is not expanded: load each prompt into a slot instead")
 
     @property
     def slots(self) -> int:
