@@ -439,11 +439,10 @@ def tune_cpu_allocator() -> bool:
     """Keep freed memory in the process (glibc's heap) instead of handing it back to the kernel.
 
     PyTorch's CPU allocator is plain malloc. glibc serves large blocks with fresh mappings and trims the
-    heap as soon as it is freed, so every step's activations and temporaries fault their pages in again:
-    a fresh 32 MB block costs ~20 ms of page faults here, as much as the matmul that fills it. Fixing the
-    mmap threshold at its 32 MB ceiling and trimming only past 1 GB made the CPU demo's step (depth 4,
-    4K vocab, bf16) ~5% faster in interleaved runs (213 vs 223 ms median); at 32K vocab in fp32 the
-    difference was inside the noise (the LM loss's big buffers are reused instead: lm_loss.py).
+    heap as soon as it is freed, so every step's activations and temporaries fault their pages in again.
+    Fixing the mmap threshold at its 32 MB ceiling and trimming only past 1 GB made the CPU demo's
+    forward+backward (depth 4, 4K vocab) 189 vs 203 ms in bf16 and 334 vs 345 ms in fp32
+    (benchmarks/bench_cpu_memory.py; blocks above 32 MB, the LM loss's, are reused by lm_loss.py).
     Linux/glibc only, once per process, and not when the user set any MALLOC_* variable (theirs win).
     Returns whether it applied."""
     global _ALLOCATOR_TUNED
