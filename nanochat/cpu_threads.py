@@ -131,20 +131,23 @@ def configure(threads: str | int | None = None, device_type: str = "cpu",
               say: Callable[[str], None] | None = None) -> str:
     """Set up the threads of this process; returns a line for the sizing table.
 
-    `threads` (or NANOCHAT_THREADS): a number fixes the count; auto (default) starts the governor on CPU,
-    unless OMP_NUM_THREADS already fixed the count (torchrun sets it to 1 per process)."""
+    `threads`: a number fixes the count. auto (the flags' default) leaves it to OMP_NUM_THREADS when that is
+    set (torchrun sets it to 1 per process), else to NANOCHAT_THREADS, else starts the governor on CPU."""
     global _GOVERNOR, _OWNER
     _GOVERNOR, _OWNER = None, threading.get_ident()
-    if threads is None:
-        threads = os.environ.get(ENV)
-    n = parse_threads(threads)
+    if threads is None or str(threads).strip().lower() == "auto":  # the flags' default: a variable may fix it
+        if os.environ.get("OMP_NUM_THREADS") and device_type == "cpu":
+            return f"{torch.get_num_threads()} (OMP_NUM_THREADS)"
+        threads = os.environ.get(ENV) or threads
+    try:
+        n = parse_threads(threads)
+    except ValueError as e:
+        raise ValueError(f"{e} (from {ENV})" if threads == os.environ.get(ENV) else str(e)) from None
     if n is not None:
         torch.set_num_threads(n)
         return f"{n} (fixed)"
     if device_type != "cpu":
         return f"{torch.get_num_threads()}"
-    if os.environ.get("OMP_NUM_THREADS"):
-        return f"{torch.get_num_threads()} (OMP_NUM_THREADS)"
     gov = ThreadGovernor(torch.get_num_threads(), say=say)
     if gov._last is None:
         return f"{torch.get_num_threads()} (no /proc/stat: not following the load)"

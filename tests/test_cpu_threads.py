@@ -97,6 +97,12 @@ def test_parse_and_configure(monkeypatch):
     try:
         monkeypatch.delenv("NANOCHAT_THREADS", raising=False)
         assert cpu_threads.configure("1") == "1 (fixed)" and torch.get_num_threads() == 1
+        monkeypatch.setenv("NANOCHAT_THREADS", "1")  # the variable fixes what the flags leave at auto
+        assert cpu_threads.configure("auto") == "1 (fixed)" and cpu_threads.governor() is None
+        monkeypatch.setenv("NANOCHAT_THREADS", "lots")
+        with pytest.raises(ValueError, match="from NANOCHAT_THREADS"):
+            cpu_threads.configure("auto")
+        monkeypatch.delenv("NANOCHAT_THREADS")
         assert cpu_threads.governor() is None
         torch.set_num_threads(before)
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -128,6 +134,7 @@ def test_tick_acts_only_on_the_configuring_thread(monkeypatch):
     import threading
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("NANOCHAT_THREADS", raising=False)
     before = torch.get_num_threads()
     try:
         cpu_threads.configure("auto")
