@@ -17,14 +17,18 @@ step; nothing is compiled against them, so changing them costs nothing. Every gr
 
 Distributed (ZeRO-2 style, automatic when torch.distributed runs with world size W > 1; no DDP
 wrapper): each rank calls backward on its own micro-batches, and `step()` averages the gradients:
-- a Muon stack of n matrices is padded with zero matrices to K*W and reduce-scattered, so rank r
-  owns matrices [r*K, (r+1)*K): it keeps their momentum, orthogonalises them and all-gathers them;
+- a Muon stack of n matrices is cut into K = ceil(n / W) buckets of W consecutive matrices (the last
+  padded with zero matrices), each reduce-scattered, so rank r owns matrices r, W + r, 2W + r, ...:
+  it keeps their momentum, orthogonalises them and all-gathers them;
 - an AdamW tensor whose first dimension divides by W (and is large enough) is reduce-scattered
   along that dimension; any other one is reduced to an owner rank (round robin) that updates it and
   broadcasts it back.
-All reductions are launched before any update, and each unit waits only for its own, so the
-communication of later units overlaps the math of earlier ones where the backend is asynchronous.
-Optimizer state lives only on the rank that owns it; `state_dict()` is per rank.
+`overlap_backward()` before the last backward starts each reduction from gradient hooks as soon as
+its gradients are final (the LM head's first, then the buckets layer group by layer group), in one
+order on every rank; the rest start at `launch_reductions()`/`step()`. Each unit waits only for its
+own reductions, so the communication of later units also overlaps the math of earlier ones.
+`reduce_dtype=torch.bfloat16` halves the bytes reduced (the sum is rounded to bf16; the update math
+stays fp32). Optimizer state lives only on the rank that owns it; `state_dict()` is per rank.
 
 Shape legend: K matrices per stack on this rank, R rows, C columns.
 """
@@ -121,12 +125,17 @@ def muon_tail(p: torch.Tensor, X: torch.Tensor, second_moment: torch.Tensor | No
 
 @dataclass
 class _MuonStack:
-    params: list[torch.nn.Parameter]  # n matrices of one shape, dtype and device
-    per_rank: int  # K = ceil(n / W)
+    """n matrices of one shape, dtype and device, updated as one (K, R, C) batch per rank. Distributed, the
+    matrices are cut into K = ceil(n / W) buckets of W consecutive ones (the last zero-padded); rank r owns
+    the r-th matrix of every bucket, i.e. matrices r, W + r, 2W + r, ... A bucket's gradients are complete
+    as soon as backward has passed its (consecutive) layers, so its reduce-scatter can start then."""
+    params: list[torch.nn.Parameter]
+    per_rank: int  # K
     shape: tuple[int, int]
+    world: int = 1
 
     def owned(self, rank: int) -> list[torch.nn.Parameter]:
-        return self.params[rank * self.per_rank:(rank + 1) * self.per_rank]
+        return self.params[rank::self.world]
 
 
 @dataclass
@@ -138,20 +147,47 @@ class _AdamParam:
 
 @dataclass
 class _Pending:
-    """A unit between launching its gradient reduction and finishing its parameter gather."""
+    """A unit between launching its gradient reductions and finishing its parameter gather."""
     unit: object
     group: dict
-    grad: torch.Tensor | None = None  # this rank's averaged gradient (shard)
-    work: object = None  # async handle of the reduction, then of the gather
+    grad: torch.Tensor | None = None  # this rank's summed gradient (shard), fp32
+    recv: torch.Tensor | None = None  # where the reductions write: `grad` itself, or a bf16 buffer
+    reductions: list = field(default_factory=list)  # async handles of the reductions in flight
+    work: object = None  # async handle of the parameter gather / broadcast
     finish: list = field(default_factory=list)  # (dst, src) copies once the gather is done
     keep: list = field(default_factory=list)  # buffers an in-flight collective still reads
 
+    def wait_reductions(self) -> None:
+        if self.reductions:
+            for work in self.reductions:
+                work.wait()
+            self.reductions, self.keep = [], []  # (the buffers the reductions read)
+        if self.recv is not None:
+            if self.grad is None:
+                self.grad = self.recv.float()  # no copy when the reduction ran in fp32
+            self.recv = None
+
     def complete(self) -> None:
+        self.wait_reductions()
         if self.work is not None:
             self.work.wait()
         for dst, src in self.finish:
             dst.copy_(src)
         self.work, self.grad, self.finish, self.keep = None, None, [], []
+
+
+class _Reduction:
+    """One collective of a step's gradient averaging: bucket `bucket` of a Muon stack, or one AdamW tensor.
+    `waiting` counts the parameters whose gradient the current backward has not finished yet."""
+
+    def __init__(self, index: int, unit_index: int, unit, bucket: int, params: list):
+        self.index, self.unit_index, self.unit, self.bucket, self.params = index, unit_index, unit, bucket, params
+        self.reset(None)
+
+    def reset(self, pend: _Pending | None) -> None:
+        self.pend, self.buf, self.launched = pend, None, False
+        self.taken = [False] * len(self.params)
+        self.waiting = len(self.params)
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -167,13 +203,16 @@ class MuonAdamW(torch.optim.Optimizer):
     def __init__(self, param_groups, *, orth: str = "polar_express", ns_steps: int = 5, normuon: bool = True,
                  beta2: float = 0.9, cautious_wd: bool = True, orth_dtype: torch.dtype = torch.bfloat16,
                  momentum: float = 0.95, nesterov: bool = True, adam_betas=(0.8, 0.95), adam_eps: float = 1e-10,
-                 shard_min_numel: int = 16384, compile: bool = False):
+                 shard_min_numel: int = 16384, compile: bool = False, reduce_dtype: torch.dtype = torch.float32):
         self._kind_defaults = {
             "muon": dict(MUON_DEFAULTS, orth=orth, ns_steps=ns_steps, normuon=normuon, beta2=beta2,
                          cautious_wd=cautious_wd, orth_dtype=orth_dtype, momentum=momentum, nesterov=nesterov),
             "adamw": dict(ADAMW_DEFAULTS, betas=tuple(adam_betas), eps=adam_eps),
         }
         self.shard_min_numel = shard_min_numel
+        if reduce_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"reduce_dtype must be torch.float32 or torch.bfloat16, got {reduce_dtype}")
+        self.reduce_dtype = reduce_dtype
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.world_size = dist.get_world_size() if distributed else 1
         self.rank = dist.get_rank() if distributed else 0
@@ -185,6 +224,13 @@ class MuonAdamW(torch.optim.Optimizer):
         self._scalars: dict = {}  # device -> reused 0-d fp32 tensors (step count, lr, wd)
         self._plan = None
         self._pending: list | None = None  # reductions started by launch_reductions(), used by step()
+        self._items: list | None = None  # the step's collectives, in launch order (see _get_items)
+        self._order: list[int] = []
+        self._item_of: dict = {}
+        self._next = 0  # how many of self._order have been launched this step
+        self._hooks = None  # post-accumulate-grad hooks (overlap_backward)
+        self._armed, self._order_agreed, self._seen = False, False, []
+        self.overlap_stats = {"in_backward": 0, "total": 0}  # of the last step's reductions
         super().__init__(list(param_groups), defaults={})
 
     def add_param_group(self, param_group: dict) -> None:
@@ -213,7 +259,11 @@ class MuonAdamW(torch.optim.Optimizer):
                 raise ValueError(f"a parameter of shape {tuple(p.shape)} appears in more than one place")
             seen.add(id(p))
         self.param_groups.append(group)
-        self._plan = None
+        self._plan = self._items = None
+        if getattr(self, "_hooks", None):
+            for h in self._hooks:
+                h.remove()
+            self._hooks, self._order_agreed = None, False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for group in self.param_groups:
@@ -237,7 +287,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 for p in group["params"]:
                     by_key.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
                 for (shape, _, _), ps in by_key.items():
-                    units.append(_MuonStack(ps, per_rank=-(-len(ps) // W), shape=shape))
+                    units.append(_MuonStack(ps, per_rank=-(-len(ps) // W), shape=shape, world=W))
             else:
                 for p in group["params"]:
                     if W == 1:
@@ -275,7 +325,73 @@ class MuonAdamW(torch.optim.Optimizer):
         buf[2].fill_(wd)
         return buf[1], buf[2]
 
-    # -- the step ---------------------------------------------------------------------------------
+    # -- gradient reductions ---------------------------------------------------------------------
+
+    def _get_items(self) -> list[_Reduction]:
+        """The step's collectives in their fixed launch order (the same on every rank)."""
+        if self._items is None:
+            items = []
+            for ui, unit in enumerate(u for units in self._get_plan() for u in units):
+                if isinstance(unit, _MuonStack):
+                    W = self.world_size if self.world_size > 1 else len(unit.params)
+                    for b in range(unit.per_rank if self.world_size > 1 else 1):
+                        items.append(_Reduction(len(items), ui, unit, b, unit.params[b * W:(b + 1) * W]))
+                else:
+                    items.append(_Reduction(len(items), ui, unit, -1, [unit.param]))
+            self._items = items
+            self._order = list(range(len(items)))
+            self._item_of = {id(p): (item, i) for item in items for i, p in enumerate(item.params)}
+        return self._items
+
+    def _begin(self) -> None:
+        """Fresh per-step bookkeeping: one _Pending per unit, every reduction waiting for its gradients."""
+        items = self._get_items()
+        self._pending = [_Pending(unit, group)
+                         for group, units in zip(self.param_groups, self._get_plan()) for unit in units]
+        for item in items:
+            item.reset(self._pending[item.unit_index])
+        self._next = 0
+
+    def overlap_backward(self) -> None:
+        """Arm the next backward pass to start the gradient reductions while it runs (distributed only).
+
+        Call it before the last micro-batch's backward. Every parameter then has a post-accumulate-grad
+        hook: a Muon bucket's reduce-scatter starts once backward has produced the gradients of its W
+        matrices (a layer group), an AdamW tensor's once its own gradient is done (the LM head's first).
+        They start in one fixed order on every rank: at the first overlapped step the planned one, then
+        the order rank 0 saw its gradients finish in. A reduction whose turn has come waits for the one
+        before it. `launch_reductions()` (or `step()`) starts the rest. Under a whole-model
+        torch.compile, backward is one node that finishes every gradient at its end, so nothing starts
+        early there (compile per block for that)."""
+        if self.world_size == 1:
+            return
+        if self._hooks is None:
+            self._hooks = [p.register_post_accumulate_grad_hook(self._grad_ready)
+                           for group in self.param_groups for p in group["params"]]
+        self._begin()
+        self._armed = True
+        self._seen = []
+
+    @property
+    def reductions_started(self) -> int:
+        """How many of this step's reductions have been started so far."""
+        return self._next
+
+    def _grad_ready(self, p: torch.Tensor) -> None:
+        if not self._armed:
+            return
+        item, i = self._item_of[id(p)]
+        self._take(item, i)
+        item.waiting -= 1
+        if item.waiting == 0:
+            self._seen.append(item.index)
+            self._launch_in_order()
+
+    def _launch_in_order(self) -> None:
+        items = self._items
+        while self._next < len(self._order) and items[self._order[self._next]].waiting == 0:
+            self._launch(items[self._order[self._next]])
+            self._next += 1
 
     @torch.no_grad()
     def launch_reductions(self) -> None:
@@ -283,15 +399,28 @@ class MuonAdamW(torch.optim.Optimizer):
 
         The training step calls it right after backward, before it waits on the host for the step's
         loss/stop flags: on GPUs the reduce-scatters then run while the host syncs and launches the
-        optimizer, instead of starting after it. The gradients must not change until step()."""
-        self._pending = [self._reduce(group, unit)
-                         for group, units in zip(self.param_groups, self._get_plan()) for unit in units]
+        optimizer, instead of starting after it. After `overlap_backward()` it starts only those that
+        backward did not. The gradients must not change until step()."""
+        armed, self._armed = self._armed, False
+        if not armed:
+            self._begin()
+        early = self._next
+        for index in self._order[self._next:]:
+            self._launch(self._items[index])
+        self._next = len(self._order)
+        self.overlap_stats = {"in_backward": early if armed else 0, "total": len(self._order)}
+        if armed and not self._order_agreed:
+            # from now on, launch in the order the gradients came (rank 0's, so that every rank agrees)
+            seen = self._seen + [i for i in range(len(self._items)) if i not in set(self._seen)]
+            box = [seen]
+            dist.broadcast_object_list(box, src=0)
+            self._order, self._order_agreed = list(box[0]), True
 
     def discard_reductions(self) -> None:
         """Finish and drop reductions launched for a step that will not be applied (a non-finite loss)."""
+        self._armed = False
         for pend in self._pending or []:
-            if pend.work is not None:
-                pend.work.wait()
+            pend.wait_reductions()
         self._pending = None
 
     @torch.no_grad()
@@ -300,13 +429,11 @@ class MuonAdamW(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if self._pending is None:
+        if self._pending is None or self._armed:
             self.launch_reductions()
         pending, self._pending = self._pending, None
-        for pend in pending:  # each unit waits only for its own reduction, then starts its gather
-            if pend.work is not None:
-                pend.work.wait()
-                pend.work = None
+        for pend in pending:  # each unit waits only for its own reductions, then starts its gather
+            pend.wait_reductions()
             if isinstance(pend.unit, _MuonStack):
                 self._muon_update(pend)
             else:
@@ -317,34 +444,49 @@ class MuonAdamW(torch.optim.Optimizer):
             pend.complete()
         return loss
 
-    def _reduce(self, group: dict, unit) -> _Pending:
-        """Start averaging this unit's gradient across ranks (or just gather it when W == 1)."""
-        W, pend = self.world_size, _Pending(unit, group)
+    def _take(self, item: _Reduction, i: int) -> None:
+        """Gradient i of `item` is final: a Muon bucket copies it into its reduction buffer now."""
+        if item.taken[i]:
+            return
+        item.taken[i] = True
+        if isinstance(item.unit, _MuonStack) and self.world_size > 1:
+            g = item.params[i].grad
+            if item.buf is None:
+                item.buf = g.new_zeros((self.world_size, *item.unit.shape), dtype=self.reduce_dtype) \
+                    if g is not None else torch.zeros((self.world_size, *item.unit.shape), dtype=self.reduce_dtype,
+                                                      device=item.params[i].device)
+            if g is not None:
+                item.buf[i].copy_(g)
+
+    @torch.no_grad()
+    def _launch(self, item: _Reduction) -> None:
+        """Start one reduction (every gradient of it is final), or, single process, just collect the gradient."""
+        for i in range(len(item.params)):
+            self._take(item, i)
+        item.launched, pend, W, unit = True, item.pend, self.world_size, item.unit
         if isinstance(unit, _MuonStack):
-            grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in unit.params]
             if W == 1:
-                pend.grad = torch.stack(grads).float()  # (n, R, C)
-                return pend
-            full = grads[0].new_zeros((unit.per_rank * W, *unit.shape), dtype=torch.float32)
-            for i, g in enumerate(grads):
-                full[i].copy_(g)
-            pend.grad = full.new_empty((unit.per_rank, *unit.shape))
-            pend.work = _reduce_scatter(pend.grad, full)
-            pend.keep = [full]
-            return pend
+                pend.grad = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p)
+                                         for p in unit.params]).float()  # (n, R, C)
+                return
+            if pend.recv is None:
+                pend.recv = item.buf.new_empty((unit.per_rank, *unit.shape))
+            pend.reductions.append(_reduce_scatter(pend.recv[item.bucket:item.bucket + 1], item.buf))
+            pend.keep.append(item.buf)
+            item.buf = None
+            return
         p = unit.param
         g = p.grad if p.grad is not None else torch.zeros_like(p)
         if unit.mode == "local":
             pend.grad = g.float()
         elif unit.mode == "shard":
-            g = g.float().contiguous()
-            pend.grad = g.new_empty((p.shape[0] // W, *p.shape[1:]))
-            pend.work = _reduce_scatter(pend.grad, g)
-            pend.keep = [g]
+            g = g.to(self.reduce_dtype).contiguous()
+            pend.recv = g.new_empty((p.shape[0] // W, *p.shape[1:]))
+            pend.reductions.append(_reduce_scatter(pend.recv, g))
+            pend.keep.append(g)
         else:
-            pend.grad = g.to(torch.float32, copy=True).contiguous()
-            pend.work = dist.reduce(pend.grad, dst=unit.owner, op=dist.ReduceOp.SUM, async_op=True)
-        return pend
+            pend.recv = g.to(self.reduce_dtype, copy=True).contiguous()
+            pend.reductions.append(dist.reduce(pend.recv, dst=unit.owner, op=dist.ReduceOp.SUM, async_op=True))
 
     def _muon_update(self, pend: _Pending) -> None:
         group, stack, W = pend.group, pend.unit, self.world_size
@@ -389,10 +531,11 @@ class MuonAdamW(torch.optim.Optimizer):
         if W == 1:
             pend.finish = list(zip(stack.params, p.unbind(0)))
             return
-        full = p.new_empty((stack.per_rank * W, *stack.shape), dtype=stack.params[0].dtype)
+        K = stack.per_rank
+        full = p.new_empty((K * W, *stack.shape), dtype=stack.params[0].dtype)  # rank-major: (W, K) slots
         pend.keep = [p.to(full.dtype)]
         pend.work = _all_gather(full, pend.keep[0])
-        pend.finish = list(zip(stack.params, full.unbind(0)))
+        pend.finish = [(q, full[(i % W) * K + i // W]) for i, q in enumerate(stack.params)]
 
     def _adam_update(self, pend: _Pending) -> None:
         group, unit, W, rank = pend.group, pend.unit, self.world_size, self.rank
@@ -451,7 +594,8 @@ class MuonAdamW(torch.optim.Optimizer):
             groups.append(g)
             states.append([{k: (v.clone() if torch.is_tensor(v) else v) for k, v in self.state[_key(u)].items()}
                            if _key(u) in self.state else {} for u in units])
-            layout.append([{"n": len(u.params), "per_rank": u.per_rank} if isinstance(u, _MuonStack)
+            layout.append([{"n": len(u.params), "per_rank": u.per_rank, "order": "interleaved"}
+                           if isinstance(u, _MuonStack)
                            else {"mode": u.mode, "owner": u.owner} for u in units])
         return {"world_size": self.world_size, "rank": self.rank, "param_groups": groups, "state": states,
                 "layout": layout}
@@ -466,6 +610,10 @@ class MuonAdamW(torch.optim.Optimizer):
                              f"{saved_rank}), but this run has world size {self.world_size}: merge the ranks' "
                              f"states first (nanochat.optim.merge_rank_states, which "
                              f"checkpoint_manager.load_optimizer_state does)")
+        if not reshard and self.world_size > 1 and needs_merge(state_dict):
+            raise ValueError("this optimizer state cuts its Muon stacks into contiguous blocks per rank (written "
+                             "by an older nanochat); merge the ranks' states first (nanochat.optim."
+                             "merge_rank_states, which checkpoint_manager.load_optimizer_state does)")
         if not reshard and saved_rank != self.rank:
             raise ValueError(f"this optimizer state belongs to rank {saved_rank}, but it is being loaded on rank "
                              f"{self.rank}: load optim_..._rank{self.rank}.pt on each rank")
@@ -497,12 +645,12 @@ class MuonAdamW(torch.optim.Optimizer):
         W, r = self.world_size, self.rank
         if not full:
             return {}
-        if isinstance(unit, _MuonStack):  # (n, ...) -> zero-padded to (K*W, ...) -> rows [r*K, (r+1)*K)
+        if isinstance(unit, _MuonStack):  # (n, ...) -> zero-padded to (K*W, ...) -> matrices r, W + r, ...
             K, out = unit.per_rank, {}
             for k, v in full.items():
                 if torch.is_tensor(v) and v.ndim >= 1:
                     padded = torch.cat([v, v.new_zeros((K * W - v.shape[0], *v.shape[1:]))])
-                    out[k] = padded[r * K:(r + 1) * K]
+                    out[k] = padded.view(K, W, *v.shape[1:])[:, r].clone()
                 else:
                     out[k] = v
             return out
@@ -534,8 +682,8 @@ def merge_rank_states(states: list[dict]) -> dict:
         for ui, lay in enumerate(group_layout):
             per_rank = [s["state"][gi][ui] for s in states]
             if "n" in lay:
-                full = _concat_states(per_rank, limit=lay["n"])
-                unit_layout.append({"n": lay["n"], "per_rank": lay["n"]})
+                full = _concat_states(per_rank, limit=lay["n"], interleave=lay.get("order") == "interleaved")
+                unit_layout.append({"n": lay["n"], "per_rank": lay["n"], "order": "interleaved"})
             else:
                 if lay["mode"] == "shard":
                     full = _concat_states(per_rank)
@@ -551,13 +699,23 @@ def merge_rank_states(states: list[dict]) -> dict:
             "layout": layout, "merged_from_world_size": W}
 
 
-def _concat_states(per_rank: list[dict], limit: int | None = None) -> dict:
+def needs_merge(state: dict) -> bool:
+    """Whether a per-rank state holds its Muon stacks in the older contiguous cut (rank r owning matrices
+    [r*K, (r+1)*K)), which only `merge_rank_states` reads: this version owns matrices r, W + r, ..."""
+    return state.get("world_size", 1) > 1 and any(
+        "n" in lay and lay.get("order") != "interleaved" for group in state.get("layout", []) for lay in group)
+
+
+def _concat_states(per_rank: list[dict], limit: int | None = None, interleave: bool = False) -> dict:
+    """Per-rank unit states joined along dim 0: concatenated, or (`interleave`: rank r's slot b is row
+    b * W + r) interleaved."""
     if not any(per_rank):
         return {}
     out = {}
     for k, v in per_rank[0].items():
         if torch.is_tensor(v) and v.ndim >= 1:
-            cat = torch.cat([s[k] for s in per_rank])
+            parts = [s[k] for s in per_rank]
+            cat = torch.stack(parts, dim=1).flatten(0, 1) if interleave else torch.cat(parts)
             out[k] = cat[:limit] if limit is not None else cat
         else:
             out[k] = v  # step counters agree across ranks

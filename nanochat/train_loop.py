@@ -363,7 +363,9 @@ def _train_locked(cfg: TrainConfig, ctx: RuntimeContext, tokenizer, vocab_size: 
     # Muon's orthogonalisation: bf16 on GPUs and where the CPU probe chose bf16; fp32 on other CPUs, whose
     # emulated bf16 matmuls run ~10x slower (measured: Muon step 24 s vs 2 s at depth 4)
     extra = {} if ctx.device_type == "cpu" else {"compile": compile_model}
-    optimizer = build_optimizer(model, weight_decay=plan.weight_decay, **plan.lrs, orth_dtype=ctx.orth_dtype, **extra)
+    optimizer = build_optimizer(model, weight_decay=plan.weight_decay, **plan.lrs, orth_dtype=ctx.orth_dtype,
+                                reduce_dtype=torch.bfloat16 if cfg.grad_reduce_dtype == "bf16" else torch.float32,
+                                **extra)
     for group in optimizer.param_groups:
         group["initial_weight_decay"] = group.get("weight_decay", 0.0)
     train_loader = make_loader(cfg, tokenizer, "train", ctx, A, vocab_size)
@@ -401,7 +403,8 @@ def _train_locked(cfg: TrainConfig, ctx: RuntimeContext, tokenizer, vocab_size: 
             apply_schedule(optimizer, plan.lr_multiplier(state.step), plan.weight_decay_multiplier(state.step),
                            sizing.muon_momentum(state.step))
             try:
-                result = train_step(train_model, optimizer, train_loader, A, ctx, stop, state.step, hooks)
+                result = train_step(train_model, optimizer, train_loader, A, ctx, stop, state.step, hooks,
+                                    overlap_reductions=cfg.overlap_reductions)
             except torch.OutOfMemoryError:
                 print(f"[rank {ctx.rank}] " + oom_message(cfg.device_batch_size, cfg.max_seq_len, where=f"step {state.step}"),
                       file=sys.stderr, flush=True)
@@ -420,6 +423,11 @@ def _train_locked(cfg: TrainConfig, ctx: RuntimeContext, tokenizer, vocab_size: 
                 state.train_time += dt
             elif compile_model:
                 ctx.print0(f"first step {dt:.1f}s (torch.compile + warm-up)")
+            if ctx.ddp and step == first_timed + 1 and cfg.overlap_reductions:
+                stats = optimizer.overlap_stats
+                ctx.print0(f"gradient reductions: {stats['in_backward']} of {stats['total']} started during backward"
+                           + (" (a whole-model torch.compile finishes every gradient at the end of backward)"
+                              if compile_model and stats["in_backward"] == 0 else ""))
             smooth_loss = state.update_loss(result.loss)
             tok_per_sec = plan.tokens_per_step / dt
             mfu = plan.flops_per_token * tok_per_sec / (ctx.peak_flops * ctx.world_size) if ctx.peak_flops else None

@@ -164,22 +164,26 @@ def apply_schedule(optimizer, lr_mult: float, wd_mult: float = 1.0, muon_momentu
 
 
 def train_step(model, optimizer, batches, grad_accum: int, ctx: RuntimeContext, stop: StopSignal | None = None,
-               step: int | None = None, hooks: TestHooks | None = None) -> StepResult:
+               step: int | None = None, hooks: TestHooks | None = None, overlap_reductions: bool = True) -> StepResult:
     """One optimizer step: `grad_accum` micro-batches (x, y) from `batches` (targets -1 are ignored),
     backward on each, one all-reduce of (loss, stop flag) across ranks (the step's only host sync), then
-    the update. Under DDP the flags' all-reduce is issued first and the optimizer's gradient reductions
-    right after it (`launch_reductions`), so the host waits only for backward and the flags while the
-    gradients are reduced. A non-finite loss raises NonFiniteLoss before the update, on every rank
-    alike."""
+    the update. Under DDP the last micro-batch's backward starts the optimizer's gradient reductions as
+    its gradients become final (`overlap_backward`, unless `overlap_reductions` is off), the flags'
+    all-reduce is issued after it and the remaining reductions right after that (`launch_reductions`),
+    so the host waits only for backward and the flags while the gradients are reduced. A non-finite loss
+    raises NonFiniteLoss before the update, on every rank alike."""
     hooks = hooks or TestHooks()
     cpu_threads.tick()
     loss_sum = torch.zeros((), device=ctx.device)
-    for _ in range(grad_accum):
+    overlap = getattr(optimizer, "overlap_backward", None) if ctx.ddp and overlap_reductions else None
+    for micro in range(grad_accum):
         x, y = next(batches)
         loss = model(x, y)
         if step is not None and step == hooks.nan_step:
             loss = loss * float("nan")
         loss_sum += loss.detach()
+        if overlap is not None and micro == grad_accum - 1:
+            overlap()  # this backward starts the gradient reductions as the gradients become final
         (loss / grad_accum).backward()
     if step is not None and step == hooks.hang_step:  # test hook: stuck mid-step until a signal (or SIGKILL) arrives
         print(f"hanging at step {step}", flush=True)

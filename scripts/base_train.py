@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="LM head + soft-cap + cross-entropy in row chunks without the full logits "
                         "(nanochat/lm_loss.py; same math). auto: on for CPU, off for CUDA, where "
                         "torch.compile fuses the plain path; 'on' saves the logits' memory there")
+    g.add_argument("--grad-reduce-dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="dtype of the gradient reductions across ranks: bf16 halves the bytes sent (the sums "
+                        "are rounded to bf16; the optimizer math stays fp32)")
+    g.add_argument("--overlap-reductions", action=argparse.BooleanOptionalAction, default=True,
+                   help="start each gradient reduction during the last backward, as soon as its gradients "
+                        "are final (several ranks only)")
     g.add_argument("--fp8", action="store_true",
                    help="block Linears in fp8 (e4m3 forward, e5m2 gradients, tensorwise scales; sm89+ GPUs). "
                         "MFU stays against the bf16 peak")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -405,6 +406,9 @@ def test_two_ranks_match_one_rank_with_twice_the_accumulation(tmp_path, monkeypa
     out2, _ = two.communicate(timeout=300)
     assert two.returncode == 0, out2
     assert "x 2 ranks x 2 accumulation" in out2
+    # eager: after the first step every reduction starts from backward's gradient hooks
+    started = re.search(r"gradient reductions: (\d+) of (\d+) started during backward", out2)
+    assert started and started[1] == started[2] and int(started[2]) > 0, out2
     l1 = [r["raw_loss"] for r in read_metrics(tmp_path, "w1")]
     l2 = [r["raw_loss"] for r in read_metrics(tmp_path, "w2")]
     assert len(l1) == len(l2) == 4
@@ -416,6 +420,14 @@ def test_two_ranks_match_one_rank_with_twice_the_accumulation(tmp_path, monkeypa
     for k in w1:
         assert (w2[k] - w1[k]).norm() <= 2e-2 * w1[k].norm(), k
     assert sum(bool((w2[k] - w1[k]).norm() <= 1e-4 * w1[k].norm()) for k in w1) >= len(w1) // 2
+    # bf16 reductions, started after backward: the same run up to bf16 rounding of the gradient sums
+    bf16 = torchrun(tmp_path, 2, *SYNTH, "--model-tag", "w2bf16", "--grad-reduce-dtype", "bf16",
+                    "--no-overlap-reductions")
+    out3, _ = bf16.communicate(timeout=300)
+    assert bf16.returncode == 0, out3
+    assert "started during backward" not in out3
+    l3 = [r["raw_loss"] for r in read_metrics(tmp_path, "w2bf16")]
+    assert l3[0] == l1[0] and l3 == pytest.approx(l1, rel=1e-2) and l3 != l2
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """MuonAdamW against independent references: torch.optim.AdamW, torch.optim.Muon, the SVD, and the
 single-process optimizer itself for the multi-process (gloo) runs."""
 
+import copy
 import io
 import math
 
@@ -246,12 +247,13 @@ def _batch(step):
     return torch.randint(0, 11, (BATCH, 4), generator=gen), torch.randint(0, 7, (BATCH, 4), generator=gen)
 
 
-def _train(config, steps, rank=0, world=1, model=None, opt=None, start=0, early=False):
+def _train(config, steps, rank=0, world=1, model=None, opt=None, start=0, early=False, overlap=False, **opt_kw):
     """Train the toy model; each rank takes its own slice of every batch (no DDP, the optimizer averages).
     `early`: the reductions are launched before step() (as train_step does), and on odd steps one launch
-    is discarded first (a skipped non-finite step) and launched again."""
+    is discarded first (a skipped non-finite step) and launched again. `overlap`: backward starts them."""
     model = model or ToyModel()
-    opt = opt or build_optimizer(model, weight_decay=0.2, orth_dtype=torch.float32, shard_min_numel=0, **config)
+    opt = opt or build_optimizer(model, weight_decay=0.2, orth_dtype=torch.float32, shard_min_numel=0, **config,
+                                 **opt_kw)
     for step in range(start, steps):
         for group in opt.param_groups:  # a schedule: lr, momentum and weight decay change every step
             group["lr"] = group["initial_lr"] * (1.0 - 0.15 * step)
@@ -260,6 +262,8 @@ def _train(config, steps, rank=0, world=1, model=None, opt=None, start=0, early=
                 group["weight_decay"] = 0.2 * (1.0 - step / STEPS)
         idx, targets = _batch(step)
         rows = slice(rank * BATCH // world, (rank + 1) * BATCH // world)
+        if overlap:
+            opt.overlap_backward()
         model.loss(idx[rows], targets[rows]).backward()
         if early:
             if step % 2:
@@ -361,11 +365,28 @@ def _dist_worker(rank, world, port, out_dir):
             results[f"state{i}"] = opt.state_dict()
         early, _ = _train(CONFIGS[0], STEPS, rank, world, early=True)
         results["early0"] = {n: p.detach().clone() for n, p in early.named_parameters()}
+        # reductions started from backward's gradient hooks; the embedding's gradient comes last, so
+        # when it arrives the LM head's and the matrices' reductions are already in flight
+        model = ToyModel()
+        started = []
+        model.emb.register_hook(lambda g: started.append(opt.reductions_started))
+        overlapped, opt = _train(CONFIGS[0], STEPS, rank, world, model=model, overlap=True)
+        results["overlap0"] = {n: p.detach().clone() for n, p in overlapped.named_parameters()}
+        results["overlap_started"], results["overlap_stats"] = started, opt.overlap_stats
+        results["overlap_early0"] = {n: p.detach().clone() for n, p in
+                                     _train(CONFIGS[0], STEPS, rank, world, overlap=True, early=True)[0].named_parameters()}
+        bf16, _ = _train(CONFIGS[0], STEPS, rank, world, overlap=True, reduce_dtype=torch.bfloat16)
+        results["bf16_0"] = {n: p.detach().clone() for n, p in bf16.named_parameters()}
         resumed = _roundtrip(CONFIGS[0], 2, rank, world)
         results["resumed0"] = {n: p.detach().clone() for n, p in resumed.named_parameters()}
         # elastic: this run's state after 2 steps (merged later into one process), and the single-process
         # state after 2 steps cut into this world size's shards, then trained on to the end
-        results["two_steps"] = _train(CONFIGS[0], 2, rank, world)[1].state_dict()
+        two_steps = _train(CONFIGS[0], 2, rank, world)[1]
+        results["two_steps"] = two_steps.state_dict()
+        old = _contiguous_cut(results["two_steps"], rank, world)
+        with pytest.raises(ValueError, match="merge the ranks' states first"):
+            two_steps.load_state_dict(old)  # an older per-rank cut: only through merge_rank_states
+        results["two_steps_old_cut"] = old
         single = torch.load(f"{out_dir}/single_two_steps.pt")
         model = ToyModel(seed=123)
         model.load_state_dict(single["model"])
@@ -376,6 +397,25 @@ def _dist_worker(rank, world, port, out_dir):
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+def _contiguous_cut(state, rank, world):
+    """This rank's state as the older nanochat cut its Muon stacks (rank r owning rows [r*K, (r+1)*K)), from
+    the unsharded state of the same run (gathered here from every rank through the process group)."""
+    states = [None] * world
+    dist.all_gather_object(states, state)
+    merged = merge_rank_states(states)
+    out = copy.deepcopy(state)
+    for gi, group in enumerate(out["layout"]):
+        for ui, lay in enumerate(group):
+            if "n" in lay:
+                K = lay["per_rank"]
+                del lay["order"]
+                for k, v in merged["state"][gi][ui].items():
+                    if torch.is_tensor(v) and v.ndim >= 1:
+                        padded = torch.cat([v, v.new_zeros((K * world - v.shape[0], *v.shape[1:]))])
+                        out["state"][gi][ui][k] = padded[rank * K:(rank + 1) * K].clone()
+    return out
 
 
 @pytest.mark.slow
@@ -392,7 +432,8 @@ def test_distributed_matches_single_process(world, tmp_path):
                 torch.testing.assert_close(res[f"params{i}"][name], p.detach(), rtol=1e-5, atol=1e-5,
                                            msg=lambda m, i=i, r=r, name=name: f"config {i}, rank {r}, {name}: {m}")
     # Muon and Adam updates are blind to the gradient's scale, the state is not: it must hold the
-    # mean gradient's momentum, sliced by rank. The 5 (3, 5) matrices: ceil(5 / W) per rank, zero-padded.
+    # mean gradient's momentum, sliced by rank. The 5 (3, 5) matrices: ceil(5 / W) per rank, zero-padded,
+    # rank r holding matrices r, W + r, ...
     single_state = single_opt.state_dict()["state"]
     per_rank = -(-5 // world)
     mats_momentum = single_state[0][4]["momentum_buffer"]  # units: (16,8), (8,16), (8,8), (8,5), (3,5)
@@ -400,7 +441,7 @@ def test_distributed_matches_single_process(world, tmp_path):
     emb2_avg = single_state[1][1]["exp_avg"]
     for r, res in enumerate(ranks):
         state = res[f"state{len(CONFIGS) - 1}"]["state"]
-        torch.testing.assert_close(state[0][4]["momentum_buffer"], padded[r * per_rank:(r + 1) * per_rank],
+        torch.testing.assert_close(state[0][4]["momentum_buffer"], padded.view(per_rank, world, 3, 5)[:, r],
                                    rtol=1e-5, atol=1e-7)
         n = 12 // world
         torch.testing.assert_close(state[1][1]["exp_avg"], emb2_avg[r * n:(r + 1) * n], rtol=1e-5, atol=1e-7)
@@ -408,6 +449,17 @@ def test_distributed_matches_single_process(world, tmp_path):
         for res in ranks:
             assert torch.equal(res["resumed0"][name], p), name
             assert torch.equal(res["early0"][name], p), name  # nor do reductions launched before step()
+            assert torch.equal(res["overlap0"][name], p), name  # nor reductions launched during backward
+            assert torch.equal(res["overlap_early0"][name], p), name
+            # bf16 reductions: the sums are rounded to bf16 (8 bits), the update math stays fp32
+            torch.testing.assert_close(res["bf16_0"][name], p, rtol=0.05, atol=0.02)
+    assert any(not torch.equal(res["bf16_0"][name], p) for name, p in ranks[0]["params0"].items())
+    for res in ranks:
+        # every step after the first launches everything during backward (in the order rank 0 saw), most
+        # of it before the last gradient (the embedding's) is computed
+        assert res["overlap_stats"] == {"in_backward": res["overlap_stats"]["total"],
+                                        "total": res["overlap_stats"]["total"]}
+        assert all(n > 0 for n in res["overlap_started"]) and res["overlap_started"][-1] >= 5, res["overlap_started"]
     assert all(res["state0"]["world_size"] == world and res["state0"]["rank"] == r for r, res in enumerate(ranks))
     # the odd 11-row embedding has its AdamW state on exactly one rank, the 12-row one on all (sharded)
     emb_states = [res["state0"]["state"][1] for res in ranks]
@@ -420,6 +472,11 @@ def test_distributed_matches_single_process(world, tmp_path):
             torch.testing.assert_close(res["from_single"][name], p.detach(), rtol=1e-5, atol=1e-5,
                                        msg=lambda m, r=r, name=name: f"1 -> {world} ranks, rank {r}, {name}: {m}")
     merged = merge_rank_states([res["two_steps"] for res in ranks])
+    old_merged = merge_rank_states([res["two_steps_old_cut"] for res in ranks])  # an older checkpoint's cut
+    for units, old_units in zip(merged["state"], old_merged["state"]):
+        for unit, old_unit in zip(units, old_units, strict=True):
+            assert unit.keys() == old_unit.keys() and all(torch.equal(unit[k], old_unit[k]) for k in unit
+                                                          if torch.is_tensor(unit[k]))
     assert merged["world_size"] == 1 and merged["merged_from_world_size"] == world
     single_two = torch.load(tmp_path / "single_two_steps.pt")["optim"]
     for units, single_units in zip(merged["state"], single_two["state"]):
