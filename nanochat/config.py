@@ -97,6 +97,7 @@ class TrainConfig(RunConfig):
     # runtime and data
     fused_loss: str = "auto"  # auto | on | off
     grad_reduce_dtype: str = "fp32"  # fp32 | bf16: the gradient reductions across ranks
+    compile_scope: str = "model"  # model | blocks (GPT.compile_blocks: reductions overlap backward)
     overlap_reductions: bool = True  # start them from backward's gradient hooks (nanochat/optim.py)
     data_dir: str | None = None
     keep_remainder: int = 0
@@ -121,6 +122,8 @@ class TrainConfig(RunConfig):
             raise ConfigError(f"--eval-tokens must be >= 1, or -1 for automatic; got {self.eval_tokens}")
         if self.keep_remainder < 0:
             raise ConfigError(f"--keep-remainder must be >= 0 (0: discard cropped tails), got {self.keep_remainder}")
+        if self.compile_scope not in ("model", "blocks"):
+            raise ConfigError(f"--compile-scope must be model or blocks; got {self.compile_scope!r}")
         if self.grad_reduce_dtype not in ("fp32", "bf16"):
             raise ConfigError(f"--grad-reduce-dtype must be fp32 or bf16; got {self.grad_reduce_dtype!r}")
         if self.fused_loss not in ("auto", "on", "off"):

@@ -168,6 +168,7 @@ class GPT(nn.Module):
         else:
             self.resid_lambdas = self.x0_lambdas = None
         self.windows = config.window_sizes()
+        self._compiled_blocks: list | None = None  # compile_blocks(); a plain list: not submodules
         # rotary tables cover 4x the training context so that generation may run past it
         self.rotary_len = 4 * config.sequence_len
         cos, sin = self._rotary_tables(self.rotary_len, device=self.wte.weight.device)
@@ -263,6 +264,20 @@ class GPT(nn.Module):
         self.set_attention()
         _fused_loss_outside_graph()
 
+    def compile_blocks(self, **compile_kwargs) -> "GPT":
+        """Regional compilation: torch.compile each transformer block in place (the embeddings, the residual
+        scalars and the head stay eager) and return the model itself. Same-shaped blocks share their graphs
+        (one per window size and value-embedding variant), so compiling takes a fraction of the whole
+        model's time; and each block's backward is its own autograd node, so the gradients of the last
+        blocks are final while backward still runs through the first: the optimizer's reductions can
+        overlap it (nanochat.optim.MuonAdamW.overlap_backward). A whole-model compile finishes every
+        gradient at once, at the end of backward, but fuses across block boundaries. Only training
+        forwards (gradients on, no KV cache) take the compiled blocks: evaluation and decoding shapes
+        would each compile again."""
+        self.before_compile()
+        self._compiled_blocks = [torch.compile(block, **compile_kwargs) for block in self.blocks]
+        return self
+
     @property
     def attention_backend(self) -> str:
         """The resolved attention backend, e.g. "flex (KV-cache decode: sdpa)" (resolved on first use)."""
@@ -299,7 +314,10 @@ class GPT(nn.Module):
         x = rms_norm(self.wte(idx).to(self.compute_dtype))  # (B, T, C)
         x0 = x
         attn = self._attention_impl(idx.device.type)
-        for i, block in enumerate(self.blocks):
+        blocks = self.blocks
+        if self._compiled_blocks is not None and kv_cache is None and torch.is_grad_enabled():
+            blocks = self._compiled_blocks
+        for i, block in enumerate(blocks):
             if self.resid_lambdas is not None:
                 x = self.resid_lambdas[i].to(x.dtype) * x + self.x0_lambdas[i].to(x.dtype) * x0
             ve = self.value_embeds[str(i)](idx).to(x.dtype) if str(i) in self.value_embeds else None

@@ -350,9 +350,13 @@ def _train_locked(cfg: TrainConfig, ctx: RuntimeContext, tokenizer, vocab_size: 
     if ctx.device_type == "cuda":
         model.fused_loss_chunk_rows = 4096  # fewer eager chunk iterations (it runs outside the compiled graph)
     compile_model = cfg.compile if cfg.compile is not None else ctx.device_type == "cuda"
-    if compile_model:
+    if compile_model and cfg.compile_scope == "blocks":
+        train_model = model.compile_blocks(dynamic=False)  # in place: model is train_model
+    elif compile_model:
         model.before_compile()
-    train_model = torch.compile(model, dynamic=False) if compile_model else model
+        train_model = torch.compile(model, dynamic=False)
+    else:
+        train_model = model
     if auto_batch:
         # a resume probes again: the loader state is in global rows, so another micro-batch continues exactly
         found = find_device_batch_size(model, train_model, cfg.max_seq_len, vocab_size, plan.tokens_per_step,
@@ -426,8 +430,9 @@ def _train_locked(cfg: TrainConfig, ctx: RuntimeContext, tokenizer, vocab_size: 
             if ctx.ddp and step == first_timed + 1 and cfg.overlap_reductions:
                 stats = optimizer.overlap_stats
                 ctx.print0(f"gradient reductions: {stats['in_backward']} of {stats['total']} started during backward"
-                           + (" (a whole-model torch.compile finishes every gradient at the end of backward)"
-                              if compile_model and stats["in_backward"] == 0 else ""))
+                           + (" (a whole-model torch.compile finishes every gradient at the end of backward: "
+                              "--compile-scope blocks lets them overlap it)"
+                              if compile_model and cfg.compile_scope == "model" else ""))
             smooth_loss = state.update_loss(result.loss)
             tok_per_sec = plan.tokens_per_step / dt
             mfu = plan.flops_per_token * tok_per_sec / (ctx.peak_flops * ctx.world_size) if ctx.peak_flops else None

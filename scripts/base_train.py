@@ -97,6 +97,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU intra-op threads: auto (all cores, fewer while other processes use them) or a number")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile the model (default: on for CUDA, off elsewhere)")
+    g.add_argument("--compile-scope", choices=["model", "blocks"], default="model",
+                   help="what --compile compiles: the whole model (fuses across blocks), or each block on its "
+                        "own (faster to compile; on several GPUs the gradient reductions of the last blocks "
+                        "then overlap the rest of backward, worth it across nodes)")
     g.add_argument("--fused-loss", choices=["auto", "on", "off"], default="auto",
                    help="LM head + soft-cap + cross-entropy in row chunks without the full logits "
                         "(nanochat/lm_loss.py; same math). auto: on for CPU, off for CUDA, where "

@@ -132,3 +132,39 @@ def test_flex_model_compiles_to_one_graph():
     x = torch.randint(0, 300, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_blocks_share_graphs_and_finish_late_gradients_early():
+    """Regional compilation (--compile-scope blocks): same-shaped blocks reuse their graphs, the loss and
+    gradients equal eager's, evaluation stays eager, and the last block's gradients are final before
+    backward reaches the first block (what lets the optimizer's reductions overlap backward)."""
+    torch._dynamo.reset()
+    model = build(**CONFIGS["record"])  # 4 layers: windows S, S, S, L; value embeddings on some layers
+    backend = CountingBackend()
+    assert model.compile_blocks(backend=backend, dynamic=False) is model
+    events = []
+    model.blocks[-1].mlp.c_fc.weight.register_post_accumulate_grad_hook(lambda p: events.append("last block"))
+
+    def on_first_block(module, args, out):
+        if out.requires_grad:
+            out.register_hook(lambda g: events.append("first block's output"))
+
+    model.blocks[0].register_forward_hook(on_first_block)
+    x, y = torch.randint(0, 300, (2, 32)), torch.randint(0, 300, (2, 32))
+    for _ in range(2):
+        events.clear()
+        loss = model(x, y)
+        loss.backward()
+    assert events == ["last block", "first block's output"]
+    assert 1 <= backend.graphs <= 3, backend.graphs  # (S or L window) x (value embedding or not), not 4
+    ref = build(**CONFIGS["record"])
+    ref_loss = ref(x, y)
+    ref_loss.backward()
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, 2 * q.grad, atol=1e-5, rtol=1e-4, msg=name)  # two backwards
+    graphs = backend.graphs
+    with torch.no_grad():
+        model(x[:1], y[:1], loss_reduction="none")  # another shape, no grad: eager, nothing compiled
+    assert backend.graphs == graphs
+    assert not any("_orig_mod" in k for k in model.state_dict())
