@@ -13,6 +13,8 @@
 #   auto   --device-batch-size auto at depth 20 (the probe's answer)
 #   head   the LM head at depth 20: --fused-loss on (chunked, outside the graph) vs off (compiled plain)
 #   core   CORE on a few examples per task through the compiled model (run A's checkpoint)
+#   scope  depth 20 with --compile-scope blocks (each block compiled alone: what lets several GPUs
+#          overlap gradient reductions with backward) vs the whole-model compile: tok/s, compile time
 #
 #   bash benchmarks/gpu_bench.sh                    # on the GPU machine (carry .device_carry)
 #   GPU_BENCH_CPU=1 bash benchmarks/gpu_bench.sh    # the same logic at toy size on CPU (checks the script)
@@ -32,7 +34,7 @@ export TORCHINDUCTOR_FX_GRAPH_CACHE=1 TORCHINDUCTOR_AUTOGRAD_CACHE=1
 unset NANOCHAT_TEST_NAN_STEP NANOCHAT_TEST_HANG_STEP
 CPU=${GPU_BENCH_CPU:-}
 BUDGET=${GPU_BENCH_BUDGET_S:-570}
-ONLY=",${GPU_BENCH_ONLY:-tests,d20,d24,ref,d12,auto,head,core},"
+ONLY=",${GPU_BENCH_ONLY:-tests,d20,d24,ref,d12,auto,head,core,scope},"
 T0=$(date +%s)
 B=$NANOCHAT_BASE_DIR
 CK=$B/base_checkpoints
@@ -87,7 +89,7 @@ if [ -n "$CPU" ]; then
   HANG_STEP=3; RESUME_STEP=2; CORE_PER_TASK=12; REF_VOCAB=512
   REF=(--device-type=cpu --depth=2 --aspect-ratio=32 --head-dim=32 --max-seq-len=64 --device-batch-size=4
        --total-batch-size=256 --num-iterations=4)
-  EST=(60 60 60 120 120 60 60 60)
+  EST=(60 60 60 120 120 60 60 60 60)
 else
   SKIP=3; VOCAB=8192
   D20=(--depth 20 --max-seq-len 2048 --vocab-size 32768 --device-batch-size 32 --total-batch-size 65536
@@ -98,7 +100,7 @@ else
        --sample-every 0)
   HANG_STEP=15; RESUME_STEP=10; CORE_PER_TASK=16; REF_VOCAB=32768
   REF=(--depth=20 --max-seq-len=2048 --device-batch-size=32 --total-batch-size=65536 --num-iterations=10)
-  EST=(120 90 200 150 150 90 90 60)  # tests, d20 per backend, d24, ref, d12, auto, head, core (H100 guesses)
+  EST=(120 90 200 150 150 90 90 60 90)  # tests, d20 per backend, d24, ref, d12, auto, head, core, scope (H100 guesses)
 fi
 RECIPE=(--window-pattern SSSL --value-embeds --resid-scalars --weight-decay 0 --warmup-steps 2)
 QUIET=(--eval-every 0 --core-metric-every 0 --sample-every 0)
@@ -295,6 +297,14 @@ print(f"CORE {out['core']:.4f} at step {step} ({per_task} per task, {'compiled' 
 EOF
   fi
   md '```'
+fi
+
+# --- regional compilation ---------------------------------------------------------------------------------
+if want scope "${EST[8]}"; then
+  md ""; md "## depth 20, --compile-scope blocks (vs the whole-model d20 runs above; first step = compile time)"
+  COMPILE=(--compile); [ -n "$CPU" ] && COMPILE=()  # (the CPU check of the script stays eager: Inductor takes minutes there)
+  train d20_blocks --synthetic-data "${D20[@]}" "${RECIPE[@]}" --fused-loss off "${COMPILE[@]}" --compile-scope blocks \
+    --model-tag d20_blocks
 fi
 
 md ""; md "total wall time $(elapsed) s (budget $BUDGET s)"
