@@ -586,14 +586,17 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """This rank's state: plain tensors, ints, floats and strings (safe for torch.load). `layout` says how
-        each unit was cut across ranks, so that `merge_rank_states` can rebuild the unsharded state."""
+        each unit was cut across ranks, so that `merge_rank_states` can rebuild the unsharded state.
+
+        The tensors are the live ones (as torch.optim's state_dict returns them), not copies: a checkpoint
+        saves them at once, and a copy of the whole state on the GPU could itself run out of memory, at
+        a preemption for instance. Copy them to keep a snapshot while training goes on."""
         groups, states, layout = [], [], []
         for group, units in zip(self.param_groups, self._get_plan()):
             g = {k: (str(v) if isinstance(v, torch.dtype) else v) for k, v in group.items() if k != "params"}
             g["param_shapes"] = [tuple(p.shape) for p in group["params"]]
             groups.append(g)
-            states.append([{k: (v.clone() if torch.is_tensor(v) else v) for k, v in self.state[_key(u)].items()}
-                           if _key(u) in self.state else {} for u in units])
+            states.append([dict(self.state[_key(u)]) if _key(u) in self.state else {} for u in units])
             layout.append([{"n": len(u.params), "per_rank": u.per_rank, "order": "interleaved"}
                            if isinstance(u, _MuonStack)
                            else {"mode": u.mode, "owner": u.owner} for u in units])

@@ -451,9 +451,12 @@ def _train_locked(cfg: TrainConfig, ctx: RuntimeContext, tokenizer, vocab_size: 
             saved = stopping or step == N or (cfg.save_every > 0 and step % cfg.save_every == 0)
             if saved:  # before the evaluations: an evaluation that fails cannot cost the trained model
                 reason = f"signal {stop.received or 'on another rank'}" if stopping else ("final" if step == N else "periodic")
+                t_save = time.time()
                 pruned = save_training_checkpoint(out_dir, step, model, optimizer, train_loader, state, ctx, meta,
                                                   cfg.keep_last, tokenizer)
-                ctx.print0(f"saved checkpoint step {step} ({reason}) to {out_dir}" + (f"; removed steps {pruned}" if pruned else ""))
+                # (the time tells how long a preemption grace period must be: docs/multinode.md)
+                ctx.print0(f"saved checkpoint step {step} ({reason}) to {out_dir} in {time.time() - t_save:.1f}s"
+                           + (f"; removed steps {pruned}" if pruned else ""))
             if stopping:
                 if evals.any_due(step):
                     ctx.print0(f"step {step:05d} | evaluations skipped: stop requested")
