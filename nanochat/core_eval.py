@@ -641,7 +641,7 @@ def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task: int =
                   batch_tokens: int = 8192, share_prefix: bool | None = None,
                   dump_examples: str | os.PathLike | None = None,
                   base_dir=None, verbose: bool = True, ctx: RuntimeContext | None = None,
-                  progress_every: float = 5.0) -> dict:
+                  progress_every: float = 5.0, should_stop=None) -> dict | None:
     """Evaluate CORE. Returns {core, tasks: {label: {accuracy, centered, n, ...}}, missing, n_tasks,
     n_examples, seconds, examples_per_second}.
 
@@ -656,6 +656,8 @@ def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task: int =
     `dump_examples`: a jsonl path that receives every example's decision (rank 0 writes it).
     `share_prefix`: run each multiple-choice context once through a KV cache (see `run_examples`);
     None = on for CPU devices with a KV-cache model, off elsewhere (GPUs prefer the packed forwards).
+    `should_stop`: a callable checked before each task (distributed: every rank calls it equally often);
+    when it answers True the evaluation is abandoned and None returned.
     """
     bundle = resolve_eval_bundle(bundle_dir, base_dir=base_dir)
     specs = load_task_specs(bundle)
@@ -680,6 +682,10 @@ def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task: int =
     results, missing, failed, dump = {}, [], {}, []
     t_start = time.time()
     for spec in specs:
+        if should_stop is not None and should_stop():
+            if was_training and hasattr(model, "train"):
+                model.train()
+            return None
         try:
             data = load_task_data(bundle, spec, max_per_task)
         except TaskDataError as e:

@@ -56,8 +56,8 @@ def evaluate_loss_and_bpb(model, batches: Iterable, steps: int, token_bytes: tor
     tokens included), i.e. measured exactly like the training loss, so the two can be compared.
 
     Returns {"bpb", "loss", "tokens", "bytes"} (tokens/bytes summed over ranks). `should_stop`, a
-    callable checked before each batch (single process only: ranks would leave the collective at
-    different batches), abandons the evaluation and returns None when it answers True.
+    callable checked before each batch, abandons the evaluation and returns None when it answers True
+    (distributed, it must answer alike on every rank: nanochat.train_loop.stop_check).
     `progress`: a name; rank 0 then prints `name: done/total batches, rate, ETA` every
     `progress_every` seconds (nanochat/progress.py)."""
     from nanochat.progress import Progress

@@ -159,10 +159,21 @@ def val_preflight(cfg: TrainConfig, ctx: RuntimeContext, eval_tokens: int) -> No
     check_eval_data("val", cfg.data_dir, tokens=eval_tokens)
 
 
-def run_core(model, tokenizer, ctx: RuntimeContext, max_per_task: int) -> dict:
-    """evaluate_core's result: `core` over the tasks scored, `failed` {label: why} for corrupt task files."""
+def stop_check(ctx: RuntimeContext, stop: StopSignal):
+    """A callable answering whether a stop signal has arrived, for an evaluation to check between its
+    batches (or tasks). Distributed, the ranks agree (one tiny all-reduce per check, so every rank must
+    check equally often): a signal that reached any rank stops all of them at the same batch."""
+    if not ctx.ddp:
+        return lambda: stop.received is not None
+    return lambda: ctx.all_reduce_sum([float(stop.received is not None)])[0] > 0
+
+
+def run_core(model, tokenizer, ctx: RuntimeContext, max_per_task: int, should_stop=None) -> dict | None:
+    """evaluate_core's result: `core` over the tasks scored, `failed` {label: why} for corrupt task files;
+    None if `should_stop` ended it (checked before each task)."""
     try:
-        return evaluate_core(model, tokenizer, ctx.device, max_per_task=max_per_task, verbose=False, ctx=ctx)
+        return evaluate_core(model, tokenizer, ctx.device, max_per_task=max_per_task, verbose=False, ctx=ctx,
+                             should_stop=should_stop)
     finally:
         model.train()
 
@@ -209,9 +220,9 @@ class Evaluations:
     def run(self, model, step: int, state: LoopState, record: dict, stop: StopSignal) -> bool:
         """Run what is due at `step` into `record` and `state`; False if a stop signal abandoned one."""
         cfg, ctx = self.cfg, self.ctx
+        should_stop = stop_check(ctx, stop)
         if self.on and "val bpb" not in self.failed and due(cfg.eval_every, step, self.last):
-            # a signal during the pass abandons it (one process; ranks would desynchronise the collective)
-            should_stop = None if ctx.ddp else (lambda: stop.received is not None)
+            # a signal during the pass abandons it (before each batch; every rank at the same one)
             try:
                 if self.token_bytes is None:
                     self.token_bytes = get_token_bytes(ctx.device)
@@ -227,7 +238,10 @@ class Evaluations:
                 ctx.print0(f"step {step:05d} | val bpb {val['bpb']:.6f} | val loss {val['loss']:.4f}")
         if self.core_on and "CORE" not in self.failed and due(cfg.core_metric_every, step, self.last):
             try:
-                core = run_core(model, self.tokenizer, ctx, cfg.core_metric_max_per_task)
+                core = run_core(model, self.tokenizer, ctx, cfg.core_metric_max_per_task, should_stop)
+                if core is None:
+                    ctx.print0(f"step {step:05d} | CORE abandoned: stop requested")
+                    return False
                 state.core = record["core"] = core["core"]
                 ctx.print0(f"step {step:05d} | CORE {state.core:.4f} over {core['n_tasks']} of {core['n_tasks_total']} tasks")
                 if core["failed"]:  # the scored tasks are kept; the run still ends reporting the failure

@@ -376,6 +376,26 @@ def test_sigterm_during_a_long_validation_saves_without_waiting_for_it(env_base)
     assert "val_bpb" not in read_metrics(env_base, "preempt_eval")[-1]
 
 
+@pytest.mark.slow
+def test_sigterm_during_a_long_validation_on_two_ranks_stops_both_at_once(env_base):
+    # the ranks agree before every validation batch, so the pass ends on both without a desynchronised
+    # collective and without waiting for its 10M tokens
+    run = torchrun(env_base, 2, *TINY, "--model-tag", "preempt_eval2", "--num-iterations", "6", "--eval-every", "2",
+                   "--eval-tokens", str(10_000_000))
+    wait_for_line(run, "step 00002/6", timeout=240)
+    time.sleep(1.0)
+    run.send_signal(signal.SIGTERM)  # torchrun passes it on to both workers
+    out, _ = run.communicate(timeout=120)
+    # (torchrun itself exits 1 after a SIGTERM, once its workers are done; they finished cleanly)
+    assert "validation abandoned: stop requested" in out or "evaluations skipped: stop requested" in out, out
+    assert "stopped by signal at step 2" in out and "done: step 2/6" in out, out
+    from nanochat.checkpoint_manager import list_steps
+
+    d = run_dir(env_base, "preempt_eval2")
+    assert list_steps(d) == [2]
+    assert (d / "optim_000002_rank0.pt").exists() and (d / "optim_000002_rank1.pt").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # distributed, for real (gloo on CPU)
 
