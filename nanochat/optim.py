@@ -171,8 +171,8 @@ class _Pending:
         self.wait_reductions()
         if self.work is not None:
             self.work.wait()
-        for dst, src in self.finish:
-            dst.copy_(src)
+        if self.finish:  # one multi-tensor copy for the stack's matrices, not one launch per matrix
+            torch._foreach_copy_([dst for dst, _ in self.finish], [src for _, src in self.finish])
         self.work, self.grad, self.finish, self.keep = None, None, [], []
 
 
