@@ -268,19 +268,17 @@ def saved_world_size(checkpoint_dir, step: int, meta: dict | None = None) -> int
 
 
 def load_optimizer_state(checkpoint_dir, step: int, rank: int = 0, world_size: int = 1, device="cpu",
-                         meta: dict | None = None) -> dict:
+                         meta: dict | None = None, merge: bool = False) -> dict:
     """This rank's optimizer state of a checkpoint. Written by the same number of ranks: that rank's file.
     Written by another number: every rank's file, merged into the unsharded state (`MuonAdamW.load_state_dict`
-    cuts its own shard from it), so a run resumes on more or fewer processes."""
-    from nanochat.optim import merge_rank_states, needs_merge
+    cuts its own shard from it), so a run resumes on more or fewer processes. `merge`: merged also at the
+    same world size (a state cut into other buckets, see nanochat.optim.LayoutChanged)."""
+    from nanochat.optim import merge_rank_states
 
     checkpoint_dir = Path(checkpoint_dir)
     saved = saved_world_size(checkpoint_dir, step, meta)
-    if saved == world_size:
-        own = _torch_load(optim_path(checkpoint_dir, step, rank), device)
-        if not needs_merge(own):
-            return own
-        # an older cut of the Muon stacks across ranks: rebuilt through the unsharded state
+    if saved == world_size and not merge:
+        return _torch_load(optim_path(checkpoint_dir, step, rank), device)
     states = [_torch_load(optim_path(checkpoint_dir, step, r), "cpu") for r in range(saved)]
     return merge_rank_states(states)
 

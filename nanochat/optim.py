@@ -17,9 +17,9 @@ step; nothing is compiled against them, so changing them costs nothing. Every gr
 
 Distributed (ZeRO-2 style, automatic when torch.distributed runs with world size W > 1; no DDP
 wrapper): each rank calls backward on its own micro-batches, and `step()` averages the gradients:
-- a Muon stack of n matrices is cut into K = ceil(n / W) buckets of W consecutive matrices (the last
-  padded with zero matrices), each reduce-scattered, so rank r owns matrices r, W + r, 2W + r, ...:
-  it keeps their momentum, orthogonalises them and all-gathers them;
+- a Muon stack of n matrices is cut into buckets of m*W consecutive matrices (about `bucket_bytes`;
+  the last padded with zero matrices), each reduce-scattered, so rank r owns the r-th run of m matrices
+  of every bucket: it keeps their momentum, orthogonalises them and all-gathers them;
 - an AdamW tensor whose first dimension divides by W (and is large enough) is reduce-scattered
   along that dimension; any other one is reduced to an owner rank (round robin) that updates it and
   broadcasts it back.
@@ -125,17 +125,31 @@ def muon_tail(p: torch.Tensor, X: torch.Tensor, second_moment: torch.Tensor | No
 
 @dataclass
 class _MuonStack:
-    """n matrices of one shape, dtype and device, updated as one (K, R, C) batch per rank. Distributed, the
-    matrices are cut into K = ceil(n / W) buckets of W consecutive ones (the last zero-padded); rank r owns
-    the r-th matrix of every bucket, i.e. matrices r, W + r, 2W + r, ... A bucket's gradients are complete
-    as soon as backward has passed its (consecutive) layers, so its reduce-scatter can start then."""
+    """n matrices of one shape, dtype and device, updated as one (K, R, C) batch per rank, K = ceil(n / W).
+
+    Distributed, the matrices are cut into K / m buckets of m*W consecutive ones (the last zero-padded), and
+    rank r owns the r-th run of m matrices of every bucket: bucket b's matrices b*m*W + r*m + j (j < m) are
+    rank r's slots b*m + j. A bucket's gradients are complete as soon as backward has passed its
+    (consecutive) layers, so its reduce-scatter can start then. m (`group`) divides K and makes a bucket
+    about `bucket_bytes`; m = K is one bucket, the cut of nanochat before buckets."""
     params: list[torch.nn.Parameter]
     per_rank: int  # K
     shape: tuple[int, int]
     world: int = 1
+    group: int = 1  # m
+
+    @property
+    def buckets(self) -> int:
+        return self.per_rank // self.group
+
+    def index(self, rank: int, slot: int) -> int:
+        """The matrix in `rank`'s `slot` (>= n: padding)."""
+        b, j = divmod(slot, self.group)
+        return (b * self.world + rank) * self.group + j
 
     def owned(self, rank: int) -> list[torch.nn.Parameter]:
-        return self.params[rank::self.world]
+        """`rank`'s matrices in slot order (the padding, always last, left out)."""
+        return [self.params[i] for i in (self.index(rank, s) for s in range(self.per_rank)) if i < len(self.params)]
 
 
 @dataclass
@@ -203,7 +217,8 @@ class MuonAdamW(torch.optim.Optimizer):
     def __init__(self, param_groups, *, orth: str = "polar_express", ns_steps: int = 5, normuon: bool = True,
                  beta2: float = 0.9, cautious_wd: bool = True, orth_dtype: torch.dtype = torch.bfloat16,
                  momentum: float = 0.95, nesterov: bool = True, adam_betas=(0.8, 0.95), adam_eps: float = 1e-10,
-                 shard_min_numel: int = 16384, compile: bool = False, reduce_dtype: torch.dtype = torch.float32):
+                 shard_min_numel: int = 16384, compile: bool = False, reduce_dtype: torch.dtype = torch.float32,
+                 bucket_bytes: int = 64 * 2**20):
         self._kind_defaults = {
             "muon": dict(MUON_DEFAULTS, orth=orth, ns_steps=ns_steps, normuon=normuon, beta2=beta2,
                          cautious_wd=cautious_wd, orth_dtype=orth_dtype, momentum=momentum, nesterov=nesterov),
@@ -213,6 +228,7 @@ class MuonAdamW(torch.optim.Optimizer):
         if reduce_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"reduce_dtype must be torch.float32 or torch.bfloat16, got {reduce_dtype}")
         self.reduce_dtype = reduce_dtype
+        self.bucket_bytes = bucket_bytes
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.world_size = dist.get_world_size() if distributed else 1
         self.rank = dist.get_rank() if distributed else 0
@@ -287,7 +303,8 @@ class MuonAdamW(torch.optim.Optimizer):
                 for p in group["params"]:
                     by_key.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
                 for (shape, _, _), ps in by_key.items():
-                    units.append(_MuonStack(ps, per_rank=-(-len(ps) // W), shape=shape, world=W))
+                    K = -(-len(ps) // W)
+                    units.append(_MuonStack(ps, per_rank=K, shape=shape, world=W, group=self._group(K, shape)))
             else:
                 for p in group["params"]:
                     if W == 1:
@@ -299,6 +316,13 @@ class MuonAdamW(torch.optim.Optimizer):
                         n_owner += 1
             plan.append(units)
         return plan
+
+    def _group(self, K: int, shape: tuple[int, int]) -> int:
+        """Matrices per rank per bucket: the largest divisor of K (no padding beyond K*W) whose bucket of
+        m*W matrices stays within bucket_bytes (at least 1)."""
+        per_matrix = shape[0] * shape[1] * torch.empty((), dtype=self.reduce_dtype).element_size()
+        target = max(1, self.bucket_bytes // max(1, per_matrix * self.world_size))
+        return max(d for d in range(1, K + 1) if K % d == 0 and d <= target) if K else 1
 
     def _get_plan(self):
         if self._plan is None:
@@ -333,9 +357,9 @@ class MuonAdamW(torch.optim.Optimizer):
             items = []
             for ui, unit in enumerate(u for units in self._get_plan() for u in units):
                 if isinstance(unit, _MuonStack):
-                    W = self.world_size if self.world_size > 1 else len(unit.params)
-                    for b in range(unit.per_rank if self.world_size > 1 else 1):
-                        items.append(_Reduction(len(items), ui, unit, b, unit.params[b * W:(b + 1) * W]))
+                    size = unit.group * self.world_size if self.world_size > 1 else len(unit.params)
+                    for b in range(unit.buckets if self.world_size > 1 else 1):
+                        items.append(_Reduction(len(items), ui, unit, b, unit.params[b * size:(b + 1) * size]))
                 else:
                     items.append(_Reduction(len(items), ui, unit, -1, [unit.param]))
             self._items = items
@@ -451,10 +475,9 @@ class MuonAdamW(torch.optim.Optimizer):
         item.taken[i] = True
         if isinstance(item.unit, _MuonStack) and self.world_size > 1:
             g = item.params[i].grad
-            if item.buf is None:
-                item.buf = g.new_zeros((self.world_size, *item.unit.shape), dtype=self.reduce_dtype) \
-                    if g is not None else torch.zeros((self.world_size, *item.unit.shape), dtype=self.reduce_dtype,
-                                                      device=item.params[i].device)
+            if item.buf is None:  # (m*W, R, C): the bucket's matrices, zero padding included
+                item.buf = torch.zeros((item.unit.group * self.world_size, *item.unit.shape), dtype=self.reduce_dtype,
+                                       device=item.params[i].device)
             if g is not None:
                 item.buf[i].copy_(g)
 
@@ -471,7 +494,8 @@ class MuonAdamW(torch.optim.Optimizer):
                 return
             if pend.recv is None:
                 pend.recv = item.buf.new_empty((unit.per_rank, *unit.shape))
-            pend.reductions.append(_reduce_scatter(pend.recv[item.bucket:item.bucket + 1], item.buf))
+            m = unit.group  # rank r receives the bucket's r-th run of m matrices: its slots b*m .. b*m + m - 1
+            pend.reductions.append(_reduce_scatter(pend.recv[item.bucket * m:(item.bucket + 1) * m], item.buf))
             pend.keep.append(item.buf)
             item.buf = None
             return
@@ -535,7 +559,12 @@ class MuonAdamW(torch.optim.Optimizer):
         full = p.new_empty((K * W, *stack.shape), dtype=stack.params[0].dtype)  # rank-major: (W, K) slots
         pend.keep = [p.to(full.dtype)]
         pend.work = _all_gather(full, pend.keep[0])
-        pend.finish = [(q, full[(i % W) * K + i // W]) for i, q in enumerate(stack.params)]
+        n, where = len(stack.params), {}
+        for r in range(W):
+            for s in range(K):
+                if stack.index(r, s) < n:
+                    where[stack.index(r, s)] = r * K + s
+        pend.finish = [(q, full[where[i]]) for i, q in enumerate(stack.params)]
 
     def _adam_update(self, pend: _Pending) -> None:
         group, unit, W, rank = pend.group, pend.unit, self.world_size, self.rank
@@ -597,7 +626,7 @@ class MuonAdamW(torch.optim.Optimizer):
             g["param_shapes"] = [tuple(p.shape) for p in group["params"]]
             groups.append(g)
             states.append([dict(self.state[_key(u)]) if _key(u) in self.state else {} for u in units])
-            layout.append([{"n": len(u.params), "per_rank": u.per_rank, "order": "interleaved"}
+            layout.append([{"n": len(u.params), "per_rank": u.per_rank, "group": u.group}
                            if isinstance(u, _MuonStack)
                            else {"mode": u.mode, "owner": u.owner} for u in units])
         return {"world_size": self.world_size, "rank": self.rank, "param_groups": groups, "state": states,
@@ -613,10 +642,14 @@ class MuonAdamW(torch.optim.Optimizer):
                              f"{saved_rank}), but this run has world size {self.world_size}: merge the ranks' "
                              f"states first (nanochat.optim.merge_rank_states, which "
                              f"checkpoint_manager.load_optimizer_state does)")
-        if not reshard and self.world_size > 1 and needs_merge(state_dict):
-            raise ValueError("this optimizer state cuts its Muon stacks into contiguous blocks per rank (written "
-                             "by an older nanochat); merge the ranks' states first (nanochat.optim."
-                             "merge_rank_states, which checkpoint_manager.load_optimizer_state does)")
+        if not reshard and self.world_size > 1:
+            saved_groups = [_group_of(lay) for g in state_dict.get("layout", []) for lay in g if "n" in lay]
+            own_groups = [u.group for units in self._get_plan() for u in units if isinstance(u, _MuonStack)]
+            if saved_groups != own_groups:
+                raise LayoutChanged(f"this optimizer state cuts its Muon stacks into buckets of {saved_groups} "
+                                    f"matrices per rank, this optimizer into {own_groups} (another nanochat "
+                                    f"version or bucket size): merge the ranks' states first (nanochat.optim."
+                                    f"merge_rank_states; checkpoint_manager.load_optimizer_state(merge=True))")
         if not reshard and saved_rank != self.rank:
             raise ValueError(f"this optimizer state belongs to rank {saved_rank}, but it is being loaded on rank "
                              f"{self.rank}: load optim_..._rank{self.rank}.pt on each rank")
@@ -648,12 +681,11 @@ class MuonAdamW(torch.optim.Optimizer):
         W, r = self.world_size, self.rank
         if not full:
             return {}
-        if isinstance(unit, _MuonStack):  # (n, ...) -> zero-padded to (K*W, ...) -> matrices r, W + r, ...
-            K, out = unit.per_rank, {}
+        if isinstance(unit, _MuonStack):
+            out = {}
             for k, v in full.items():
                 if torch.is_tensor(v) and v.ndim >= 1:
-                    padded = torch.cat([v, v.new_zeros((K * W - v.shape[0], *v.shape[1:]))])
-                    out[k] = padded.view(K, W, *v.shape[1:])[:, r].clone()
+                    out[k] = _stack_shard(v, unit.per_rank, W, unit.group, r)
                 else:
                     out[k] = v
             return out
@@ -685,8 +717,8 @@ def merge_rank_states(states: list[dict]) -> dict:
         for ui, lay in enumerate(group_layout):
             per_rank = [s["state"][gi][ui] for s in states]
             if "n" in lay:
-                full = _concat_states(per_rank, limit=lay["n"], interleave=lay.get("order") == "interleaved")
-                unit_layout.append({"n": lay["n"], "per_rank": lay["n"], "order": "interleaved"})
+                full = _concat_states(per_rank, limit=lay["n"], group=_group_of(lay))
+                unit_layout.append({"n": lay["n"], "per_rank": lay["n"], "group": lay["n"]})
             else:
                 if lay["mode"] == "shard":
                     full = _concat_states(per_rank)
@@ -702,23 +734,36 @@ def merge_rank_states(states: list[dict]) -> dict:
             "layout": layout, "merged_from_world_size": W}
 
 
-def needs_merge(state: dict) -> bool:
-    """Whether a per-rank state holds its Muon stacks in the older contiguous cut (rank r owning matrices
-    [r*K, (r+1)*K)), which only `merge_rank_states` reads: this version owns matrices r, W + r, ..."""
-    return state.get("world_size", 1) > 1 and any(
-        "n" in lay and lay.get("order") != "interleaved" for group in state.get("layout", []) for lay in group)
+def _stack_shard(v: torch.Tensor, K: int, W: int, m: int, r: int) -> torch.Tensor:
+    """Rank r's (K, ...) slots of a Muon stack's (n, ...) state: zero-padded to K*W matrices, cut into
+    buckets of m*W, the r-th run of m of each bucket (see _MuonStack)."""
+    padded = torch.cat([v, v.new_zeros((K * W - v.shape[0], *v.shape[1:]))])
+    return padded.view(K // m, W, m, *v.shape[1:])[:, r].reshape(K, *v.shape[1:]).clone()
 
 
-def _concat_states(per_rank: list[dict], limit: int | None = None, interleave: bool = False) -> dict:
-    """Per-rank unit states joined along dim 0: concatenated, or (`interleave`: rank r's slot b is row
-    b * W + r) interleaved."""
+class LayoutChanged(ValueError):
+    """A per-rank optimizer state cut into other buckets than this optimizer's: load it merged."""
+
+
+def _group_of(lay: dict) -> int:
+    # states written before buckets (no "group") cut each stack in one piece: m = K
+    return lay.get("group", lay["per_rank"])
+
+
+def _concat_states(per_rank: list[dict], limit: int | None = None, group: int | None = None) -> dict:
+    """Per-rank unit states joined along dim 0: concatenated, or for a Muon stack (`group` m: rank r's slot
+    b*m + j is matrix (b*W + r)*m + j) put back in matrix order."""
     if not any(per_rank):
         return {}
     out = {}
     for k, v in per_rank[0].items():
         if torch.is_tensor(v) and v.ndim >= 1:
             parts = [s[k] for s in per_rank]
-            cat = torch.stack(parts, dim=1).flatten(0, 1) if interleave else torch.cat(parts)
+            if group is None:
+                cat = torch.cat(parts)
+            else:  # (W, K, ...) -> (W, K/m, m, ...) -> (K/m, W, m, ...) -> matrix order
+                W, K, rest = len(parts), parts[0].shape[0], parts[0].shape[1:]
+                cat = torch.stack(parts).view(W, K // group, group, *rest).transpose(0, 1).reshape(W * K, *rest)
             out[k] = cat[:limit] if limit is not None else cat
         else:
             out[k] = v  # step counters agree across ranks

@@ -32,6 +32,7 @@ from nanochat import cpu_threads
 from nanochat import run_dir as rd
 from nanochat.common import RuntimeContext, init_runtime
 from nanochat.config import ConfigError
+from nanochat.optim import LayoutChanged
 from nanochat.run_dir import RunLock, RunLockedError, clean_run_dir
 
 EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_OOM, EXIT_EVAL = 0, 2, 3, 4, 5
@@ -242,7 +243,10 @@ def restore_training_checkpoint(out_dir: Path, which, ctx: RuntimeContext, model
     model_state, optim_state, _ = ckpt.load_checkpoint(out_dir, step, device=ctx.device, load_optimizer=True,
                                                        rank=ctx.rank, world_size=ctx.world_size)
     ckpt.load_state_into(model, model_state)
-    optimizer.load_state_dict(optim_state)
+    try:
+        optimizer.load_state_dict(optim_state)
+    except LayoutChanged:  # same world size, other buckets (an older version): through the unsharded state
+        optimizer.load_state_dict(ckpt.load_optimizer_state(out_dir, step, ctx.rank, ctx.world_size, merge=True))
     # the data loader's state is the same on every rank (rank-free); a synthetic loader converts its count
     loader_states = meta["dataloader_state"]
     loader.load_state_dict(loader_states[ctx.rank % len(loader_states)])

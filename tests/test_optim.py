@@ -13,6 +13,7 @@ from torch import nn
 
 import nanochat.optim as optim_module
 from nanochat.optim import (
+    LayoutChanged,
     MuonAdamW,
     build_optimizer,
     merge_rank_states,
@@ -275,14 +276,14 @@ def _train(config, steps, rank=0, world=1, model=None, opt=None, start=0, early=
     return model, opt
 
 
-def _roundtrip(config, split, rank=0, world=1):
+def _roundtrip(config, split, rank=0, world=1, **opt_kw):
     """Train `split` steps, save the optimizer through bytes, continue in a fresh optimizer."""
-    model, opt = _train(config, split, rank, world)
+    model, opt = _train(config, split, rank, world, **opt_kw)
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
     fresh = ToyModel(seed=123)  # different weights, overwritten below
     fresh.load_state_dict(model.state_dict())
-    fresh_opt = build_optimizer(fresh, orth_dtype=torch.float32, shard_min_numel=0, **config)
+    fresh_opt = build_optimizer(fresh, orth_dtype=torch.float32, shard_min_numel=0, **config, **opt_kw)
     buf.seek(0)
     fresh_opt.load_state_dict(torch.load(buf))
     return _train(config, STEPS, rank, world, fresh, fresh_opt, start=split)[0]
@@ -359,44 +360,88 @@ def _dist_worker(rank, world, port, out_dir):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
         results = {}
-        for i, config in enumerate(CONFIGS):
-            model, opt = _train(config, STEPS, rank, world)
+        for i, config in enumerate(CONFIGS):  # (bucket_bytes=1: one matrix per rank per bucket)
+            model, opt = _train(config, STEPS, rank, world, bucket_bytes=1)
             results[f"params{i}"] = {n: p.detach().clone() for n, p in model.named_parameters()}
             results[f"state{i}"] = opt.state_dict()
-        early, _ = _train(CONFIGS[0], STEPS, rank, world, early=True)
-        results["early0"] = {n: p.detach().clone() for n, p in early.named_parameters()}
+        params = lambda m: {n: p.detach().clone() for n, p in m.named_parameters()}  # noqa: E731
+        results["early0"] = params(_train(CONFIGS[0], STEPS, rank, world, early=True, bucket_bytes=1)[0])
         # reductions started from backward's gradient hooks; the embedding's gradient comes last, so
         # when it arrives the LM head's and the matrices' reductions are already in flight
         model = ToyModel()
+        opt = build_optimizer(model, weight_decay=0.2, orth_dtype=torch.float32, shard_min_numel=0, **CONFIGS[0],
+                              bucket_bytes=1)
         started = []
         model.emb.register_hook(lambda g: started.append(opt.reductions_started))
-        overlapped, opt = _train(CONFIGS[0], STEPS, rank, world, model=model, overlap=True)
-        results["overlap0"] = {n: p.detach().clone() for n, p in overlapped.named_parameters()}
+        results["overlap0"] = params(_train(CONFIGS[0], STEPS, rank, world, model=model, opt=opt, overlap=True)[0])
         results["overlap_started"], results["overlap_stats"] = started, opt.overlap_stats
-        results["overlap_early0"] = {n: p.detach().clone() for n, p in
-                                     _train(CONFIGS[0], STEPS, rank, world, overlap=True, early=True)[0].named_parameters()}
-        bf16, _ = _train(CONFIGS[0], STEPS, rank, world, overlap=True, reduce_dtype=torch.bfloat16)
-        results["bf16_0"] = {n: p.detach().clone() for n, p in bf16.named_parameters()}
-        resumed = _roundtrip(CONFIGS[0], 2, rank, world)
+        results["overlap_early0"] = params(_train(CONFIGS[0], STEPS, rank, world, overlap=True, early=True,
+                                                  bucket_bytes=1)[0])
+        # the default buckets (here one per stack: tiny matrices), with and without overlap
+        results["one_bucket0"] = params(_train(CONFIGS[0], STEPS, rank, world)[0])
+        results["one_bucket_overlap0"] = params(_train(CONFIGS[0], STEPS, rank, world, overlap=True)[0])
+        bf16, _ = _train(CONFIGS[0], STEPS, rank, world, overlap=True, reduce_dtype=torch.bfloat16, bucket_bytes=1)
+        results["bf16_0"] = params(bf16)
+        resumed = _roundtrip(CONFIGS[0], 2, rank, world, bucket_bytes=1)
         results["resumed0"] = {n: p.detach().clone() for n, p in resumed.named_parameters()}
         # elastic: this run's state after 2 steps (merged later into one process), and the single-process
         # state after 2 steps cut into this world size's shards, then trained on to the end
-        two_steps = _train(CONFIGS[0], 2, rank, world)[1]
+        two_steps = _train(CONFIGS[0], 2, rank, world, bucket_bytes=1)[1]
         results["two_steps"] = two_steps.state_dict()
         old = _contiguous_cut(results["two_steps"], rank, world)
-        with pytest.raises(ValueError, match="merge the ranks' states first"):
+        with pytest.raises(LayoutChanged, match="merge the ranks' states first"):
             two_steps.load_state_dict(old)  # an older per-rank cut: only through merge_rank_states
         results["two_steps_old_cut"] = old
         single = torch.load(f"{out_dir}/single_two_steps.pt")
         model = ToyModel(seed=123)
         model.load_state_dict(single["model"])
-        opt = build_optimizer(model, orth_dtype=torch.float32, shard_min_numel=0, **CONFIGS[0])
+        opt = build_optimizer(model, orth_dtype=torch.float32, shard_min_numel=0, **CONFIGS[0], bucket_bytes=1)
         opt.load_state_dict(single["optim"])
         results["from_single"] = {n: p.detach().clone()
                                   for n, p in _train(CONFIGS[0], STEPS, rank, world, model, opt, start=2)[0].named_parameters()}
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("n,W", [(5, 2), (8, 2), (12, 3), (7, 4), (20, 8), (1, 3)])
+def test_bucket_cut_of_a_stack_and_its_inverse(n, W):
+    """Every (K, W, m) cut of a Muon stack: rank r's slot s holds matrix index(r, s); owned() lists them in
+    slot order with the padding last; the per-rank cuts put back together give the stack again."""
+    from nanochat.optim import _concat_states, _MuonStack, _stack_shard
+
+    K = -(-n // W)
+    full = torch.arange(n, dtype=torch.float32)[:, None, None].expand(n, 2, 3).clone()
+    for m in [d for d in range(1, K + 1) if K % d == 0]:
+        stack = _MuonStack([nn.Parameter(full[i].clone()) for i in range(n)], per_rank=K, shape=(2, 3), world=W,
+                           group=m)
+        shards = [_stack_shard(full, K, W, m, r) for r in range(W)]
+        seen = []
+        for r, shard in enumerate(shards):
+            for slot in range(K):
+                i = stack.index(r, slot)
+                assert float(shard[slot, 0, 0]) == (i if i < n else 0.0)  # padding is zero
+                seen.append(i)
+            owned = stack.owned(r)
+            assert [int(p[0, 0]) for p in owned] == [i for i in (stack.index(r, s) for s in range(K)) if i < n]
+        assert sorted(seen) == list(range(K * W))  # each slot once
+        if m == 1 and W > 1:  # one matrix per rank per bucket: rank r holds r, W + r, ...
+            assert [stack.index(0, s) for s in range(K)] == list(range(0, K * W, W))
+        if m == K:  # one bucket: the contiguous cut of older nanochat
+            assert [stack.index(1 % W, s) for s in range(K)] == [(1 % W) * K + s for s in range(K)]
+        merged = _concat_states([{"momentum_buffer": sh} for sh in shards], limit=n, group=m)
+        assert torch.equal(merged["momentum_buffer"], full)
+
+
+def test_bucket_sizes_follow_bucket_bytes():
+    opt = build_optimizer(ToyModel(), bucket_bytes=1)
+    opt.world_size = 2  # (the plan is a pure function of the world size; nothing is communicated here)
+    stacks = [u for units in opt._build_plan() for u in units if hasattr(u, "group")]
+    assert [(u.per_rank, u.group) for u in stacks][-1] == (3, 1)  # the five (3, 5) matrices
+    opt.bucket_bytes = 2 * 2 * 3 * 5 * 4  # two ranks x two fp32 (3, 5) matrices: K = 3 has no divisor 2
+    assert [u.group for units in opt._build_plan() for u in units if hasattr(u, "group")][-1] == 1
+    opt.bucket_bytes = 64 * 2**20
+    assert [u.group for units in opt._build_plan() for u in units if hasattr(u, "group")][-1] == 3
 
 
 def _contiguous_cut(state, rank, world):
@@ -410,7 +455,7 @@ def _contiguous_cut(state, rank, world):
         for ui, lay in enumerate(group):
             if "n" in lay:
                 K = lay["per_rank"]
-                del lay["order"]
+                del lay["group"]
                 for k, v in merged["state"][gi][ui].items():
                     if torch.is_tensor(v) and v.ndim >= 1:
                         padded = torch.cat([v, v.new_zeros((K * world - v.shape[0], *v.shape[1:]))])
@@ -433,7 +478,7 @@ def test_distributed_matches_single_process(world, tmp_path):
                                            msg=lambda m, i=i, r=r, name=name: f"config {i}, rank {r}, {name}: {m}")
     # Muon and Adam updates are blind to the gradient's scale, the state is not: it must hold the
     # mean gradient's momentum, sliced by rank. The 5 (3, 5) matrices: ceil(5 / W) per rank, zero-padded,
-    # rank r holding matrices r, W + r, ...
+    # rank r holding matrices r, W + r, ... (buckets of one matrix per rank)
     single_state = single_opt.state_dict()["state"]
     per_rank = -(-5 // world)
     mats_momentum = single_state[0][4]["momentum_buffer"]  # units: (16,8), (8,16), (8,8), (8,5), (3,5)
@@ -451,6 +496,9 @@ def test_distributed_matches_single_process(world, tmp_path):
             assert torch.equal(res["early0"][name], p), name  # nor do reductions launched before step()
             assert torch.equal(res["overlap0"][name], p), name  # nor reductions launched during backward
             assert torch.equal(res["overlap_early0"][name], p), name
+            assert torch.equal(res["one_bucket_overlap0"][name], res["one_bucket0"][name]), name
+            # other buckets: other slots in the batched orthogonalisation, the same math up to rounding
+            torch.testing.assert_close(res["one_bucket0"][name], p, rtol=1e-5, atol=1e-6)
             # bf16 reductions: the sums are rounded to bf16 (8 bits), the update math stays fp32
             torch.testing.assert_close(res["bf16_0"][name], p, rtol=0.05, atol=0.02)
     assert any(not torch.equal(res["bf16_0"][name], p) for name, p in ranks[0]["params0"].items())
