@@ -180,6 +180,28 @@ def test_compiled_optimizer_matches_eager():
         torch.testing.assert_close(a, b, atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("compile", [False, True])
+def test_optimizer_step_never_syncs_with_the_host(compile):
+    # CUDA's sync debug mode raises on any device-to-host wait (a .item(), a pageable copy, ...)
+    from nanochat.optim import build_optimizer
+
+    model = small_model()
+    opt = build_optimizer(model, weight_decay=0.1, compile=compile)
+    x = torch.randint(0, 512, (4, 256), device=DEV)
+    for step in range(3):  # the first step compiles and allocates state; the later ones must not sync
+        for group in opt.param_groups:
+            group["lr"] = group["initial_lr"] * (1.0 - 0.1 * step)
+        model(x, x).backward()
+        torch.cuda.synchronize()
+        if step:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        model.zero_grad(set_to_none=True)
+
+
 def test_auto_batch_probe_returns_a_size_that_trains():
     from nanochat.autobatch import candidate_batch_sizes, find_device_batch_size
 

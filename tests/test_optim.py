@@ -541,6 +541,28 @@ def test_distributed_matches_single_process(world, tmp_path):
         torch.testing.assert_close(dict(continued.named_parameters())[name], p, rtol=1e-5, atol=1e-5)
 
 
+def test_step_reads_no_tensor_value_on_the_host(monkeypatch):
+    """On a GPU, reading a tensor's value on the host (.item(), .tolist(), float(t), if t: ...) or making a
+    tensor from a Python number (torch.tensor(x, device=cuda)) waits for the device. The CPU analogue:
+    every such call is made to fail inside step(), which must not need any (schedules change lr, weight
+    decay and momentum between steps, which enter as plain floats or refilled device scalars)."""
+    model, opt = _train(CONFIGS[0], 1)  # state exists
+    idx, targets = _batch(1)
+    model.loss(idx, targets).backward()
+    for group in opt.param_groups:
+        group["lr"] *= 0.5
+
+    def host_read(*args, **kwargs):
+        raise AssertionError("step() read a tensor on the host / made one from a Python number")
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, host_read)
+    monkeypatch.setattr(torch, "tensor", host_read)
+    opt.step()
+    monkeypatch.undo()
+    assert opt.state[model.emb]["step"] == 2
+
+
 def test_trains_the_real_gpt():
     from nanochat.gpt import GPT, GPTConfig
 
