@@ -199,7 +199,7 @@ class _Reduction:
         self.reset(None)
 
     def reset(self, pend: _Pending | None) -> None:
-        self.pend, self.buf, self.launched = pend, None, False
+        self.pend, self.buf = pend, None
         self.taken = [False] * len(self.params)
         self.waiting = len(self.params)
 
@@ -380,7 +380,7 @@ class MuonAdamW(torch.optim.Optimizer):
         """Arm the next backward pass to start the gradient reductions while it runs (distributed only).
 
         Call it before the last micro-batch's backward. Every parameter then has a post-accumulate-grad
-        hook: a Muon bucket's reduce-scatter starts once backward has produced the gradients of its W
+        hook: a Muon bucket's reduce-scatter starts once backward has produced the gradients of its m*W
         matrices (a layer group), an AdamW tensor's once its own gradient is done (the LM head's first).
         They start in one fixed order on every rank: at the first overlapped step the planned one, then
         the order rank 0 saw its gradients finish in. A reduction whose turn has come waits for the one
@@ -435,7 +435,8 @@ class MuonAdamW(torch.optim.Optimizer):
         self.overlap_stats = {"in_backward": early if armed else 0, "total": len(self._order)}
         if armed and not self._order_agreed:
             # from now on, launch in the order the gradients came (rank 0's, so that every rank agrees)
-            seen = self._seen + [i for i in range(len(self._items)) if i not in set(self._seen)]
+            first = set(self._seen)
+            seen = self._seen + [i for i in range(len(self._items)) if i not in first]
             box = [seen]
             dist.broadcast_object_list(box, src=0)
             self._order, self._order_agreed = list(box[0]), True
@@ -486,7 +487,7 @@ class MuonAdamW(torch.optim.Optimizer):
         """Start one reduction (every gradient of it is final), or, single process, just collect the gradient."""
         for i in range(len(item.params)):
             self._take(item, i)
-        item.launched, pend, W, unit = True, item.pend, self.world_size, item.unit
+        pend, W, unit = item.pend, self.world_size, item.unit
         if isinstance(unit, _MuonStack):
             if W == 1:
                 pend.grad = torch.stack([p.grad if p.grad is not None else torch.zeros_like(p)
