@@ -168,3 +168,27 @@ def test_compiled_blocks_share_graphs_and_finish_late_gradients_early():
         model(x[:1], y[:1], loss_reduction="none")  # another shape, no grad: eager, nothing compiled
     assert backend.graphs == graphs
     assert not any("_orig_mod" in k for k in model.state_dict())
+
+
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_gradient_hooks_added_after_the_first_step_do_not_recompile(scope):
+    # MuonAdamW.overlap_backward registers post-accumulate-grad hooks on every parameter at the first
+    # distributed step, after the model has compiled: that must not cost a second compilation
+    torch._dynamo.reset()
+    model = build(**CONFIGS["record"])
+    backend = CountingBackend()
+    if scope == "blocks":
+        run = model.compile_blocks(backend=backend, dynamic=False)
+    else:
+        model.before_compile()
+        run = torch.compile(model, backend=backend, dynamic=False, fullgraph=True)
+    x, y = torch.randint(0, 300, (2, 32)), torch.randint(0, 300, (2, 32))
+    run(x, y).backward()
+    graphs = backend.graphs
+    fired = []
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(lambda p: fired.append(p))
+    for _ in range(2):
+        run(x, y).backward()
+    assert backend.graphs == graphs
+    assert len(fired) == 2 * len(list(model.parameters()))
