@@ -10,6 +10,9 @@
 #                             from a local git copy: NANOCHAT_REFERENCE_GIT (a checkout or a bare git dir;
 #                             default /work/.mirror/karpathy+nanochat/repo when it exists); skipped if none
 #   .device_carry/commit      the commit being measured (the device gets a copy of the tree, not .git)
+# Not carried: FA4. flash-attn-4 (4.0.0b36) needs nvidia-cutlass-dsl, whose CUDA 12 library wheel alone
+# is 92 MB (checked 2026-12-02), over the device tool's 64 MiB carry limit; gpu_bench.sh then records
+# fa4 as not available unless the GPU machine has it installed.
 #
 #   bash benchmarks/device_prepare.sh
 # then run on the GPU machine, carrying that folder:
