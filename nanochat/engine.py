@@ -135,6 +135,22 @@ class SlotKVCache(KVCache):
         self.lengths[slot], self.active[slot] = 0, False
         self._pos = None
 
+    def move(self, src: int, dst: int) -> None:
+        """Slot `src`'s sequence into slot `dst` (whatever `dst` held is dropped); `src` becomes free."""
+        n = self.lengths[src]
+        self.k[:, dst, :n] = self.k[:, src, :n]
+        self.v[:, dst, :n] = self.v[:, src, :n]
+        self.lengths[dst], self.active[dst] = n, self.active[src]
+        self.release(src)
+
+    def head(self, n: int) -> "SlotKVCache":
+        """A cache over slots [0, n) sharing this one's storage: a forward through it writes here. Copy its
+        `lengths` back after the forward (BatchDecoder does)."""
+        view = SlotKVCache.__new__(SlotKVCache)
+        view.k, view.v = self.k[:, :n], self.v[:, :n]
+        view.lengths, view.active, view._pos = self.lengths[:n], self.active[:n], None
+        return view
+
     def keep(self, slots: list[int]) -> None:
         """Drop every slot not in `slots` (in that order): later forwards are that much smaller."""
         idx = torch.tensor(slots, dtype=torch.long, device=self.k.device)
@@ -190,6 +206,132 @@ class _Sample:
         self.in_python = False
         self.expr: list[int] = []
         self.forced: deque[int] = deque()
+
+
+class _Seq:
+    """One sequence of a BatchDecoder: its key, budget and sampling settings, and decode state."""
+
+    __slots__ = ("key", "budget", "temperature", "top_k", "top_p", "gen", "sample", "n", "feed")
+
+    def __init__(self, key, budget, temperature, top_k, top_p, gen):
+        self.key, self.budget, self.temperature, self.top_k, self.top_p, self.gen = \
+            key, budget, temperature, top_k, top_p, gen
+        self.sample, self.n, self.feed = _Sample(), 0, 0
+
+
+class BatchDecoder:
+    """Continuous batching for a caller that adds and drops sequences while it decodes (the chat server).
+
+    Up to `rows` sequences share one SlotKVCache. `add()` prefills a prompt alone (batch 1) into a free
+    row; every `step()` then advances all of them by one token in one forward and returns, per
+    sequence, (key, token, mask, finished), with the same stops, budget and calculator forcing as
+    `Engine.generate` (a stop token is returned, mask 1, with finished True). Each sequence has its own
+    temperature / top-k / top-p and its own generator, so what one samples does not depend on what it
+    was batched with. Busy rows are kept packed at the front (a finished row is refilled from the last
+    one), so a forward covers only the rows in use."""
+
+    def __init__(self, engine: "Engine", rows: int, max_len: int | None = None, stop_tokens=None,
+                 tools: bool = True):
+        if rows < 1:
+            raise ValueError(f"rows must be >= 1, got {rows}")
+        self.engine, self.model = engine, engine.model
+        self.max_len = max_len or self.model.config.sequence_len
+        self.cache = SlotKVCache.for_model(self.model, rows, self.max_len)
+        self.device = self.model.get_device()
+        self.logits = torch.zeros(rows, self.model.config.vocab_size, device=self.device)
+        self.seqs: list[_Seq] = []  # row i holds seqs[i]
+        self.stops = engine._stop_tokens(stop_tokens)
+        self.tool_ids = engine._tool_ids() if tools else None
+        self._keys = 0
+
+    @property
+    def rows(self) -> int:
+        return self.cache.slots
+
+    @property
+    def free(self) -> int:
+        return self.rows - len(self.seqs)
+
+    @torch.no_grad()
+    def add(self, prompt: Sequence[int], max_tokens: int, temperature: float = 1.0, top_k: int | None = None,
+            top_p: float | None = None, seed: int = 42) -> int | None:
+        """Prefill `prompt` into a free row; its key, or None when prompt + reply cannot fit (no reply)."""
+        if not prompt:
+            raise ValueError("a BatchDecoder needs non-empty prompts (start each with the BOS token)")
+        if not self.free:
+            raise RuntimeError(f"all {self.rows} rows are busy: wait for a step that finishes one")
+        budget = min(max_tokens, self.max_len - len(prompt))
+        if budget <= 0:
+            return None
+        row = len(self.seqs)
+        one = KVCache.for_model(self.model, 1, len(prompt))
+        idx = torch.tensor([list(prompt)], dtype=torch.long, device=self.device)
+        self.logits[row] = self.model(idx, kv_cache=one)[0, -1]
+        self.cache.load(row, one)
+        gen = None
+        if temperature != 0.0:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed)
+        key, self._keys = self._keys, self._keys + 1
+        self.seqs.append(_Seq(key, budget, temperature, top_k, top_p, gen))
+        return key
+
+    def drop(self, key: int) -> None:
+        """Stop decoding sequence `key` (a client that went away); unknown keys are ignored."""
+        for row, seq in enumerate(self.seqs):
+            if seq.key == key:
+                self._remove(row)
+                return
+
+    def _remove(self, row: int) -> None:
+        last = len(self.seqs) - 1
+        if row != last:  # keep the busy rows packed: the last one takes the freed row
+            self.cache.move(last, row)
+            self.logits[row] = self.logits[last]
+            self.seqs[row] = self.seqs[last]
+        else:
+            self.cache.release(row)
+        self.seqs.pop()
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[int, int, int, bool]]:
+        """Advance every sequence by one token: [(key, token, mask, finished)], finished ones removed."""
+        n = len(self.seqs)
+        if n == 0:
+            return []
+        cpu_threads.tick()
+        greedy = [r for r, s in enumerate(self.seqs) if s.temperature == 0.0]
+        picked = dict(zip(greedy, self.logits[greedy].argmax(dim=-1).tolist())) if greedy else {}
+        for r, s in enumerate(self.seqs):
+            if r not in picked:
+                picked[r] = int(sample_next(self.logits[r:r + 1], s.temperature, s.top_k, s.gen, s.top_p)[0, 0])
+        events, finished = [], []
+        for r, s in enumerate(self.seqs):
+            state = s.sample
+            if state.forced:
+                t, m = state.forced.popleft(), 0
+            else:
+                t, m = picked[r], 1
+                if t in self.stops:
+                    state.done = True
+                elif self.tool_ids is not None:
+                    self.engine._advance(state, t, self.tool_ids)
+            s.n += 1
+            s.feed = t
+            done = state.done or s.n >= s.budget
+            events.append((s.key, t, m, done))
+            if done:
+                finished.append(r)
+        for r in reversed(finished):  # descending: a moved row always comes from a row already looked at
+            self._remove(r)
+        n = len(self.seqs)
+        if n:
+            view = self.cache.head(n)
+            feed = torch.tensor([[s.feed] for s in self.seqs], dtype=torch.long, device=self.device)
+            self.logits[:n] = self.model(feed, kv_cache=view)[:, -1]
+            self.cache.lengths[:n] = view.lengths
+            self.cache._pos = None
+        return events
 
 
 class Engine:
@@ -316,6 +458,11 @@ class Engine:
         return results, masks
 
     @torch.inference_mode()
+    def decoder(self, rows: int, max_len: int | None = None, **kw) -> BatchDecoder:
+        """A BatchDecoder over this engine's model (rows capped by rows_for_memory)."""
+        max_len = max_len or self.model.config.sequence_len
+        return BatchDecoder(self, rows_for_memory(self.model, max_len, rows), max_len, **kw)
+
     def generate_many(self, prompts: Sequence[Sequence[int]], max_tokens: int | Sequence[int] = 64,
                       temperature: float = 1.0, top_k: int | None = None, seeds: Sequence[int] | int = 42,
                       stop_tokens=None, tools: bool = True, batch_size: int = 16, top_p: float | None = None,

@@ -407,3 +407,111 @@ def test_generate_many_forces_tool_output_per_row(tok):
                                                          batch_size=2)}
     assert got[0] == (reply, masks) and got[2] == (reply, masks)
     assert got[1] == (other_reply, [1] * len(other_reply))
+
+
+# ---------------------------------------------------------------------------------------------
+# BatchDecoder: sequences added and dropped while decoding (the chat server's continuous batching)
+
+from nanochat.engine import BatchDecoder  # noqa: E402
+
+
+def _alone(model, prompt, cap, stops, **kw):
+    """What Engine.generate gives one prompt: (tokens, masks), the stop token included."""
+    out = [(ids[0], m[0]) for ids, m in Engine(model).generate(prompt, max_tokens=cap, stop_tokens=stops, **kw)]
+    return [t for t, _ in out], [m for _, m in out]
+
+
+def _drive(decoder, jobs, drop_after=None):
+    """Admit `jobs` [(prompt, cap, kwargs)] whenever a row is free, step until all finish; {job: (tokens,
+    masks)}. `drop_after` (job, steps): that job is dropped after it has produced that many tokens."""
+    queue, got, key_of, done = list(range(len(jobs))), {}, {}, set()
+    while queue or decoder.seqs:
+        while queue and decoder.free:
+            j = queue.pop(0)
+            prompt, cap, kw = jobs[j]
+            key = decoder.add(prompt, cap, **kw)
+            got[j] = ([], [])
+            if key is None:
+                done.add(j)
+            else:
+                key_of[key] = j
+        for key, t, m, finished in decoder.step():
+            j = key_of[key]
+            got[j][0].append(t)
+            got[j][1].append(m)
+            if finished:
+                done.add(j)
+            elif drop_after is not None and j == drop_after[0] and len(got[j][0]) == drop_after[1]:
+                decoder.drop(key)
+                done.add(j)
+    assert done == set(range(len(jobs)))
+    return got
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(n_kv_head=2), dict(n_kv_head=1, window_pattern="SL"),
+                                dict(value_embeds=True, resid_scalars=True, n_layer=3)])
+def test_batch_decoder_greedy_equals_one_prompt_at_a_time(kw):
+    model = model_for(**kw)
+    caps = [30, 12, 40, 25, 3, 33, 18]  # rows finish at different steps and are refilled mid-flight
+    stops = {4, 17}
+    expect = [_alone(model, p, c, stops, temperature=0.0) for p, c in zip(PROMPTS, caps)]
+    assert len({len(t) for t, _ in expect}) > 3
+    for rows in (1, 3, 16):
+        decoder = BatchDecoder(Engine(model), rows, stop_tokens=stops)
+        got = _drive(decoder, [(p, c, dict(temperature=0.0)) for p, c in zip(PROMPTS, caps)])
+        assert [got[j] for j in range(len(PROMPTS))] == expect, rows
+        assert decoder.free == rows and decoder.cache.lengths == [0] * rows
+
+
+def test_batch_decoder_drop_frees_the_row_and_leaves_the_others_alone():
+    model = model_for(n_kv_head=2)
+    caps = [20] * 5
+    expect = [_alone(model, p, c, set(), temperature=0.0) for p, c in zip(PROMPTS[:5], caps)]
+    got = _drive(BatchDecoder(Engine(model), 3, stop_tokens=[]),
+                 [(p, c, dict(temperature=0.0)) for p, c in zip(PROMPTS[:5], caps)], drop_after=(0, 4))
+    assert got[0][0] == expect[0][0][:4]
+    assert [got[j] for j in range(1, 5)] == expect[1:]
+
+
+def test_batch_decoder_sampling_does_not_depend_on_the_batch():
+    model = model_for()
+    jobs = [(p, 20, dict(temperature=1.0, top_k=20, seed=7 + j)) for j, p in enumerate(PROMPTS)]
+    runs = [_drive(BatchDecoder(Engine(model), rows, stop_tokens=[]), jobs) for rows in (1, 4)]
+    assert runs[0] == runs[1]
+    assert len({tuple(runs[0][j][0]) for j in range(len(PROMPTS))}) == len(PROMPTS)
+    # mixed settings in one batch: a greedy row next to sampled ones is still the greedy reply
+    mixed = _drive(BatchDecoder(Engine(model), 4, stop_tokens=[]),
+                   [jobs[0], (PROMPTS[1], 20, dict(temperature=0.0)), jobs[2]])
+    assert mixed[1] == _alone(model, PROMPTS[1], 20, set(), temperature=0.0)
+    assert mixed[0] == runs[0][0] and mixed[2] == runs[0][2]
+
+
+def test_batch_decoder_context_limit_and_bad_input():
+    model = model_for(sequence_len=16)
+    decoder = BatchDecoder(Engine(model), 2, stop_tokens=[])
+    assert decoder.add([1] * 16, 10, temperature=0.0) is None  # the context is full: no reply
+    got = _drive(decoder, [(list(range(1, 11)), 100, dict(temperature=0.0))])
+    assert got[0][0] == generate_naive(model, list(range(1, 11)), 6)
+    with pytest.raises(ValueError, match="non-empty"):
+        decoder.add([], 5)
+    decoder.add([1], 5)
+    decoder.add([2], 5)
+    with pytest.raises(RuntimeError, match="rows are busy"):
+        decoder.add([3], 5)
+    with pytest.raises(ValueError, match="rows must be"):
+        BatchDecoder(Engine(model), 0)
+
+
+def test_batch_decoder_forces_tool_output_per_row(tok):
+    prompt, plan, reply, masks = calculator_script(tok)
+    sp = tok.encode_special
+    other = tok.encode("Say hi", prepend="<|bos|>")
+    other[0] = tok.encode("x")[0]
+    other_reply = tok.encode("hi there")
+    end = sp("<|assistant_end|>")
+    plans = {prompt[0]: plan, other[0]: other + other_reply + [end]}
+    decoder = BatchDecoder(Engine(SlotScriptedModel(plans, tok.get_vocab_size()), tok), 2)
+    got = _drive(decoder, [(prompt, 40, dict(temperature=0.0)), (other, 40, dict(temperature=0.0)),
+                           (prompt, 40, dict(temperature=0.0))])
+    assert got[0] == (reply + [end], masks + [1]) and got[2] == got[0]
+    assert got[1] == (other_reply + [end], [1] * (len(other_reply) + 1))
