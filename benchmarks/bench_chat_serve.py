@@ -4,6 +4,7 @@ the same replies with the Engine directly (no server, one after another).
 
     python benchmarks/bench_chat_serve.py                                  # a synthetic d4 model on CPU
     python benchmarks/bench_chat_serve.py --workers 1,2 --rounds 3 --out benchmarks/results/chat_serve.md
+    python benchmarks/bench_chat_serve.py --batch-sizes 1,8              # one at a time vs decoded together
     python benchmarks/bench_chat_serve.py --source sft --model-tag d12    # a trained checkpoint
 
 The synthetic model (random weights, a tokenizer trained on this package's source) never samples a stop
@@ -55,7 +56,7 @@ def synthetic_model(depth: int, seq_len: int):
     return model.eval(), tok
 
 
-def start_server(engines, name):
+def start_server(engines, name, batch_size):
     import uvicorn
 
     from nanochat.chat_server import create_app
@@ -63,7 +64,7 @@ def start_server(engines, name):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    app = create_app(engines, name, temperature=1.0, top_k=50, max_tokens=64)
+    app = create_app(engines, name, temperature=1.0, top_k=50, max_tokens=64, batch_size=batch_size)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -132,6 +133,8 @@ def main():
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per reply")
     p.add_argument("--concurrency", default="1,4,8")
     p.add_argument("--workers", default="1", help="comma-separated worker counts to measure (CPU: model copies)")
+    p.add_argument("--batch-sizes", default="8",
+                   help="comma-separated --batch-size values to measure (requests a worker decodes together)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on a loaded 2-core machine, 2 OpenMP threads decoded ~30x slower)")
@@ -141,6 +144,7 @@ def main():
         torch.set_num_threads(args.threads)
     levels = [int(x) for x in args.concurrency.split(",")]
     worker_counts = [int(x) for x in args.workers.split(",")]
+    batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
 
     if args.source:
         from nanochat.chat_session import load_chat_model
@@ -156,16 +160,17 @@ def main():
     servers = {}
     for w in worker_counts:
         engines = [base_engine] + [Engine(copy.deepcopy(model), tok) for _ in range(w - 1)]
-        servers[w] = start_server(engines, name)
+        for b in batch_sizes:
+            servers[(w, b)] = start_server(engines, name, b)
 
     rows: dict[tuple, list] = {}
     for r in range(args.rounds):
         for n in levels:
             b = baseline(base_engine, tok, model.config.sequence_len, n, args.max_tokens, r)
-            rows.setdefault(("batch-1 engine", 1, n), []).append(b)
-            for w, (_, _, url) in servers.items():
+            rows.setdefault(("batch-1 engine", (1, 1), n), []).append(b)
+            for wb, (_, _, url) in servers.items():
                 res = asyncio.run(concurrent(url, n, args.max_tokens, r))
-                rows.setdefault(("server", w, n), []).append(res)
+                rows.setdefault(("server", wb, n), []).append(res)
             print(f"round {r + 1}/{args.rounds}, {n} streams done", flush=True)
     for server, thread, _ in servers.values():
         server.should_exit = True
@@ -175,13 +180,14 @@ def main():
     lines = [f"model {name} ({n_params / 1e6:.1f}M params, context {model.config.sequence_len}), "
              f"{args.max_tokens} tokens per reply, {args.rounds} interleaved rounds, torch threads "
              f"{torch.get_num_threads()}, load average at the end {load[0]:.1f} / {load[1]:.1f} (1 / 5 min)", "",
-             "| path | workers | streams | TTFT median ms | TTFT max ms | aggregate tok/s | per-stream tok/s |",
-             "|---|---|---|---|---|---|---|"]
-    for (path, w, n), rs in rows.items():
+             "| path | workers | batch | streams | TTFT median ms | TTFT max ms | aggregate tok/s | per-stream tok/s |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (path, (w, bs), n), rs in rows.items():
         ttft = [t for rr in rs for t in rr["ttft"]]
         agg = statistics.median(rr["tokens"] / rr["wall"] for rr in rs)
         per = statistics.median(x for rr in rs for x in rr["per_stream"]) if path == "server" else agg
-        lines.append(f"| {path} | {w if path == 'server' else '-'} | {n} | {statistics.median(ttft) * 1e3:.0f} | "
+        lines.append(f"| {path} | {w if path == 'server' else '-'} | {bs if path == 'server' else '-'} | {n} | "
+                     f"{statistics.median(ttft) * 1e3:.0f} | "
                      f"{max(ttft) * 1e3:.0f} | {agg:.0f} | {per:.0f} |")
     table = "\n".join(lines)
     print("\n" + table)

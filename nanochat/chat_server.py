@@ -8,10 +8,12 @@
     GET  /health                ready?, workers busy / free, requests queued, the sampling defaults
     GET  /stats                 requests, tokens, time to first token, decode speed, per worker
 
-Workers: one model (an Engine) per GPU, or on CPU as many copies as asked; a request waits in a
-queue for a free worker, then generates on its own thread, so the event loop keeps answering
-(`/health` while a long reply streams). A client that disconnects mid-stream sets the request's
-cancel flag; the engine checks it every token and the worker goes back to the pool.
+Workers: one model (an Engine) per GPU, or on CPU as many copies as asked. Each worker decodes up to
+`batch_size` requests together on its own thread (continuous batching, engine.BatchDecoder: a request
+joins the running batch as soon as a row is free and leaves it when done); a request beyond that
+waits in a queue for a free slot. The event loop keeps answering meanwhile (`/health` while a long
+reply streams). A client that disconnects mid-stream sets the request's cancel flag; the worker
+checks it every token and frees the slot. `batch_size` 1 runs each request alone on a thread.
 
 Requests beyond the OpenAI fields: `top_k` (0 = off), and each content delta of a stream carries
 `part`: "text", "python" (a calculator call), "python_output" (its result) or "marker" (the
@@ -26,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import codecs
 import json
+import queue
 import secrets
 import statistics
 import threading
@@ -175,7 +178,10 @@ def validate_request(body, defaults: dict) -> ChatRequest:
 class Worker:
     index: int
     engine: object
-    busy: bool = False
+    busy: bool = False  # serving at least one request
+    active: int = 0  # requests it is serving now (at most `rows`)
+    rows: int = 1  # requests it decodes together (a BatchWorker when > 1)
+    batcher: object = None
     requests: int = 0
     tokens: int = 0
 
@@ -207,20 +213,32 @@ class Stats:
 
 
 class WorkerPool:
-    """Free workers in an asyncio queue: `await acquire()` waits for one; release from any thread."""
+    """Free request slots in an asyncio queue: `await acquire()` waits for one; release on the event loop.
 
-    def __init__(self, engines: list):
+    A worker has `rows` slots: with rows > 1 its requests are decoded together by a BatchWorker (one
+    forward per token for all of them), otherwise each runs alone on its own thread. Slots are queued
+    round robin across workers, so requests spread over them before any worker takes a second one."""
+
+    def __init__(self, engines: list, rows: int = 1):
         if not engines:
             raise ValueError("the server needs at least one model")
+        if rows < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {rows}")
         self.workers = [Worker(i, e) for i, e in enumerate(engines)]
+        if rows > 1:
+            for w in self.workers:
+                w.batcher = BatchWorker(w, rows)
+                w.rows = w.batcher.decoder.rows  # capped by the KV cache's memory budget
         self._free: asyncio.Queue | None = None
         self.waiting = 0
 
     def _queue(self) -> asyncio.Queue:
         if self._free is None:
             self._free = asyncio.Queue()
-            for w in self.workers:
-                self._free.put_nowait(w)
+            for slot in range(max(w.rows for w in self.workers)):
+                for w in self.workers:
+                    if slot < w.rows:
+                        self._free.put_nowait(w)
         return self._free
 
     async def acquire(self) -> Worker:
@@ -229,21 +247,32 @@ class WorkerPool:
             worker = await self._queue().get()
         finally:
             self.waiting -= 1
+        worker.active += 1
         worker.busy = True
         worker.requests += 1
         return worker
 
     def release(self, worker: Worker) -> None:  # on the event loop
-        worker.busy = False
+        worker.active -= 1
+        worker.busy = worker.active > 0
         self._queue().put_nowait(worker)
 
     @property
     def busy(self) -> int:
         return sum(w.busy for w in self.workers)
 
+    @property
+    def active(self) -> int:
+        return sum(w.active for w in self.workers)
+
+    @property
+    def slots(self) -> int:
+        return sum(w.rows for w in self.workers)
+
 
 class Generation:
-    """One reply generated on a worker thread; its pieces arrive through an asyncio queue."""
+    """One reply, generated on a worker thread (alone, or in a BatchWorker's batch); its pieces arrive
+    through an asyncio queue. `feed` and `finish` run on the generating thread."""
 
     def __init__(self, pool: WorkerPool, stats: Stats, worker: Worker, req: ChatRequest, prompt: list[int]):
         self.pool, self.stats, self.worker, self.req, self.prompt = pool, stats, worker, req, prompt
@@ -251,43 +280,115 @@ class Generation:
         self.loop = asyncio.get_running_loop()
         self.events: asyncio.Queue = asyncio.Queue()
         self.completion_tokens = 0
-        self.thread = threading.Thread(target=self._run, name=f"chat-worker-{worker.index}", daemon=True)
-        self.thread.start()
+        self.stream = ReplyStream(worker.engine.tokenizer)
+        self.t0, self.t_first = time.perf_counter(), None
+        if worker.batcher is not None:
+            worker.batcher.submit(self)
+        else:
+            self.thread = threading.Thread(target=self._run, name=f"chat-worker-{worker.index}", daemon=True)
+            self.thread.start()
 
     def _put(self, item) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
-    def _run(self) -> None:
-        engine, req = self.worker.engine, self.req
-        stream = ReplyStream(engine.tokenizer)
-        t0 = time.perf_counter()
-        t_first = None
-        finish = "error"
-        try:
-            for ids, masks in engine.generate(self.prompt, max_tokens=req.max_tokens, temperature=req.temperature,
-                                              top_k=req.top_k, top_p=req.top_p, seed=req.seed,
-                                              should_stop=self.cancel.is_set):
-                if t_first is None:
-                    t_first = time.perf_counter()
-                pieces = stream.feed(ids[0], masks[0])
-                if pieces:
-                    self._put(("pieces", pieces))
+    def feed(self, token: int, mask: int) -> None:
+        if self.t_first is None:
+            self.t_first = time.perf_counter()
+        pieces = self.stream.feed(token, mask)
+        if pieces:
+            self._put(("pieces", pieces))
+
+    def finish(self, error: str | None = None) -> None:
+        """The reply is over (its stop token, its length, a cancel, or `error`): report it, free the slot."""
+        stream = self.stream
+        if error is not None:  # reported to the client as an error event, and counted
+            finish = "error"
+            self._put(("error", error))
+        else:
             tail = stream.close()
             if tail:
                 self._put(("pieces", tail))
             finish = stream.finish_reason or ("cancelled" if self.cancel.is_set() else "length")
             self.completion_tokens = stream.tokens
             self._put(("done", finish))
-        except Exception as e:  # reported to the client as an error event, and counted
-            self._put(("error", f"generation failed: {type(e).__name__}: {e}"))
-        finally:
-            t_end = time.perf_counter()
-            ttft = (t_first - t0) if t_first is not None else None
-            rate = (stream.tokens - 1) / (t_end - t_first) if t_first is not None and stream.tokens > 1 \
-                and t_end > t_first else None
-            self.worker.tokens += stream.tokens
-            self.stats.record(finish, stream.tokens, ttft, rate)
-            self.loop.call_soon_threadsafe(self.pool.release, self.worker)
+        t_end = time.perf_counter()
+        ttft = (self.t_first - self.t0) if self.t_first is not None else None
+        rate = (stream.tokens - 1) / (t_end - self.t_first) if self.t_first is not None and stream.tokens > 1 \
+            and t_end > self.t_first else None
+        self.worker.tokens += stream.tokens
+        self.stats.record(finish, stream.tokens, ttft, rate)
+        self.loop.call_soon_threadsafe(self.pool.release, self.worker)
+
+    def _run(self) -> None:
+        engine, req = self.worker.engine, self.req
+        try:
+            for ids, masks in engine.generate(self.prompt, max_tokens=req.max_tokens, temperature=req.temperature,
+                                              top_k=req.top_k, top_p=req.top_p, seed=req.seed,
+                                              should_stop=self.cancel.is_set):
+                self.feed(ids[0], masks[0])
+        except Exception as e:
+            self.finish(error=f"generation failed: {type(e).__name__}: {e}")
+            return
+        self.finish()
+
+
+class BatchWorker:
+    """One thread decoding all of a worker's requests together (continuous batching, engine.BatchDecoder):
+    a request joins the batch as soon as it arrives (its prompt prefilled alone), every forward then
+    advances all of them by one token, and a finished or cancelled one leaves at once."""
+
+    def __init__(self, worker: Worker, rows: int):
+        self.worker = worker
+        self.decoder = worker.engine.decoder(rows)
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.thread = threading.Thread(target=self._loop, name=f"chat-batch-{worker.index}", daemon=True)
+        self.thread.start()
+
+    def submit(self, gen: Generation) -> None:
+        self.inbox.put(gen)
+
+    def _admit(self, live: dict) -> None:
+        while self.decoder.free:
+            try:
+                gen = self.inbox.get(block=not live)  # idle: sleep until a request comes
+            except queue.Empty:
+                return
+            if gen.cancel.is_set():
+                gen.finish()
+                continue
+            req = gen.req
+            try:
+                key = self.decoder.add(gen.prompt, req.max_tokens, temperature=req.temperature, top_k=req.top_k,
+                                       top_p=req.top_p, seed=req.seed)
+            except Exception as e:
+                gen.finish(error=f"generation failed: {type(e).__name__}: {e}")
+                continue
+            if key is None:  # the prompt fills the context: an empty reply
+                gen.finish()
+            else:
+                live[key] = gen
+
+    def _loop(self) -> None:
+        live: dict[int, Generation] = {}
+        while True:
+            try:
+                self._admit(live)
+                for key, gen in list(live.items()):
+                    if gen.cancel.is_set():  # the client went away
+                        self.decoder.drop(key)
+                        del live[key]
+                        gen.finish()
+                for key, token, mask, finished in self.decoder.step():
+                    gen = live[key]
+                    gen.feed(token, mask)
+                    if finished:
+                        del live[key]
+                        gen.finish()
+            except Exception as e:  # every request of the batch fails alike; the worker starts afresh
+                for gen in live.values():
+                    gen.finish(error=f"generation failed: {type(e).__name__}: {e}")
+                live.clear()
+                self.decoder = self.worker.engine.decoder(self.decoder.rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -305,10 +406,11 @@ PAGE_HEADERS = {"Content-Security-Policy": "default-src 'none'; script-src 'unsa
 
 
 def create_app(engines: list, model_name: str, temperature: float = 0.6, top_k: int = 50,
-               max_tokens: int = 512) -> FastAPI:
-    """The FastAPI app serving `engines` (one per worker; each an Engine with its tokenizer)."""
+               max_tokens: int = 512, batch_size: int = 1) -> FastAPI:
+    """The FastAPI app serving `engines` (one per worker; each an Engine with its tokenizer). `batch_size`:
+    requests each worker decodes together (continuous batching; 1: one at a time on its own thread)."""
     app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, openapi_url=None)
-    pool = WorkerPool(engines)
+    pool = WorkerPool(engines, batch_size)
     stats = Stats()
     defaults = dict(temperature=temperature, top_k=top_k, max_tokens=max_tokens)
     context = engines[0].model.config.sequence_len
@@ -333,7 +435,7 @@ def create_app(engines: list, model_name: str, temperature: float = 0.6, top_k: 
     async def health():
         return {"status": "ok", "ready": True, "model": model_name, "context": context, "defaults": defaults,
                 "workers": {"total": len(pool.workers), "busy": pool.busy, "free": len(pool.workers) - pool.busy},
-                "queued": pool.waiting}
+                "slots": {"total": pool.slots, "busy": pool.active}, "queued": pool.waiting}
 
     @app.get("/stats")
     async def get_stats():
@@ -347,7 +449,8 @@ def create_app(engines: list, model_name: str, temperature: float = 0.6, top_k: 
                 "tokens_generated": stats.tokens, "ttft_ms": summary(stats.ttft, 1000.0),
                 "decode_tok_per_s": summary(stats.decode_rate),
                 "workers": [{"index": w.index, "device": str(w.engine.model.get_device()), "busy": w.busy,
-                             "requests": w.requests, "tokens": w.tokens} for w in pool.workers]}
+                             "active": w.active, "batch": w.rows, "requests": w.requests, "tokens": w.tokens}
+                            for w in pool.workers]}
 
     @app.get("/v1/models")
     async def models():

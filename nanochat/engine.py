@@ -457,12 +457,12 @@ class Engine:
                 masks[i].append(m)
         return results, masks
 
-    @torch.inference_mode()
     def decoder(self, rows: int, max_len: int | None = None, **kw) -> BatchDecoder:
         """A BatchDecoder over this engine's model (rows capped by rows_for_memory)."""
         max_len = max_len or self.model.config.sequence_len
         return BatchDecoder(self, rows_for_memory(self.model, max_len, rows), max_len, **kw)
 
+    @torch.inference_mode()
     def generate_many(self, prompts: Sequence[Sequence[int]], max_tokens: int | Sequence[int] = 64,
                       temperature: float = 1.0, top_k: int | None = None, seeds: Sequence[int] | int = 42,
                       stop_tokens=None, tools: bool = True, batch_size: int = 16, top_p: float | None = None,

@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--num-workers", type=int, default=None,
                    help="models serving requests in parallel: one per GPU (default: all), copies on CPU (default 1)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="requests each worker decodes together (continuous batching; capped so its KV cache "
+                        "fits the memory budget; 1: one at a time)")
     p.add_argument("-t", "--temperature", type=float, default=0.6, help="default temperature of requests (0.6)")
     p.add_argument("-k", "--top-k", type=int, default=50, help="default top-k of requests (50)")
     p.add_argument("--max-tokens", type=int, default=512, help="default max_tokens of requests (512)")
@@ -80,14 +83,15 @@ def main(argv=None) -> int:
 
     try:
         engines, name = load_engines(args)
-        app = create_app(engines, name, temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens)
+        app = create_app(engines, name, temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens,
+                         batch_size=args.batch_size)
     except (ChatError, ValueError, RuntimeError) as e:
         print(f"chat_web: {e}", file=sys.stderr)
         return 2
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"chat_web: WARNING: listening on {args.host}: anyone who can reach this machine can use the model "
               f"(there is no authentication)", flush=True)
-    print(f"chat_web: {len(engines)} worker(s); open http://{args.host}:{args.port}/ "
+    print(f"chat_web: {len(engines)} worker(s) x {app.state.pool.workers[0].rows} request(s) decoded together; open http://{args.host}:{args.port}/ "
           f"(API: http://{args.host}:{args.port}/v1)", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

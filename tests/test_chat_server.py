@@ -3,6 +3,7 @@ requests from httpx and from the official `openai` client."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -256,6 +257,33 @@ def test_health_answers_while_streaming_and_disconnect_frees_the_worker(long_ser
     assert obj["usage"]["completion_tokens"] == 5
 
 
+def test_one_worker_decodes_concurrent_streams_together_and_frees_each_row(long_server):
+    """chat_web's default --batch-size 8: three clients on the one worker are all being decoded at once
+    (three busy slots, none queued); each that disconnects gives its row back."""
+    before = httpx.get(long_server.url + "/stats").json()
+    assert before["workers"][0]["batch"] == 8
+    body = {"messages": HI, "temperature": 1.0, "max_tokens": 4000, "stream": True}
+    with contextlib.ExitStack() as stack:
+        streams = []
+        for _ in range(3):
+            r = stack.enter_context(httpx.stream("POST", long_server.url + "/v1/chat/completions", json=body,
+                                                 timeout=60))
+            streams.append((SSEReader(), r.iter_raw()))
+        for reader, chunks in streams:  # every stream is producing tokens
+            n = 0
+            while n < 3:
+                n += len(reader.feed(next(chunks)))
+        health = httpx.get(long_server.url + "/health", timeout=5).json()
+        assert health["slots"] == {"total": 8, "busy": 3} and health["queued"] == 0
+        assert health["workers"]["busy"] == 1
+    deadline = time.time() + 10
+    while httpx.get(long_server.url + "/health").json()["slots"]["busy"] and time.time() < deadline:
+        time.sleep(0.1)
+    stats = httpx.get(long_server.url + "/stats").json()
+    assert stats["workers"][0]["active"] == 0 and stats["workers"][0]["busy"] is False
+    assert stats["requests"]["cancelled"] == before["requests"]["cancelled"] + 3
+
+
 def test_history_longer_than_the_context_is_trimmed(server):
     history = []
     for i in range(12):
@@ -264,3 +292,33 @@ def test_history_longer_than_the_context_is_trimmed(server):
     obj = post(server, {"messages": history + HI, "temperature": 0, "max_tokens": 20}).json()
     assert obj["choices"][0]["finish_reason"] in ("stop", "length")
     assert obj["usage"]["prompt_tokens"] + obj["usage"]["completion_tokens"] <= 64
+
+
+def test_a_failing_batch_reports_the_error_and_the_worker_recovers(base, monkeypatch):
+    """In process (fastapi's TestClient): a decode step that raises fails the requests of that batch with
+    a 500 naming the error, and the next request is served by a fresh decoder."""
+    from fastapi.testclient import TestClient
+
+    from nanochat.chat_server import create_app
+    from nanochat.engine import BatchDecoder, Engine
+    from nanochat.tokenizer import get_tokenizer
+    from tests.chat_fixtures import _endless_model
+
+    tok = get_tokenizer(base)
+    app = create_app([Engine(_endless_model(tok), tok)], "endless", batch_size=4)
+    real_step, calls = BatchDecoder.step, []
+
+    def flaky_step(self):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return real_step(self)
+
+    monkeypatch.setattr(BatchDecoder, "step", flaky_step)
+    with TestClient(app) as client:
+        r = client.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 5})
+        assert r.status_code == 500 and "generation failed: RuntimeError: boom" in r.json()["error"]["message"]
+        r = client.post("/v1/chat/completions", json={"messages": HI, "max_tokens": 5})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
+        stats = client.get("/stats").json()
+        assert stats["requests"]["errors"] == 1 and stats["workers"][0]["active"] == 0
