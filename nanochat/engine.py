@@ -2,6 +2,9 @@
 
 Several samples of one prompt are decoded in one batch: the prompt is prefilled once (batch 1), its
 cache replicated across the samples, and every sample then advances one token per forward pass.
+Different prompts share a batch through a SlotKVCache (every row at its own position): all at once
+(`Engine.generate_many`, evaluations) or coming and going while it decodes (`BatchDecoder`, the chat
+server).
 Greedy decoding through the cache reproduces naive full-recompute generation exactly (tested).
 
 Tool use (the calculator, nanochat/tools.py): when a sample emits `<|python_start|>expr<|python_end|>`,
