@@ -147,12 +147,16 @@ class SlotKVCache(KVCache):
         self.release(src)
 
     def head(self, n: int) -> "SlotKVCache":
-        """A cache over slots [0, n) sharing this one's storage: a forward through it writes here. Copy its
-        `lengths` back after the forward (BatchDecoder does)."""
+        """A cache over slots [0, n) sharing this one's storage: a forward through it writes here; then
+        `take_lengths(view)` brings its advanced lengths back."""
         view = SlotKVCache.__new__(SlotKVCache)
         view.k, view.v = self.k[:, :n], self.v[:, :n]
         view.lengths, view.active, view._pos = self.lengths[:n], self.active[:n], None
         return view
+
+    def take_lengths(self, view: "SlotKVCache") -> None:
+        self.lengths[:len(view.lengths)] = view.lengths
+        self._pos = None
 
     def keep(self, slots: list[int]) -> None:
         """Drop every slot not in `slots` (in that order): later forwards are that much smaller."""
@@ -332,8 +336,7 @@ class BatchDecoder:
             view = self.cache.head(n)
             feed = torch.tensor([[s.feed] for s in self.seqs], dtype=torch.long, device=self.device)
             self.logits[:n] = self.model(feed, kv_cache=view)[:, -1]
-            self.cache.lengths[:n] = view.lengths
-            self.cache._pos = None
+            self.cache.take_lengths(view)
         return events
 
 

@@ -35,6 +35,7 @@ Shape legend: K matrices per stack on this rank, R rows, C columns.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 
@@ -150,6 +151,13 @@ class _MuonStack:
     def owned(self, rank: int) -> list[torch.nn.Parameter]:
         """`rank`'s matrices in slot order (the padding, always last, left out)."""
         return [self.params[i] for i in (self.index(rank, s) for s in range(self.per_rank)) if i < len(self.params)]
+
+    @functools.cached_property
+    def gathered_rows(self) -> list[int]:
+        """Row of each matrix in the all-gathered (W*K, R, C) buffer, which is rank-major (rank r's slots at
+        r*K .. r*K + K - 1)."""
+        rows = {self.index(r, s): r * self.per_rank + s for r in range(self.world) for s in range(self.per_rank)}
+        return [rows[i] for i in range(len(self.params))]
 
 
 @dataclass
@@ -560,12 +568,7 @@ class MuonAdamW(torch.optim.Optimizer):
         full = p.new_empty((K * W, *stack.shape), dtype=stack.params[0].dtype)  # rank-major: (W, K) slots
         pend.keep = [p.to(full.dtype)]
         pend.work = _all_gather(full, pend.keep[0])
-        n, where = len(stack.params), {}
-        for r in range(W):
-            for s in range(K):
-                if stack.index(r, s) < n:
-                    where[stack.index(r, s)] = r * K + s
-        pend.finish = [(q, full[where[i]]) for i, q in enumerate(stack.params)]
+        pend.finish = [(q, full[row]) for q, row in zip(stack.params, stack.gathered_rows)]
 
     def _adam_update(self, pend: _Pending) -> None:
         group, unit, W, rank = pend.group, pend.unit, self.world_size, self.rank

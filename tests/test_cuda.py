@@ -83,7 +83,9 @@ def small_model(attention="auto", **kw):
     return model
 
 
-def test_compiled_step_is_one_graph_and_matches_eager():
+@pytest.mark.parametrize("scope", ["model", "blocks"])
+def test_compiled_step_matches_eager(scope):
+    # the whole model as one graph (fullgraph: no breaks), or --compile-scope blocks, through Inductor
     torch._dynamo.reset()
     model = small_model()
     model.before_compile()
@@ -92,26 +94,11 @@ def test_compiled_step_is_one_graph_and_matches_eager():
     eager.backward()
     g_eager = [p.grad.clone() for p in model.parameters()]
     model.zero_grad(set_to_none=True)
-    compiled = torch.compile(model, fullgraph=True, dynamic=False)
-    loss = compiled(x, x)
-    loss.backward()
-    torch.testing.assert_close(loss, eager, atol=2e-2, rtol=2e-2)
-    for a, p in zip(g_eager, model.parameters()):
-        assert torch.isfinite(p.grad).all()
-        assert F.cosine_similarity(a.flatten().float(), p.grad.flatten().float(), dim=0) > 0.99
-
-
-def test_compiled_blocks_match_eager():
-    # --compile-scope blocks through Inductor: the loss and gradients of the eager model
-    torch._dynamo.reset()
-    model = small_model()
-    x = torch.randint(0, 512, (4, 256), device=DEV)
-    eager = model(x, x)
-    eager.backward()
-    g_eager = [p.grad.clone() for p in model.parameters()]
-    model.zero_grad(set_to_none=True)
-    model.compile_blocks(dynamic=False)
-    loss = model(x, x)
+    if scope == "model":
+        run = torch.compile(model, fullgraph=True, dynamic=False)
+    else:
+        run = model.compile_blocks(dynamic=False)
+    loss = run(x, x)
     loss.backward()
     torch.testing.assert_close(loss, eager, atol=2e-2, rtol=2e-2)
     for a, p in zip(g_eager, model.parameters()):
