@@ -149,7 +149,8 @@ class GPT(nn.Module):
         self.attention = attention
         self._attn: Attention | None = None
         # training loss through nanochat.lm_loss (chunked head + soft-cap + CE, no full logits):
-        # None = on CPU only; same math either way, so this is a runtime choice, not part of the config
+        # None = wherever the head runs eagerly (see _use_fused_loss); same math either way, so this is a
+        # runtime choice, not part of the config
         self.fused_loss: bool | None = None
         self.fused_loss_chunk_rows = 512
         # loss_reduction="none" (evaluation) computes the logits in row chunks of about this many fp32
@@ -239,9 +240,14 @@ class GPT(nn.Module):
         return flops_per_token(self.config)
 
     def _use_fused_loss(self, x: torch.Tensor) -> bool:
-        # auto: on CPU, where the full-logits passes cost as much as the head's matmuls; on CUDA the
-        # plain path is what torch.compile fuses best (set fused_loss=True there to save logits memory)
-        return x.device.type == "cpu" if self.fused_loss is None else self.fused_loss
+        """auto (fused_loss None): chunked wherever the head runs eagerly -- on CPU, where the full-logits
+        passes cost as much as the head's matmuls, and on any device outside a compiled graph (--no-compile,
+        --compile-scope blocks), where the plain path keeps several fp32 (N, V) tensors alive for backward:
+        ~24-32 GiB at depth 20, micro-batch 32, 32K vocab, an OOM on an 80 GB GPU. Inside a whole-model
+        torch.compile the plain path is what Inductor fuses best (its logits never materialise in fp32)."""
+        if self.fused_loss is not None:
+            return self.fused_loss
+        return x.device.type == "cpu" or not torch.compiler.is_compiling()
 
     def get_device(self) -> torch.device:
         return self.wte.weight.device

@@ -103,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "then overlap the rest of backward, worth it across nodes)")
     g.add_argument("--fused-loss", choices=["auto", "on", "off"], default="auto",
                    help="LM head + soft-cap + cross-entropy in row chunks without the full logits "
-                        "(nanochat/lm_loss.py; same math). auto: on for CPU, off for CUDA, where "
-                        "torch.compile fuses the plain path; 'on' saves the logits' memory there")
+                        "(nanochat/lm_loss.py; same math). auto: on wherever the head runs eagerly (CPU, --no-compile, "
+                        "--compile-scope blocks: the plain head's fp32 logits would need tens of GB at depth 20), "
+                        "off inside a whole-model torch.compile, which fuses the plain path")
     g.add_argument("--grad-reduce-dtype", choices=["fp32", "bf16"], default="fp32",
                    help="dtype of the gradient reductions across ranks: bf16 halves the bytes sent (the sums "
                         "are rounded to bf16; the optimizer math stays fp32)")

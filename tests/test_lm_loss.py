@@ -140,3 +140,21 @@ def test_reused_work_buffers_carry_nothing_between_calls():
         torch.testing.assert_close(out[0].float(), ref[0], **tol)
         torch.testing.assert_close(out[1].float(), ref[1], **tol)
     assert all(lm_loss._BUFFERS.tensors[k].data_ptr() == p for k, p in held.items())
+
+
+def test_auto_chunks_the_loss_wherever_the_head_runs_eagerly(monkeypatch):
+    """fused_loss None (--fused-loss auto): the chunked loss on CPU always, and on any other device (meta
+    stands in for CUDA) whenever the head runs outside a compiled graph (--no-compile, --compile-scope blocks,
+    where the plain head's fp32 logits OOM at depth 20); the plain head only inside a whole-model compile."""
+    from nanochat.gpt import GPT, GPTConfig
+
+    model = GPT(GPTConfig(sequence_len=8, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=16))
+    cpu, gpu_like = torch.empty(2, 16), torch.empty(2, 16, device="meta")
+    assert model.fused_loss is None
+    assert model._use_fused_loss(cpu) and model._use_fused_loss(gpu_like)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert model._use_fused_loss(cpu) and not model._use_fused_loss(gpu_like)
+    model.fused_loss = True  # an explicit choice wins either way
+    assert model._use_fused_loss(gpu_like)
+    model.fused_loss = False
+    assert not model._use_fused_loss(cpu)
