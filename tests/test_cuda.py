@@ -83,11 +83,32 @@ def small_model(attention="auto", **kw):
     return model
 
 
+@torch.no_grad()
+def perturbed(model, std=0.02, seed=1):
+    """Every parameter moved by N(0, std): no zero-initialised projection leaves a gradient at exactly 0."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    for p in model.parameters():
+        p.add_(torch.randn(p.shape, device=DEV, generator=g) * std)
+    return model
+
+
+def assert_bf16_close(actual, expected, name, rel=0.05):
+    """Two bf16-computed gradients (fp32 master) agree within bf16 rounding: relative error of the whole
+    tensor below `rel`, and neither is the trivial zero (a cosine of two zero tensors proves nothing)."""
+    actual, expected = actual.float(), expected.float()
+    assert torch.isfinite(actual).all(), name
+    assert expected.norm() > 0, f"{name}: zero reference gradient"
+    err = (actual - expected).norm() / expected.norm()
+    assert err < rel, f"{name}: relative error {err:.3g}"
+
+
 @pytest.mark.parametrize("scope", ["model", "blocks"])
 def test_compiled_step_matches_eager(scope):
-    # the whole model as one graph (fullgraph: no breaks), or --compile-scope blocks, through Inductor
+    # the whole model as one graph (fullgraph: no breaks), or --compile-scope blocks, through Inductor.
+    # The init zeroes the output projections (and the value-embedding gates), which leaves most parameters
+    # with exactly zero gradients at step 0: perturb every weight first, so each gradient is a real comparison
     torch._dynamo.reset()
-    model = small_model()
+    model = perturbed(small_model())
     model.before_compile()
     x = torch.randint(0, 512, (4, 256), device=DEV)
     eager = model(x, x)
@@ -101,9 +122,8 @@ def test_compiled_step_matches_eager(scope):
     loss = run(x, x)
     loss.backward()
     torch.testing.assert_close(loss, eager, atol=2e-2, rtol=2e-2)
-    for a, p in zip(g_eager, model.parameters()):
-        assert torch.isfinite(p.grad).all()
-        assert F.cosine_similarity(a.flatten().float(), p.grad.flatten().float(), dim=0) > 0.99
+    for (name, p), a in zip(model.named_parameters(), g_eager):
+        assert_bf16_close(p.grad, a, name)
 
 
 def test_fp8_scaled_mm_matches_emulation():
@@ -211,7 +231,9 @@ def test_per_token_eval_loss_is_chunked():
     peak = torch.cuda.max_memory_allocated() - base
     full_logits = 8 * 2048 * 32768 * 4  # what the unchunked path materialises in fp32
     assert loss.shape == (8, 2048) and peak < full_logits / 4, (peak, full_logits)
-    model.eval_logits_chunk_elems = 2 ** 40  # one chunk: the plain computation
+    # like with like: the same batch of 8 in one chunk (cuBLAS picks other kernels for other shapes, so a
+    # batch of 1 is no fp32-exact reference); chunking only splits the head's rows, in bf16 compute
+    model.eval_logits_chunk_elems = 2 ** 40
     with torch.no_grad():
-        ref = model(x[:1], x[:1], loss_reduction="none")
-    torch.testing.assert_close(loss[:1], ref)
+        ref = model(x, x, loss_reduction="none")
+    torch.testing.assert_close(loss, ref, atol=2e-2, rtol=2e-2)
