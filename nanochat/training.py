@@ -164,41 +164,79 @@ def apply_schedule(optimizer, lr_mult: float, wd_mult: float = 1.0, muon_momentu
             group["momentum"] = muon_momentum
 
 
+class _StepFlags:
+    """The step's (mean loss, stop flag), summed over ranks and brought to the host without waiting for the
+    gradient work queued after them: issued before the last micro-batch's backward, so the all-reduce is
+    not queued behind the gradient reductions that backward starts, and (on CUDA) copied to pinned host
+    memory on a side stream that waits only for that all-reduce, never for backward. Made without any
+    host-to-device copy (the stop flag is a device fill, not a torch.tensor of a Python number)."""
+
+    def __init__(self, loss_sum: torch.Tensor, grad_accum: int, stopped: bool, ctx: RuntimeContext):
+        flags = torch.stack([loss_sum / grad_accum, loss_sum.new_full((), float(stopped))])  # (2,)
+        self._work = dist.all_reduce(flags, async_op=True) if ctx.ddp else None
+        self._event = None
+        if flags.device.type == "cuda":
+            side = torch.cuda.Stream(device=flags.device)
+            side.wait_stream(torch.cuda.current_stream(flags.device))  # flags are computed
+            with torch.cuda.stream(side):
+                if self._work is not None:
+                    self._work.wait()  # the side stream (not the host, not the compute stream) waits for it
+                self._host = torch.empty(2, dtype=flags.dtype, pin_memory=True)
+                self._host.copy_(flags, non_blocking=True)
+                self._event = torch.cuda.Event()
+                self._event.record(side)
+            flags.record_stream(side)
+        self._flags = flags
+
+    def result(self) -> tuple[float, bool]:
+        """(loss summed over ranks, stop flag): the step's one host read."""
+        if self._event is not None:
+            self._event.synchronize()
+            values = self._host
+        else:
+            if self._work is not None:
+                self._work.wait()
+            values = self._flags
+        loss_total, stop_flag = values.tolist()
+        return loss_total, stop_flag > 0
+
+
 def train_step(model, optimizer, batches, grad_accum: int, ctx: RuntimeContext, stop: StopSignal | None = None,
                step: int | None = None, hooks: TestHooks | None = None, overlap_reductions: bool = True) -> StepResult:
     """One optimizer step: `grad_accum` micro-batches (x, y) from `batches` (targets -1 are ignored),
-    backward on each, one all-reduce of (loss, stop flag) across ranks (the step's only host sync), then
-    the update. Under DDP the last micro-batch's backward starts the optimizer's gradient reductions as
-    its gradients become final (`overlap_backward`, unless `overlap_reductions` is off), the flags'
-    all-reduce is issued after it and the remaining reductions right after that (`launch_reductions`),
-    so the host waits only for backward and the flags while the gradients are reduced. A non-finite loss
-    raises NonFiniteLoss before the update, on every rank alike."""
+    backward on each, one all-reduce of (loss, stop flag) across ranks, then the update.
+
+    The host reads one value per step and never waits for backward or for gradient traffic: the flags are
+    reduced right after the last micro-batch's forward, before its backward (`_StepFlags`), and under DDP
+    that backward starts the optimizer's gradient reductions as the gradients become final
+    (`overlap_backward`, unless `overlap_reductions` is off; `launch_reductions` starts whatever is left).
+    So once the flags arrive the host queues the update behind backward while the device still runs it;
+    there is no synchronize at the end. A non-finite loss raises NonFiniteLoss before the update, on every
+    rank alike (the reductions already started are discarded)."""
     hooks = hooks or TestHooks()
     cpu_threads.tick()
     loss_sum = torch.zeros((), device=ctx.device)
     overlap = getattr(optimizer, "overlap_backward", None) if ctx.ddp and overlap_reductions else None
+    flags = None
     for micro in range(grad_accum):
         x, y = next(batches)
         loss = model(x, y)
         if step is not None and step == hooks.nan_step:
             loss = loss * float("nan")
         loss_sum += loss.detach()
-        if overlap is not None and micro == grad_accum - 1:
-            overlap()  # this backward starts the gradient reductions as the gradients become final
+        if micro == grad_accum - 1:
+            if step is not None and step == hooks.hang_step:  # test hook: stuck mid-step until a signal (or SIGKILL)
+                print(f"hanging at step {step}", flush=True)
+                while stop is not None and stop.received is None:
+                    time.sleep(0.05)
+            flags = _StepFlags(loss_sum, grad_accum, stop is not None and stop.received is not None, ctx)
+            if overlap is not None:
+                overlap()  # this backward starts the gradient reductions as the gradients become final
         (loss / grad_accum).backward()
-    if step is not None and step == hooks.hang_step:  # test hook: stuck mid-step until a signal (or SIGKILL) arrives
-        print(f"hanging at step {step}", flush=True)
-        while stop is not None and stop.received is None:
-            time.sleep(0.05)
-    stopped = float(stop is not None and stop.received is not None)
-    flags = torch.stack([loss_sum / grad_accum, torch.tensor(stopped, device=ctx.device)])
-    work = dist.all_reduce(flags, async_op=True) if ctx.ddp else None
     launch = getattr(optimizer, "launch_reductions", None)
-    if launch is not None and ctx.ddp:  # the gradient reductions run while the host waits for the flags
+    if launch is not None and ctx.ddp:  # any reduction the backward hooks did not start
         launch()
-    if work is not None:
-        work.wait()
-    loss_total, stop_flag = flags.tolist()
+    loss_total, stop_flag = flags.result()
     loss_mean = loss_total / ctx.world_size
     if not math.isfinite(loss_mean):
         discard = getattr(optimizer, "discard_reductions", None)
@@ -207,8 +245,7 @@ def train_step(model, optimizer, batches, grad_accum: int, ctx: RuntimeContext, 
         raise NonFiniteLoss(f"loss is {loss_mean} at step {step}")
     optimizer.step()
     model.zero_grad(set_to_none=True)
-    ctx.synchronize()
-    return StepResult(loss_mean, stop_flag > 0)
+    return StepResult(loss_mean, stop_flag)
 
 
 def save_training_checkpoint(out_dir: Path, step: int, model, optimizer, loader, state: LoopState,
