@@ -96,6 +96,7 @@ class TrainConfig(RunConfig):
     sample_every: int = 2000
     # runtime and data
     fused_loss: str = "auto"  # auto | on | off
+    final_checkpoint: bool = True  # save at the last step (benchmarks turn it off: a multi-GB write at depth 20)
     grad_reduce_dtype: str = "fp32"  # fp32 | bf16: the gradient reductions across ranks
     compile_scope: str = "model"  # model | blocks (GPT.compile_blocks: reductions overlap backward)
     overlap_reductions: bool = True  # start them from backward's gradient hooks (nanochat/optim.py)

@@ -462,7 +462,7 @@ def _train_locked(cfg: TrainConfig, ctx: RuntimeContext, tokenizer, vocab_size: 
             # a stop signal (all ranks agree through result.stop_requested) skips the evaluations: preemption
             # grace periods are short and the checkpoint matters more
             stopping = result.stop_requested or (not ctx.ddp and stop.received is not None)
-            saved = stopping or step == N or (cfg.save_every > 0 and step % cfg.save_every == 0)
+            saved = stopping or (step == N and cfg.final_checkpoint) or (cfg.save_every > 0 and step % cfg.save_every == 0)
             if saved:  # before the evaluations: an evaluation that fails cannot cost the trained model
                 reason = f"signal {stop.received or 'on another rank'}" if stopping else ("final" if step == N else "periodic")
                 t_save = time.time()

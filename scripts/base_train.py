@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sample-every", type=int, default=2000, help="-1: only at the end, 0: never")
     g.add_argument("--save-every", type=int, default=-1, help="checkpoint every N steps (-1: only at the end)")
     g.add_argument("--keep-last", type=int, default=-1, help="keep only the newest N checkpoints (-1: all)")
+    g.add_argument("--final-checkpoint", action=argparse.BooleanOptionalAction, default=True,
+                   help="save a checkpoint at the last step (--no-final-checkpoint: benchmarks, which only need "
+                        "the metrics; a stop signal still saves)")
     g.add_argument("--resume-from-step", "--resume", dest="resume_from_step", type=resume_step, default=None,
                    help="a checkpoint step of this model tag, 'latest', or 'auto' (latest if this tag has "
                         "a checkpoint, else start fresh: one command line for first launch and requeues)")

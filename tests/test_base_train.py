@@ -208,6 +208,19 @@ def test_tiny_run_writes_metrics_checkpoints_and_evals(env_base, capsys, monkeyp
     assert tok.get_vocab_size() == model.config.vocab_size == 384
 
 
+def test_no_final_checkpoint_keeps_the_metrics_and_writes_no_checkpoint(env_base, capsys):
+    """--no-final-checkpoint (benchmarks: a multi-GB write at depth 20 that they never read): the periodic
+    checkpoints are still written, the last step's is not, and the metrics are all there."""
+    from nanochat.checkpoint_manager import list_steps
+
+    code = train_inprocess(*TINY, "--num-iterations", "3", "--save-every", "2", "--no-final-checkpoint",
+                           "--model-tag", "nofinal")
+    out = capsys.readouterr().out
+    assert code == 0 and "saved checkpoint step 3" not in out
+    assert list_steps(run_dir(env_base, "nofinal")) == [2]
+    assert [r["step"] for r in read_metrics(env_base, "nofinal")] == [1, 2, 3]
+
+
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(env_base, monkeypatch, capsys):
     monkeypatch.setenv("NANOCHAT_TEST_NAN_STEP", "3")  # 0-based step 3 = the 4th update
     code = train_inprocess(*TINY, "--num-iterations", "6", "--save-every", "2", "--model-tag", "nan")
