@@ -73,6 +73,15 @@ def probe(try_size: Callable[[int], None], candidates: list[int], fits: Callable
                                  f"smaller model (--depth) or a shorter --max-seq-len")
 
 
+def probe_batch(batch_size: int, seq_len: int, vocab_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random (inputs, targets) laid out as the training loaders lay out theirs: two views into one
+    contiguous (2, B, T) buffer (nanochat.dataloader's producer, train_loop.SyntheticLoader). A compiled
+    model guards on its inputs' strides, offsets and aliasing: a probe called as `model(x, x)` with a
+    plain (B, T) tensor would be compiled once more when training's first batch arrives."""
+    xy = torch.randint(0, vocab_size, (2, batch_size, seq_len), device=device)
+    return xy[0], xy[1]
+
+
 def optimizer_state_bytes(model) -> int:
     """fp32 bytes the optimizer will hold once it has stepped: Muon momentum (+ NorMuon's small second
     moment) and a transient fp32 stack of the matrix gradients; AdamW's two moments."""
@@ -99,8 +108,8 @@ def find_device_batch_size(model, train_model, seq_len: int, vocab_size: int, to
 
     def try_size(b: int) -> None:
         torch.cuda.reset_peak_memory_stats(device)
-        x = torch.randint(0, vocab_size, (b, seq_len), device=device)
-        loss = train_model(x, x)
+        x, y = probe_batch(b, seq_len, vocab_size, device)
+        loss = train_model(x, y)
         loss.backward()
         torch.cuda.synchronize(device)
         model.zero_grad(set_to_none=True)

@@ -85,8 +85,10 @@ class SyntheticLoader:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
         row = torch.randint(0, self.vocab_size, (self.B, self.T + 1), generator=gen)
         self.count += 1
-        row = row.to(self.device)
-        return row[:, :-1], row[:, 1:]
+        # the DataLoader's layout: inputs and targets as two halves of one (2, B, T) buffer (a compiled model
+        # guards on strides and aliasing; --device-batch-size auto probes with the same, autobatch.probe_batch)
+        xy = torch.stack([row[:, :-1], row[:, 1:]]).to(self.device)
+        return xy[0], xy[1]
 
     def state_dict(self) -> dict:
         return {"kind": "synthetic", "count": self.count, "world_size": self.W}

@@ -101,3 +101,44 @@ def test_cli_auto_batch_keeps_the_total_batch(base_dir, capsys):
                          "--resume", "latest"]) == 0
     with pytest.raises(SystemExit):
         main(SYNTH + ["--device-batch-size", "many"])
+
+
+class _CountingBackend:
+    def __init__(self):
+        self.graphs = 0
+
+    def __call__(self, gm, example_inputs):
+        self.graphs += 1
+        return gm.forward
+
+
+def test_probe_inputs_are_laid_out_as_the_loaders_so_training_compiles_nothing_new():
+    """The probe runs the compiled training model; if its inputs differ from the loaders' in strides, storage
+    offset or aliasing, the first training batch compiles the model once more (minutes at depth 20). The
+    probe's batch and the synthetic loader's share the DataLoader's layout (two halves of one (2, B, T)
+    buffer), and a model compiled on the probe's batch takes the loader's without a new graph."""
+    import torch._dynamo
+
+    from nanochat.autobatch import probe_batch
+    from nanochat.train_loop import SyntheticLoader
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(sequence_len=16, vocab_size=64, n_layer=1, n_head=2, n_kv_head=2, n_embd=16))
+    model.init_weights()
+    model.fused_loss = False
+    model.before_compile()
+    backend = _CountingBackend()
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    px, py = probe_batch(4, 16, 64, "cpu")
+    lx, ly = next(SyntheticLoader(64, 4, 16, 1, "cpu"))
+    for x, y in ((px, py), (lx, ly)):
+        assert x.shape == y.shape == (4, 16) and x.stride() == y.stride() == (16, 1)
+        assert x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr()
+        assert (x.storage_offset(), y.storage_offset()) == (0, 4 * 16)
+    compiled(px, py).backward()
+    graphs = backend.graphs
+    compiled(lx, ly).backward()
+    assert backend.graphs == graphs, "the first training batch recompiled the model"
+    compiled(lx, lx).backward()  # the probe as it was: one tensor for inputs and targets
+    assert backend.graphs > graphs, "aliasing is guarded: the old probe's batch was a different graph"
