@@ -3,6 +3,7 @@
 Each converted Linear computes `y = x @ W.T` as
 
     forward   x -> e4m3, W -> e4m3 (each with one scale: fp8_max / amax), y = scaled_mm(x8, W8.T)
+              with fast accumulation (as torchao's tensorwise recipe; the gradient GEMMs keep fp32 promotion)
     backward  dy -> e5m2 (wider range, 2 mantissa bits: gradients), dx = scaled_mm(dy8, W8),
               dW = scaled_mm(dy8.T, x8) in fp32 for the fp32 master weight
 
@@ -49,12 +50,17 @@ def to_fp8(x: torch.Tensor, fp8_dtype: torch.dtype) -> tuple[torch.Tensor, torch
 
 
 def scaled_mm(a8: torch.Tensor, b8: torch.Tensor, inv_a: torch.Tensor, inv_b: torch.Tensor,
-              out_dtype: torch.dtype, emulate: bool = False) -> torch.Tensor:
+              out_dtype: torch.dtype, emulate: bool = False, fast_accum: bool = False) -> torch.Tensor:
     """(a8 * inv_a) @ (b8 * inv_b) in out_dtype. a8 (M, K) row-major, b8 (K, N) column-major (the
-    layout torch._scaled_mm requires); emulate: dequantise and multiply in fp32 instead."""
+    layout torch._scaled_mm requires); emulate: dequantise and multiply in fp32 instead.
+
+    fast_accum: Hopper's fp8 tensor cores accumulate in a reduced-precision register unless the kernel
+    promotes partial sums to fp32 every few K-blocks; fast accumulation skips that promotion (faster, a
+    little less exact). torchao's tensorwise recipe uses it for the forward GEMM only and keeps the
+    gradient GEMMs exact: so does `_Fp8Matmul`."""
     if emulate:
         return ((a8.float() * inv_a) @ (b8.float() * inv_b)).to(out_dtype)
-    return torch._scaled_mm(a8, b8, scale_a=inv_a, scale_b=inv_b, out_dtype=out_dtype)
+    return torch._scaled_mm(a8, b8, scale_a=inv_a, scale_b=inv_b, out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 
 def _col_major(t: torch.Tensor) -> torch.Tensor:
@@ -69,7 +75,8 @@ class _Fp8Matmul(torch.autograd.Function):
         w8, inv_w = to_fp8(weight, E4M3)
         ctx.save_for_backward(x8, inv_x, w8, inv_w)
         ctx.emulate, ctx.x_dtype, ctx.w_dtype = emulate, x2.dtype, weight.dtype
-        return scaled_mm(x8, w8.t(), inv_x, inv_w, x2.dtype, emulate)  # (N, out); w8.t() is column-major
+        # (N, out); w8.t() is column-major; fast accumulation in the forward only (see scaled_mm)
+        return scaled_mm(x8, w8.t(), inv_x, inv_w, x2.dtype, emulate, fast_accum=True)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -130,3 +130,25 @@ def test_enable_fp8_refuses_without_fp8_tensor_cores():
     model = GPT(model_config())
     with pytest.raises(ValueError, match=r"--fp8 needs a GPU with fp8 tensor cores .*this run is on cpu"):
         enable_fp8(model)
+
+
+def test_forward_gemm_uses_fast_accumulation_and_gradient_gemms_do_not(monkeypatch):
+    """The three GEMMs reach torch._scaled_mm with the layouts it requires (a row-major, b column-major)
+    and fast accumulation on the forward only (torchao's tensorwise recipe). A stand-in records each call
+    and returns the dequantised product, so the result is still checked against the float linear."""
+    calls = []
+
+    def fake_scaled_mm(a, b, scale_a, scale_b, out_dtype, use_fast_accum=False):
+        calls.append((tuple(a.shape), a.is_contiguous(), b.t().is_contiguous(), use_fast_accum))
+        return ((a.float() * scale_a) @ (b.float() * scale_b)).to(out_dtype)
+
+    monkeypatch.setattr(torch, "_scaled_mm", fake_scaled_mm)
+    torch.manual_seed(0)
+    x = torch.randn(32, 64, requires_grad=True)
+    w = (torch.randn(48, 64) * 64 ** -0.5).requires_grad_()
+    y = fp8_linear(x, w, emulate=False)
+    y.backward(torch.randn_like(y))
+    assert calls == [((32, 64), True, True, True),    # forward: y = x8 @ w8.T
+                     ((32, 48), True, True, False),   # dx = g8 @ w8
+                     ((48, 32), True, True, False)]   # dW = g8.T @ x8
+    torch.testing.assert_close(y, F.linear(x, w), atol=0.15, rtol=0.1)
