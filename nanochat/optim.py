@@ -784,14 +784,27 @@ def _parse_dtype(value):
     return value
 
 
+# torch 2.13 renamed reduce_scatter_tensor / all_gather_into_tensor to *_single (the old names remain,
+# deprecated); torch 2.11, what the GPU machines run, has only the old ones. "auto" takes the new names
+# where they exist; tests run both paths on gloo ("single", "tensor").
+COLLECTIVE_API = "auto"
+
+
+def _collective(new: str, old: str):
+    if COLLECTIVE_API == "tensor" or (COLLECTIVE_API == "auto" and not hasattr(dist, new)):
+        return getattr(dist, old)
+    if COLLECTIVE_API not in ("auto", "single"):
+        raise ValueError(f"COLLECTIVE_API must be auto, single or tensor; got {COLLECTIVE_API!r}")
+    return getattr(dist, new)
+
+
 def _reduce_scatter(out: torch.Tensor, full: torch.Tensor):
-    # torch 2.13 renamed reduce_scatter_tensor/all_gather_into_tensor to *_single
-    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    fn = _collective("reduce_scatter_single", "reduce_scatter_tensor")
     return fn(out, full, op=dist.ReduceOp.SUM, async_op=True)
 
 
 def _all_gather(full: torch.Tensor, shard: torch.Tensor):
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    fn = _collective("all_gather_single", "all_gather_into_tensor")
     return fn(full, shard, async_op=True)
 
 

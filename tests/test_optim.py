@@ -404,6 +404,55 @@ def _dist_worker(rank, world, port, out_dir):
         dist.destroy_process_group()
 
 
+def _api_worker(rank, world, port, out_dir):
+    """The same training through each collective API: `single` (torch >= 2.13's reduce_scatter_single /
+    all_gather_single) and `tensor` (reduce_scatter_tensor / all_gather_into_tensor, the only ones torch 2.11
+    has, which the GPU machines run); records which functions each run called."""
+    import warnings
+
+    from nanochat import optim
+
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # the old names are deprecated in torch 2.13
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    names = ("reduce_scatter_single", "all_gather_single", "reduce_scatter_tensor", "all_gather_into_tensor")
+    real = {n: getattr(dist, n) for n in names}
+    called = []
+
+    def spy(name):
+        def call(*args, **kwargs):
+            called.append(name)
+            return real[name](*args, **kwargs)
+        return call
+
+    try:
+        for n in names:
+            setattr(dist, n, spy(n))
+        results = {}
+        for api in ("single", "tensor"):
+            optim.COLLECTIVE_API = api
+            called.clear()
+            model, _ = _train(CONFIGS[0], STEPS, rank, world, overlap=True, bucket_bytes=1)
+            results[api] = {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
+                            "called": sorted(set(called))}
+        torch.save(results, f"{out_dir}/api_rank{rank}.pt")
+    finally:
+        optim.COLLECTIVE_API = "auto"
+        for n in names:
+            setattr(dist, n, real[n])
+        dist.destroy_process_group()
+
+
+def test_both_collective_apis_train_identically(tmp_path):
+    mp.spawn(_api_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        res = torch.load(tmp_path / f"api_rank{rank}.pt")
+        assert res["single"]["called"] == ["all_gather_single", "reduce_scatter_single"]
+        assert res["tensor"]["called"] == ["all_gather_into_tensor", "reduce_scatter_tensor"]
+        for name, p in res["single"]["params"].items():
+            assert torch.equal(p, res["tensor"]["params"][name]), name
+
+
 @pytest.mark.parametrize("n,W", [(5, 2), (8, 2), (12, 3), (7, 4), (20, 8), (1, 3)])
 def test_bucket_cut_of_a_stack_and_its_inverse(n, W):
     """Every (K, W, m) cut of a Muon stack: rank r's slot s holds matrix index(r, s); owned() lists them in
