@@ -10,7 +10,8 @@ For step s = start .. N-1 (s counts completed optimizer steps; checkpoint S = S 
 before the update, optimizer step); then the metrics record of step s + 1, the checkpoint due at s + 1
 and the evaluations due there. Everything a step depends on is a function of s, the weights, the
 optimizer state and the data-loader position, all of which a checkpoint holds: a resumed run
-reproduces the uninterrupted one bit for bit (tested, including after SIGKILL). The final checkpoint
+reproduces the uninterrupted one -- bit for bit on CPU (tested, including after SIGKILL), within float
+rounding on CUDA, where Inductor's embedding backward uses atomic adds (docs/multinode.md). The final checkpoint
 is written before the final evaluations, and an evaluation that fails is reported as such (exit code
 5) without losing the trained model.
 

@@ -3,7 +3,8 @@ saving / restoring a training checkpoint with everything exact resume needs.
 
 Pretraining (nanochat/train_loop.py) and the chat phases (SFT, RL) are loops over `train_step`; a
 checkpoint holds the weights, each rank's optimizer, data-loader and RNG state and the `LoopState`, so a
-resumed run reproduces the uninterrupted one bit for bit.
+resumed run reproduces the uninterrupted one: bit for bit on CPU, within float rounding on CUDA (atomic-add
+kernels such as Inductor's embedding backward are not deterministic; docs/multinode.md).
 """
 
 from __future__ import annotations
