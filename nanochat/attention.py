@@ -12,15 +12,24 @@ Backends, in the order `auto` prefers them on CUDA (REFERENCE.md section 13):
   a hub download (none here), so it is used when it happens to be importable.
 - `fa4`: Flash Attention 4, the CuTe-DSL kernels of the `flash-attn-4` PyPI wheel
   (`flash_attn.cute`), Hopper and Blackwell, bf16/fp16.
+- `flex-fa4`: FlexAttention's FlashAttention-4 backend (`kernel_options={"BACKEND": "FLASH"}`, added
+  to torch's Inductor in 2.11 for Hopper and Blackwell, reported 1.2-3.2x over its Triton kernels): the
+  same block masks, run by FA4's CuTe-DSL kernels inside the compiled graph. Detected by capability --
+  the installed torch has the backend (`torch._inductor.kernel.flex.flex_flash_attention`), the GPU is
+  sm90/sm100, and `flash_attn.cute` is importable (torch's backend calls into the flash-attn-4 wheel) --
+  never by version string.
 - `flex`: FlexAttention (`torch.nn.attention.flex_attention`), inside torch: causal + sliding-window
   block masks, so windowed layers skip the blocks outside the window; compiled to Triton on CUDA.
   On CPU it runs eagerly, forward only (torch has no CPU backward for it): tests use that.
 - `sdpa`: `F.scaled_dot_product_attention`: the flash kernel for full causal layers; a window needs
   an explicit (T, S) mask, which falls back to a slow kernel with no block skipping.
 
-`auto` on CUDA takes FA3 > FA4 > flex when the model has windowed layers, and FA3 > FA4 > SDPA when
-it has none (SDPA's flash kernel is the fastest plain-causal kernel that ships with torch); on CPU
-and MPS it is always SDPA (the numerics tests/test_golden.py pins).
+`auto` on CUDA takes FA3 > FA4 > flex-fa4 > flex when the model has windowed layers, and FA3 > FA4 >
+SDPA when it has none (SDPA's flash kernel is the fastest plain-causal kernel that ships with torch); on
+CPU and MPS it is always SDPA (the numerics tests/test_golden.py pins). flex-fa4 needs the same
+`flash_attn.cute` as fa4, so where it can run `auto` already runs FA4's kernels, called directly (no
+block-mask indirection); benchmarks/gpu_bench.py measures fa4, flex-fa4 and flex side by side (its
+`backends` section) so that this order can follow measurements once a GPU has run them.
 
 KV-cache decoding (q_offset > 0): FA3/FA4 take it directly (their causal mask is aligned to the
 bottom-right, i.e. q_offset = S - T); flex falls back to SDPA with an explicit mask for those calls
@@ -35,7 +44,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-ATTENTION_CHOICES = ("auto", "fa3", "fa4", "flex", "sdpa")
+ATTENTION_CHOICES = ("auto", "fa3", "fa4", "flex-fa4", "flex", "sdpa")
 FLASH_DTYPES = (torch.bfloat16, torch.float16)
 INSTALL_HINT = ("pip install flash-attn-4 (Hopper/Blackwell), or use --attention flex (FlexAttention, "
                 "inside torch)")
@@ -134,8 +143,9 @@ class FlexAttention(Attention):
     decode_name = "sdpa"
     MAX_CACHED_MASKS = 32
 
-    def __init__(self, device_type: str, compile: bool | None = None):
+    def __init__(self, device_type: str, compile: bool | None = None, kernel_options: dict | None = None):
         super().__init__(device_type)
+        self.kernel_options = kernel_options  # {"BACKEND": "FLASH"}: FlexFA4Attention
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
         self._create_block_mask = create_block_mask
@@ -180,9 +190,20 @@ class FlexAttention(Attention):
             # flex): SDPA, same math
             return sdpa_attend(q, k, v, window, q_offset)
         qh, kh, vh = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        extra = {"kernel_options": self.kernel_options} if self.kernel_options else {}
         y = self._flex(qh, kh, vh, block_mask=self.block_mask(T, window, q.device),
-                       enable_gqa=qh.size(1) != kh.size(1))
+                       enable_gqa=qh.size(1) != kh.size(1), **extra)
         return y.transpose(1, 2)
+
+
+class FlexFA4Attention(FlexAttention):
+    """FlexAttention with torch's FlashAttention-4 backend (see the module docstring): block masks as `flex`,
+    FA4's kernels instead of the Triton ones."""
+
+    name = "flex-fa4"
+
+    def __init__(self, device_type: str, compile: bool | None = None):
+        super().__init__(device_type, compile, kernel_options={"BACKEND": "FLASH"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,13 +234,28 @@ def _capability(device_type: str) -> tuple[int, int] | None:
     return torch.cuda.get_device_capability() if device_type == "cuda" else None
 
 
+def _module_exists(name: str) -> bool:
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a parent package missing
+        return False
+
+
+def torch_has_flex_flash() -> bool:
+    """Whether the installed torch's Inductor has FlexAttention's FLASH (FA4) backend: the capability itself,
+    not a version comparison (backports and nightlies differ from the release numbering)."""
+    return _module_exists("torch._inductor.kernel.flex.flex_flash_attention")
+
+
 def unavailable_reason(name: str, device_type: str, dtype: torch.dtype) -> str | None:
     """Why backend `name` cannot run here (None when it can)."""
     if name == "sdpa":
         return None
     if name == "flex":
         try:
-            import torch.nn.attention.flex_attention  # noqa: F401
+            from torch.nn.attention import flex_attention  # noqa: F401
         except ImportError:
             return f"this torch ({torch.__version__}) has no torch.nn.attention.flex_attention (needs >= 2.5)"
         return None
@@ -240,6 +276,14 @@ def unavailable_reason(name: str, device_type: str, dtype: torch.dtype) -> str |
         if load_fa4() is None:
             return "flash_attn.cute (FA4) is not importable: pip install flash-attn-4"
         return None
+    if name == "flex-fa4":
+        if not torch_has_flex_flash():
+            return f"this torch ({torch.__version__}) has no FlashAttention backend for FlexAttention"
+        if cap[0] not in (9, 10):
+            return f"FlexAttention's FA4 backend runs on Hopper or Blackwell (sm90/sm100); this GPU is sm{cap[0]}{cap[1]}"
+        if not _module_exists("flash_attn.cute"):
+            return "FlexAttention's FA4 backend calls flash_attn.cute, which is not importable: pip install flash-attn-4"
+        return None
     raise ValueError(f"unknown attention backend {name!r}: use one of {', '.join(ATTENTION_CHOICES)}")
 
 
@@ -247,7 +291,7 @@ def auto_backend(device_type: str, dtype: torch.dtype, windowed: bool) -> str:
     """The backend `auto` picks (see the module docstring)."""
     if device_type != "cuda":
         return "sdpa"
-    order = ("fa3", "fa4", "flex", "sdpa") if windowed else ("fa3", "fa4", "sdpa")
+    order = ("fa3", "fa4", "flex-fa4", "flex", "sdpa") if windowed else ("fa3", "fa4", "sdpa")
     return next(n for n in order if unavailable_reason(n, device_type, dtype) is None)
 
 
@@ -257,7 +301,7 @@ def windowed_kernel_available(device_type: str, dtype: torch.dtype, requested: s
     if device_type != "cuda":
         return False
     name = auto_backend(device_type, dtype, windowed=True) if requested == "auto" else requested
-    return name in ("fa3", "fa4", "flex") and unavailable_reason(name, device_type, dtype) is None
+    return name in ("fa3", "fa4", "flex-fa4", "flex") and unavailable_reason(name, device_type, dtype) is None
 
 
 _warned_sdpa_window = False
@@ -279,6 +323,8 @@ def resolve_attention(requested: str, device_type: str, dtype: torch.dtype, wind
         return FA4Attention(device_type, load_fa4())
     if name == "flex":
         return FlexAttention(device_type)
+    if name == "flex-fa4":
+        return FlexFA4Attention(device_type)
     if windowed and device_type == "cuda" and not _warned_sdpa_window:
         _warned_sdpa_window = True
         warnings.warn("sliding-window layers run through SDPA with a dense mask (no flash kernel, no block "

@@ -144,7 +144,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         self.compute_dtype = compute_dtype
-        # attention kernel (nanochat/attention.py): `attention` is the request (auto|fa3|fa4|flex|sdpa),
+        # attention kernel (nanochat/attention.py): `attention` is the request (auto|fa3|fa4|flex-fa4|flex|sdpa),
         # resolved once for the device the model runs on, by set_attention() or at the first forward
         self.attention = attention
         self._attn: Attention | None = None

@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # `python scripts/base_train.py`: make the repo r
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nanochat import sizing  # noqa: E402
+from nanochat.attention import ATTENTION_CHOICES  # noqa: E402
 from nanochat.checkpoint_manager import CheckpointError  # noqa: E402
 from nanochat.config import ConfigError, TrainConfig  # noqa: E402
 from nanochat.dataset import DataError  # noqa: E402
@@ -54,9 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: on with the record recipe (see --window-pattern)")
     g.add_argument("--resid-scalars", action=argparse.BooleanOptionalAction, default=None,
                    help="default: on with the record recipe (see --window-pattern)")
-    g.add_argument("--attention", choices=["auto", "fa3", "fa4", "flex", "sdpa"], default="auto",
-                   help="attention kernel (auto on CUDA: FA3 > FA4 > FlexAttention for windowed models, SDPA "
-                        "for full causal; SDPA on CPU)")
+    g.add_argument("--attention", choices=list(ATTENTION_CHOICES), default="auto",
+                   help="attention kernel (auto on CUDA: FA3 > FA4 > FlexAttention (its FA4 backend, then Triton) "
+                        "for windowed models, SDPA for full causal; SDPA on CPU)")
     g = p.add_argument_group("batch and horizon")
     g.add_argument("--device-batch-size", type=device_batch_size, default=32,
                    help="sequences per micro-batch per device, or 'auto': the largest that fits (a short probe; "

@@ -170,7 +170,56 @@ def test_auto_choice_and_refusals_on_cpu():
             resolve_attention(name, "cpu", torch.bfloat16)
     with pytest.raises(ValueError, match="not one of"):
         resolve_attention("flash", "cpu", torch.float32)
-    assert ATTENTION_CHOICES == ("auto", "fa3", "fa4", "flex", "sdpa")
+    assert ATTENTION_CHOICES == ("auto", "fa3", "fa4", "flex-fa4", "flex", "sdpa")
+    with pytest.raises(ValueError, match="--attention flex-fa4 cannot run here: flex-fa4 needs a CUDA GPU"):
+        resolve_attention("flex-fa4", "cpu", torch.bfloat16)
+
+
+def test_flex_fa4_is_found_by_capability_and_ranked_after_direct_fa4(monkeypatch):
+    """FlexAttention's FA4 backend: chosen by what is there (the torch module that implements it, an sm90 /
+    sm100 GPU, flash_attn.cute), never by version; `auto` takes it after FA4 itself (same kernels, called
+    directly) and before flex's Triton kernels. The GPU-side facts are stood in for; the kernel itself is
+    checked against SDPA by tests/test_cuda.py where it runs."""
+    import nanochat.attention as attention
+
+    present = {"torch._inductor.kernel.flex.flex_flash_attention": True, "flash_attn.cute": True}
+    monkeypatch.setattr(attention, "_module_exists", lambda name: present.get(name, False))
+    monkeypatch.setattr(attention, "_capability", lambda device_type: (9, 0))
+    monkeypatch.setattr(attention, "load_fa3", lambda: None)
+    monkeypatch.setattr(attention, "load_fa4", lambda: None)  # direct FA4 unavailable: flex-fa4 is next
+    bf16 = torch.bfloat16
+    assert attention.unavailable_reason("flex-fa4", "cuda", bf16) is None
+    assert attention.auto_backend("cuda", bf16, windowed=True) == "flex-fa4"
+    assert attention.auto_backend("cuda", bf16, windowed=False) == "sdpa"  # full causal: SDPA's flash kernel
+    monkeypatch.setattr(attention, "load_fa4", lambda: (lambda *a, **k: None))
+    assert attention.auto_backend("cuda", bf16, windowed=True) == "fa4"
+    monkeypatch.setattr(attention, "load_fa4", lambda: None)
+    monkeypatch.setattr(attention, "_capability", lambda device_type: (8, 0))
+    assert "sm80" in attention.unavailable_reason("flex-fa4", "cuda", bf16)
+    assert attention.auto_backend("cuda", bf16, windowed=True) == "flex"  # an A100: the Triton kernels
+    monkeypatch.setattr(attention, "_capability", lambda device_type: (10, 0))
+    present["torch._inductor.kernel.flex.flex_flash_attention"] = False  # a torch without the backend
+    assert "has no FlashAttention backend" in attention.unavailable_reason("flex-fa4", "cuda", bf16)
+    present["torch._inductor.kernel.flex.flex_flash_attention"] = True
+    present["flash_attn.cute"] = False
+    assert "pip install flash-attn-4" in attention.unavailable_reason("flex-fa4", "cuda", bf16)
+    assert "needs bf16 or fp16" in attention.unavailable_reason("flex-fa4", "cuda", torch.float32)
+
+
+def test_flex_fa4_passes_the_flash_backend_to_flex_attention():
+    """The only difference from `flex`: every flex_attention call carries kernel_options BACKEND=FLASH (a spy
+    in place of the kernel, on CPU, where the real backend does not exist)."""
+    from nanochat.attention import FlexFA4Attention
+
+    attn = FlexFA4Attention("cpu")
+    calls = []
+    attn._flex = lambda q, k, v, **kw: calls.append(kw) or q
+    q = torch.randn(1, 32, 2, 8)
+    attn.prepare(32, [16], "cpu")
+    with torch.no_grad():
+        attn(q, q, q, 16)
+    assert calls[0]["kernel_options"] == {"BACKEND": "FLASH"} and calls[0]["block_mask"] is not None
+    assert attn.describe() == "flex-fa4 (KV-cache decode: sdpa)"
 
 
 def test_sdpa_with_windows_on_cuda_warns_what_to_install(monkeypatch):

@@ -19,7 +19,7 @@ from nanochat.attention import resolve_attention, unavailable_reason  # noqa: E4
 from nanochat.gpt import GPT, GPTConfig  # noqa: E402
 
 DEV = "cuda"
-BACKENDS = ["fa3", "fa4", "flex", "sdpa"]
+BACKENDS = ["fa3", "fa4", "flex-fa4", "flex", "sdpa"]
 CASES = [(8, 8, 512), (8, 8, 128), (8, 2, 512), (8, 2, 128)]  # (H, K, window) at T = 512
 
 
