@@ -1,21 +1,24 @@
 """The run doctor: read a training run -- ours or another program's -- and say, ranked and with
 numbers, what is off and what to change.
 
-Runs: our run folder (run.json + metrics.jsonl), a nanoGPT train.py console log (+ its config .py,
-read with `ast`, never executed), a karpathy/nanochat base_train console log, a wandb history
-export (CSV / JSONL); see nanochat/foreign_runs.py. What a format lacks makes the checks that need
-it skip (and say so), never guess.
+Runs are read by nanochat/run_formats (our run folder and console output, Hugging Face Trainer,
+TensorBoard, wandb exports, nanoGPT, karpathy/nanochat, llm.c, modded-nanogpt). Each format declares
+what it knows (`Run.knows`); the checks read those declarations, and what a format lacks makes the
+checks that need it skip (and say so), never guess.
 
 Each check returns a `Finding` with a status:
   ok    nothing to change          warn  something to change (the advice says what)
   info  worth knowing, not wrong   skip  the run lacks what the check needs (the summary says what)
 
-Checks: parameter count (recomputed vs printed vs claimed in comments and names); tokens per
-parameter in both conventions vs the law's compute-optimal ratio, now and at the planned end, and
-what the same compute buys as a bigger model; MFU renormalised to the GPU's dense bf16 peak; dropout
-and validation below training loss; loss spikes; the loss curve (a fitted L(D) = E + B D^-beta with
-bootstrap intervals, predictions at the planned end / 2x / 10x, the loss the LR warmdown still owes,
-and honesty flags for fits that cannot extrapolate); schedule position. `diagnose` ranks them.
+The checks, by topic (`CHECKS` at the end lists them in report order):
+  size      param_count: recomputed vs printed vs claimed in comments and names, the likeliest typo;
+            tokens_ratio: tokens per parameter in both conventions vs the compute-optimal ratio, now and
+            at the planned end, and what the same compute buys as a compute-optimal model
+  speed     mfu: renormalised to the dense bf16 peak of the GPU that ran (nanochat.gpus)
+  loss      val_vs_train (phase-aware: pretraining vs fine-tuning), spikes, loss_curve (a fitted
+            L(D) = E + B D^-beta - C S2 with bootstrap intervals, predictions at the planned end / 2x /
+            10x, from smoothed logs at their known lag)
+  schedule  where the run is in its LR schedule, and whether the logged LR follows the plan
 """
 
 from __future__ import annotations
@@ -27,10 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
-from nanochat.common import GPU_PEAK_FLOPS
-from nanochat.foreign_runs import _SIZE_RE, explain_size_gap
-from nanochat.foreign_runs import parse as parse_run
-from nanochat.scaling import CHINCHILLA, CHINCHILLA_TOKENS_PER_PARAM, single_threaded_blas
+from nanochat.gpus import GPUS, find_gpu
+from nanochat.run_formats import Run
+from nanochat.run_formats import parse as parse_run
+from nanochat.run_formats._text import size_value
+from nanochat.run_formats.shapes import explain_size_gap
+from nanochat.scaling import (CHINCHILLA, CHINCHILLA_TOKENS_PER_PARAM, annealing_area, bootstrap_data_curve, data_curve,
+                              fit_data_curve, single_threaded_blas)
 from nanochat.sizing import COMPUTE_OPTIMAL_RATIO
 
 # what a well-tuned bf16 run of this architecture reaches on H100-class GPUs (REFERENCE section 9:
@@ -38,80 +44,32 @@ from nanochat.sizing import COMPUTE_OPTIMAL_RATIO
 EXPECTED_MFU = (0.40, 0.50)
 WARN_MFU = 0.30
 CHINCHILLA_RATIO = CHINCHILLA_TOKENS_PER_PARAM
-
-# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s: the training loop's table (nanochat.common, what
-# base_train divides by) plus cards it does not list. GeForce cards at the FP32-accumulate rate, the one
-# PyTorch's bf16 matmuls run at (NVIDIA's Ampere/Ada whitepapers); V100 and T4 have no bf16: their fp16
-# peak. First match wins, so the "Ti" names come before their base cards.
-GPU_PEAKS: list[tuple[str, float]] = (
-    [("RTX 3090 Ti", 80e12), ("RTX 3080 Ti", 68e12), ("RTX 4070 Ti", 80e12)]
-    + list(GPU_PEAK_FLOPS)
-    + [("V100", 125e12), ("T4", 65e12), ("MI300X", 1307e12), ("MI250X", 383e12), ("RTX 3080", 59.5e12),
-       ("RTX 3070", 40.6e12)])
+# validation above training loss, relative, beyond which the val/train check warns. Single-epoch
+# pretraining sees every token once, so val tracks train within noise and a few % of split shift;
+# fine-tuning runs several epochs over a small mix, where val sits above train by design, and a wide
+# gap is the model learning its training conversations by heart.
+VAL_ABOVE_TRAIN_WARN = {"base": 0.05, "sft": 0.15, "rl": None}
 
 
-def gpu_peak(name: str | None) -> tuple[str, float] | None:
-    """(matched name, dense bf16 peak FLOP/s) for a GPU name like 'h100', '4090', 'NVIDIA A100-SXM4-80GB'."""
-    if not name:
-        return None
-    key = name.lower().replace("nvidia", "").replace("geforce", "").replace("-", " ").strip()
-    for label, peak in GPU_PEAKS:
-        lab = label.lower()
-        if lab in key or lab.replace("rtx ", "") == key or key == lab.replace(" ", ""):
-            return label, peak
-    return None
-
-
-@dataclass
-class Run:
-    path: Path
-    metrics: list[dict]
-    info: dict  # run.json for our runs ({} when absent); the parser's info for foreign runs
-    problems: list[str] = field(default_factory=list)  # unreadable lines, missing files
-    source: str = "nanochat"  # nanochat | nanogpt | karpathy-nanochat | wandb
-    skipped: list[str] = field(default_factory=list)  # what the run's format does not record
-
-    @property
-    def args(self) -> dict:
-        return self.info.get("args") or {}
-
-    @property
-    def sizing(self) -> dict:
-        return self.info.get("sizing") or {}
-
-    @property
-    def env(self) -> dict:
-        return self.info.get("env") or {}
-
-    @property
-    def foreign(self) -> bool:
-        return self.source != "nanochat"
-
-    def series(self, key: str, x: str = "step") -> tuple[np.ndarray, np.ndarray]:
-        """(x, value) over the metric lines that carry a numeric `key` (and `x`)."""
-        xs, vs = [], []
-        for m in self.metrics:
-            v, s = m.get(key), m.get(x)
-            if isinstance(v, (int, float)) and isinstance(s, (int, float)):
-                xs.append(float(s))
-                vs.append(float(v))
-        return np.array(xs), np.array(vs)
-
-    def last(self, key: str):
-        for m in reversed(self.metrics):
-            if m.get(key) is not None:
-                return m[key]
-        return None
-
-
-def load_run(path, config=None) -> Run:
-    """Any supported run (auto-detected); `config`: the run's config .py (nanoGPT, wandb exports)."""
+def load_run(path, config=None, tokens_per_step: float | None = None) -> Run:
+    """Any supported run (auto-detected); `config`: the run's config .py (nanoGPT, wandb exports);
+    `tokens_per_step`: for formats that do not record it (HF Trainer, TensorBoard, modded-nanogpt)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"run folder or log not found: {path} (expected <base>/base_checkpoints/<model_tag>/, "
-                                "a nanoGPT or nanochat console log, or a wandb history .csv/.jsonl)")
-    p = parse_run(path, config)
-    return Run(p.path, p.metrics, p.info, p.problems, p.source, p.skipped)
+                                "a training log, a Trainer or TensorBoard folder, or a wandb history .csv/.jsonl)")
+    run = parse_run(path, config)
+    if tokens_per_step and not run.knows.tokens_per_step:
+        run.info.setdefault("sizing", {})["tokens_per_step"] = tokens_per_step
+        n = run.sizing.get("num_iterations")
+        if n:
+            run.info["sizing"]["total_tokens"] = n * tokens_per_step
+        for m in run.metrics:
+            if isinstance(m.get("step"), (int, float)):
+                m["tokens"] = m["step"] * tokens_per_step
+        run.knows.tokens_per_step = True
+        run.skipped = [s for s in run.skipped if not s.startswith("tokens per step")]
+    return run
 
 
 @dataclass
@@ -229,10 +187,9 @@ def _check_param_count_ours(run: Run) -> Finding:
             except Exception:  # noqa: BLE001 -- flags this version does not understand
                 pass
     tag = str(run.args.get("model_tag") or run.path.name)
-    m = _SIZE_RE.search(tag)
+    declared = size_value(tag)
     actual = nums.get("instantiated_total") or rec_total or nums.get("declared_total")
-    if m:
-        declared = float(m.group(1)) * {"k": 1e3, "m": 1e6, "b": 1e9}[m.group(2).lower()]
+    if declared:
         nums["tag_declared"] = declared
         if actual and not (1 / 1.5 <= actual / declared <= 1.5):
             issues.append(f"the tag {tag!r} declares ~{_fmt(declared)} parameters but the model has "
@@ -251,12 +208,12 @@ def _check_param_count_ours(run: Run) -> Finding:
 def check_param_count(run: Run) -> Finding:
     """Parameter count: ours against the config and the depth dial; foreign runs against the count the
     program printed and every size claimed in comments, names and file names."""
-    if not run.foreign:
+    if run.knows.builds_model:
         return _check_param_count_ours(run)
     name = "param_count"
     info = run.info
     counts, printed, claims = info.get("counts"), info.get("printed_params"), info.get("claims") or []
-    if run.source == "karpathy-nanochat":
+    if "counts_table" in info:  # the program printed its count part by part
         table = info.get("counts_table") or {}
         if not table:
             return Finding(name, "skip", "the log has no `Parameter counts:` table")
@@ -268,25 +225,28 @@ def check_param_count(run: Run) -> Finding:
         return Finding(name, "ok", f"{_fmt(table.get('total', parts))} parameters as printed by base_train "
                        f"({_fmt(nums['scaling_params'] or 0)} scaling: transformer matrices + LM head)", nums)
     if not counts:
-        return Finding(name, "skip", "no model shape (n_layer, n_embd, vocab size): pass the run's --config FILE")
+        why = "; ".join(s for s in run.skipped if "config" in s or "shape" in s or "parameter" in s)
+        return Finding(name, "skip", "no model shape (n_layer, n_embd, vocab size)" + (f": {why}" if why else
+                       ": pass the run's --config FILE"))
     dims = info["dims"]
     nums = dict(dims=dims, recomputed_total=counts["total"], recomputed_printed=counts["printed"],
                 position_embeddings=counts["wpe"], printed=printed, claims=claims,
                 set_by={k: (info.get("config_set_by") or {}).get(k) for k in ("n_layer", "n_embd", "vocab_size", "block_size")})
-    shape = f"n_layer={dims['n_layer']}, n_embd={dims['n_embd']}, vocab_size={dims['vocab_size']}, block_size={dims['block_size']}"
-    pe_note = (f"nanoGPT's printed count excludes the position embeddings (block_size x n_embd = {_fmt(counts['wpe'])}): "
-               f"{_fmt(counts['printed'])} printed-style, {_fmt(counts['total'])} in all")
+    family = info.get("family") or "gpt2"
+    shape = ", ".join(f"{k}={dims[k]}" for k in ("n_layer", "n_embd", "vocab_size", "block_size") if dims.get(k) is not None)
+    pe_note = (f"the printed count is {run.knows.printed_params} ({_fmt(counts['printed'])} that way, {_fmt(counts['total'])} "
+               "in all)" if run.knows.printed_params and counts["printed"] != counts["total"] else
+               f"{_fmt(counts['total'])} parameters in all")
     issues, advice, severity = [], [], 0.0
     if printed and abs(printed - counts["printed"]) > 0.005 * printed + 5e3:
-        gap = explain_size_gap(dims, printed, "printed")
+        gap = explain_size_gap(dims, printed, "printed", family)
         nums["printed_explained_by"] = gap[:3]
         ratio = counts["printed"] / printed
         issues.append(f"the log printed {printed / 1e6:.2f}M but the config recomputes to {counts['printed'] / 1e6:.2f}M "
                       f"({ratio:.2f}x; {shape})")
         if gap:
-            g = gap[0]
-            advice.append(f"the config read is not the one that ran: {g['dim']}={g['value']} reproduces the printed "
-                          f"{printed / 1e6:.2f}M (gives {g['count'] / 1e6:.2f}M); check --config and the command line")
+            advice.append(f"the config read is not the one that ran: {_explain(gap[0], dims, nums)} reproduces the "
+                          f"printed {printed / 1e6:.2f}M; check --config and the command line")
         severity = max(severity, 100 * abs(math.log(ratio)))
     reference = printed or counts["printed"]
     bad = []
@@ -296,22 +256,30 @@ def check_param_count(run: Run) -> Finding:
             bad.append((c, r_total))
     if bad:
         c, r = max(bad, key=lambda t: abs(math.log(t[1])))
-        gap = explain_size_gap(dims, c["value"], "total")
+        gap = explain_size_gap(dims, c["value"], "total", family)
         nums["claim_explained_by"] = gap[:3]
         issues.append(f"{c['where']} says {c['text']!r} but the model has {_fmt(counts['total'])} parameters "
                       f"({r:.2f}x; {shape})")
         if gap:
-            g = gap[0]
-            alts = "; ".join(f"{x['dim']}={x['value']} -> {_fmt(x['count'])}" for x in gap[1:3])
-            advice.append(f"{g['dim']} explains the gap: {g['dim']}={g['value']} gives {_fmt(g['count'])} "
-                          f"(it is {dims[g['dim']]}, set by {nums['set_by'].get(g['dim']) or 'train.py default'})"
-                          + (f"; alone, {alts}" if alts else ""))
+            alts = "; ".join(_explain(x, dims, nums) for x in gap[1:3])
+            advice.append(f"likeliest cause: {_explain(gap[0], dims, nums)}" + (f"; less likely: {alts}" if alts else ""))
+        else:
+            advice.append("no single field of the config explains it: the claim may count differently (with or without "
+                          "embeddings) or describe another model")
         severity = max(severity, 100 * abs(math.log(r)))
     if issues:
         return Finding(name, "warn", "; ".join(issues), nums,
                        "; ".join(advice) + f". ({pe_note}.)", severity=severity)
     said = f"; consistent with {', '.join(repr(c['text']) for c in claims)}" if claims else ""
     return Finding(name, "ok", f"{pe_note}{'; matches the printed count' if printed else ''}{said}", nums)
+
+
+def _explain(g: dict, dims: dict, nums: dict) -> str:
+    """One candidate of `explain_size_gap` in words: what to change, what it gives, where the value came from."""
+    fields = ", ".join(f"{k}={v} (it is {dims[k]}, set by {nums['set_by'].get(k) or 'the config'})"
+                       for k, v in g["changes"].items())
+    known = f", {g['known']}'s shape" if g.get("known") else ""
+    return f"{fields} gives {_fmt(g['count'])}{known}"
 
 
 def compute_equivalent(law, N: float, D: float) -> dict:
@@ -355,9 +323,9 @@ def check_tokens_ratio(run: Run, law=None) -> Finding:
             return Finding(name, "skip", f"the law counts {count} parameters; this run does not record them", nums)
         n_opt, d_opt = (float(v) for v in law.compute_optimal(6 * n_run * D))
         opt, source = d_opt / n_opt, f"the fitted law's optimum at this compute ({count} parameters)"
-    elif scaling and not (run.foreign and run.source != "karpathy-nanochat" and total):
+    elif scaling and (run.knows.params == "scaling" or not total):
         # nanochat's ~10.5 was fitted on this architecture's scaling parameters; other programs' models are
-        # judged by Chinchilla's all-parameter ratio
+        # judged by Chinchilla's all-parameter ratio (the format declares which)
         count, n_run, opt, source = "scaling", scaling, COMPUTE_OPTIMAL_RATIO, "nanochat's fitted ratio (scaling parameters)"
     else:
         count, n_run, opt, source = "total", total, CHINCHILLA_RATIO, "Chinchilla's ratio (total parameters)"
@@ -392,7 +360,7 @@ def check_tokens_ratio(run: Run, law=None) -> Finding:
 
         dd, dn = depth_for_params(n_alt, count=count_alt, depths=range(1, 65), **_shape_kwargs(run))
         nums["optimal_depth"] = dd
-        if not run.foreign:
+        if run.knows.builds_model:
             depth_txt = (f", nanochat depth {dd}" if 1 / 1.5 <= dn / n_alt <= 1.5 else
                          f", {'smaller' if n_alt < dn else 'larger'} than depth {dd}, the nearest the depth dial gives")
     except Exception:  # noqa: BLE001 -- a shape this version cannot build
@@ -433,35 +401,45 @@ def _shape_kwargs(run: Run) -> dict:
     return kw
 
 
-def check_mfu(run: Run, gpu: str | None = None) -> Finding:
-    """Median MFU, renormalised from the peak the run divided by to `gpu`'s dense bf16 peak.
+def check_mfu(run: Run, gpu: str | None = None, peak_tflops: float | None = None) -> Finding:
+    """Median MFU, renormalised from the peak the run divided by to the dense bf16 peak of the GPU that ran.
 
-    nanoGPT divides by an A100's 312 TFLOP/s whatever GPU ran; nanochat (ours and karpathy's) by the
-    detected GPU's peak. With `gpu` the figure is re-based: MFU_true = MFU_logged x peak_logged / peak_gpu."""
+    nanoGPT divides by an A100's 312 TFLOP/s whatever GPU ran; nanochat (ours and karpathy's) and llm.c by
+    the detected GPU's peak (the format declares it). The GPU: `peak_tflops` if given, else `gpu` looked
+    up in nanochat.gpus, else the device the run recorded. MFU_true = MFU_logged x peak_logged / peak_gpu.
+    An unknown GPU name is a line in the finding, never a refusal."""
     name = "mfu"
     device = str(run.env.get("device_name") or run.info.get("gpu_name") or run.args.get("device_type") or "")
     steps, mfu = run.series("mfu")
     mfu = mfu[np.isfinite(mfu) & (mfu > 0)] if len(mfu) else mfu
-    if device.lower().startswith(("cpu", "mps")) and not gpu:
+    if device.lower().startswith(("cpu", "mps")) and not (gpu or peak_tflops):
         return Finding(name, "skip", f"MFU is not measured on {device} (no known peak FLOP/s); judge CPU speed by tok/s")
     if len(mfu) == 0:
         return Finding(name, "skip", "no MFU values logged" + (f" on {device}" if device else ""), {"device": device})
     skip = max(5, len(mfu) // 10)  # compile and warm-up steps are not representative
     body = mfu[skip:] if len(mfu) > skip + 5 else mfu
     logged = float(np.median(body))
-    peak_logged = _num(run.info.get("mfu_peak_flops")) or _num(run.env.get("peak_flops"))
+    peak_logged = _num(run.knows.mfu_peak_flops) or _num(run.env.get("peak_flops"))
     nums = dict(device=device, median_mfu_logged=logged, logged_peak_flops=peak_logged, steps_used=len(body))
-    target = gpu_peak(gpu) if gpu else (gpu_peak(device) if device else None)
-    if gpu and target is None:
-        return Finding(name, "skip", f"unknown --gpu {gpu!r}; known: {', '.join(g for g, _ in GPU_PEAKS)}", nums)
+    unknown = ""
+    if peak_tflops:
+        target = (f"given {peak_tflops:g} TFLOP/s GPU", peak_tflops * 1e12)
+    else:
+        entry = find_gpu(gpu) if gpu else (find_gpu(device) if device else None)
+        target = (entry.name, entry.peak_flops) if entry else None
+        if gpu and entry is None:
+            unknown = (f"--gpu {gpu!r} is not in the peak table (nanochat/gpus.py; scripts/diagnose.py --gpu list): "
+                       "give --peak-tflops N (dense bf16) to re-base")
+            nums["unknown_gpu"] = gpu
     if peak_logged is None:
         return Finding(name, "skip" if target is None else "info",
                        f"median logged MFU {logged:.1%}, but the run does not say which peak it divides by; "
-                       "cannot renormalise", nums)
+                       "cannot renormalise" + (f"; {unknown}" if unknown else ""), nums)
     if target is None:
-        note = run.info.get("mfu_peak_note") or f"relative to {peak_logged / 1e12:.0f} TFLOP/s"
-        return Finding(name, "info", f"median logged MFU {logged:.1%} ({note}); give --gpu NAME to re-base it on the GPU "
-                       "that ran", nums, "e.g. --gpu h100, --gpu 4090")
+        note = run.knows.mfu_peak_note or f"relative to {peak_logged / 1e12:.0f} TFLOP/s"
+        return Finding(name, "info", f"median logged MFU {logged:.1%} ({note}); "
+                       + (unknown or "give --gpu NAME (or --peak-tflops N) to re-base it on the GPU that ran"), nums,
+                       "e.g. --gpu h100, --gpu 4090, --peak-tflops 165")
     label, peak = target
     true = logged * peak_logged / peak
     nums.update(gpu=label, gpu_peak_flops=peak, median_mfu=true, achieved_flops=logged * peak_logged,
@@ -493,6 +471,20 @@ def _bytes_per_token(run: Run) -> float | None:
     return _num(run.last("bytes_per_token"))
 
 
+def training_loss(run: Run) -> tuple[np.ndarray, np.ndarray, str]:
+    """(steps, training loss, how): the step losses when the format logs (or recovers) them; else the
+    smoothed loss it prints, each value placed at its mean age (`Smoothing.lag`) so that fits and
+    comparisons see where the curve was, not where the smoothing lags behind it."""
+    steps, x = run.series("raw_loss")
+    if len(x):
+        return steps, x, "the step losses"
+    steps, x = run.series("loss")
+    sm = run.knows.loss_smoothing
+    if sm is None or len(x) == 0:
+        return steps, x, "the logged loss"
+    return steps - sm.lag(steps), x, f"the logged loss, {sm.describe()}, read at its mean lag"
+
+
 def check_val_vs_train(run: Run, window: int = 20, tolerance: float = 0.02) -> Finding:
     """Validation loss below training loss on single-epoch data means the two are not measured alike.
 
@@ -510,7 +502,7 @@ def check_val_vs_train(run: Run, window: int = 20, tolerance: float = 0.02) -> F
     # our loop logs the loss of step t from the weights before update t, and evaluates at step s with the
     # weights after update s (so: read the training trend at s + 1); nanoGPT evaluates and logs iter s
     # with the same weights (offset 0)
-    offset = 0.0 if run.source in ("nanogpt", "wandb") else 1.0
+    offset = float(run.knows.eval_offset)
     ev_steps, val_nats = run.series("val_loss")
     how = "val_loss"
     if len(val_nats) == 0:
@@ -518,10 +510,9 @@ def check_val_vs_train(run: Run, window: int = 20, tolerance: float = 0.02) -> F
         bpt = _bytes_per_token(run)
         if len(bpb) and bpt:
             val_nats, how = bpb * math.log(2) * bpt, f"val_bpb x ln2 x {bpt:.3g} bytes/token"
-    tr_steps, tr = run.series("raw_loss")
-    if len(tr) == 0:
-        tr_steps, tr = run.series("loss")
-    nums = dict(dropout=dropout)
+    tr_steps, tr, tr_note = training_loss(run)
+    phase = run.knows.phase
+    nums = dict(dropout=dropout, phase=phase, train_from=tr_note)
     ev_tr_steps, ev_tr = run.series("eval_train_loss")
     drop_note = ""
     if dropout:
@@ -532,7 +523,8 @@ def check_val_vs_train(run: Run, window: int = 20, tolerance: float = 0.02) -> F
             nums.update(eval_mode_train=float(ev_tr[j]), eval_mode_gap=float((val_nats[-1] - ev_tr[j]) / ev_tr[j]))
             drop_note += (f" (in eval mode the training split scores {ev_tr[j]:.4f} vs val {val_nats[-1]:.4f}: "
                           f"a {nums['eval_mode_gap']:+.1%} generalisation gap)")
-        drop_note += ". Single-epoch pretraining does not overfit: set dropout = 0, which also trains faster. "
+        drop_note += (". Single-epoch pretraining does not overfit: set dropout = 0, which also trains faster. "
+                      if phase == "base" else ". ")
     if len(val_nats) and len(tr):
         gaps = []
         for s, v in zip(ev_steps, val_nats):
@@ -559,12 +551,28 @@ def check_val_vs_train(run: Run, window: int = 20, tolerance: float = 0.02) -> F
                                severity=30 if dropout else 40)
             first = next((x for x in gaps if x[0] >= 0.2 * gaps[-1][0]), gaps[0])
             nums["relative_gap_first"] = first[3]
-            if len(gaps) >= 3 and g - first[3] > 0.03:
+            limit = VAL_ABOVE_TRAIN_WARN.get(phase)
+            nums["warn_above"] = limit
+            trend = f" (from {first[3]:+.1%} at step {int(first[0])})" if len(gaps) >= 3 else ""
+            if limit is not None and g > limit and phase != "base":
+                return Finding(name, "warn", f"{phase.upper()} validation loss {v:.4f} is {g:.1%} above training loss "
+                               f"{t:.4f} at step {int(s)}{trend}: the model fits its training conversations much better than "
+                               f"held-out ones (a fine-tuning gap above {limit:.0%})", nums,
+                               drop_note + "Overfitting the fine-tuning mix: train fewer epochs (or stop at the step where "
+                               "val was lowest), lower the learning rate, or add data; compare checkpoints by val loss and "
+                               "the chat evals, not by the training loss.", severity=35)
+            if limit is not None and g > limit:
+                return Finding(name, "warn", f"validation loss {v:.4f} is {g:.1%} above training loss {t:.4f} nats/token at "
+                               f"step {int(s)}{trend}: in single-epoch pretraining the two should track within a few %",
+                               nums, drop_note + "The validation split is not from the training distribution, or the "
+                               "training data repeats (epochs over a small corpus): check the split, and the data size "
+                               "against the tokens trained.", severity=30)
+            if phase == "base" and len(gaps) >= 3 and g - first[3] > 0.03:
                 return Finding(name, "warn", f"validation no longer tracks training: the gap grew from {first[3]:+.1%} "
                                f"(step {int(first[0])}) to {g:+.1%} (step {int(s)})", nums,
                                drop_note + "Validation falling slower than training means repeated data (epochs over a "
                                "small corpus) or a train/val distribution shift; get more (or fresher) data.", severity=25)
-            status = "warn" if dropout else "ok"
+            status = "warn" if dropout and phase == "base" else "ok"
             track = f"; val tracks train ({first[3]:+.1%} at step {int(first[0])})" if len(gaps) >= 3 else ""
             return Finding(name, status, f"validation {v:.4f} vs training {t:.4f} nats/token ({g:+.1%}) at step {int(s)}"
                            + track + (f"; dropout={dropout:g}" if dropout else ""), nums, drop_note, severity=15 if dropout else 0)
@@ -608,8 +616,20 @@ def find_spikes(x: np.ndarray, window: int = 50, k: float = 6.0, min_rel: float 
 def check_spikes(run: Run, **kw) -> Finding:
     name = "spikes"
     steps, x = run.series("raw_loss")
+    sm = run.knows.loss_smoothing
+    note = ""
     if len(x) == 0:
         steps, x = run.series("loss")
+        if sm is not None and sm.kind == "ema" and len(x):
+            bad = [int(s) for s, v in zip(steps, x) if not np.isfinite(v)]
+            if bad:
+                return Finding(name, "warn", f"loss became non-finite at step {bad[0]}", dict(nonfinite_steps=bad[:20]),
+                               "Divergence: lower the matrix LR, lengthen warmup, check for fp16 without a grad scaler.")
+            return Finding(name, "skip", f"the log prints {sm.describe()}, not the step losses: a one-step spike "
+                           f"is spread over ~{round(sm.lag(np.array([1e9]))[0]) + 1} steps at a fraction of its height, "
+                           "so raw-loss spikes cannot be told from noise (the other checks use the smoothed loss)")
+        if sm is not None and sm.kind == "window":
+            note = f" (of {sm.window}-step mean losses: a one-step spike shows at 1/{sm.window} of its height)"
     if len(x) < 20:
         return Finding(name, "skip", f"only {len(x)} loss values; need 20+")
     nonfinite = [int(s) for s, v in zip(steps, x) if not np.isfinite(v)]
@@ -620,7 +640,7 @@ def check_spikes(run: Run, **kw) -> Finding:
         return Finding(name, "warn", f"loss became non-finite at step {nonfinite[0]}", nums,
                        "Divergence: lower the matrix LR, lengthen warmup, check for fp16 without a grad scaler.")
     if not events:
-        return Finding(name, "ok", f"no loss spikes in {len(x)} steps", nums)
+        return Finding(name, "ok", f"no loss spikes in {len(x)} steps{note}", nums)
     rel = []
     for i in events:
         med = float(np.median(x[max(0, i - 50):i]))
@@ -633,109 +653,16 @@ def check_spikes(run: Run, **kw) -> Finding:
                    "at those steps for garbage data.")
 
 
-def fit_data_curve(D: np.ndarray, L: np.ndarray, S2: np.ndarray | None = None, start=None) -> dict:
-    """Fit L = E + B D^-beta - C S2 by robust least squares (soft-L1). With S2 None (or all zero) C = 0:
-    the plain data curve. D is the tokens trained, or with an LR schedule the LR-weighted tokens S1 (see
-    `check_loss_curve`). Returns E, B, beta, C and whether E sits at a bound of its range [0, min L].
-    `start` (a previous fit) replaces the multi-start search."""
-    from scipy.optimize import least_squares
-
-    logD = np.log(D)
-    Lmin = float(L.min())
-    anneal = S2 is not None and float(np.max(S2)) > 0
-    s2 = S2 if anneal else np.zeros_like(L)
-
-    def resid(p):
-        E, logB, beta = p[:3]
-        c = p[3] if anneal else 0.0
-        return (E + np.exp(logB - beta * logD) - c * s2) - L
-
-    def jac(p):
-        _, logB, beta = p[:3]
-        t = np.exp(logB - beta * logD)
-        cols = [np.ones_like(L), t, -logD * t] + ([-s2] if anneal else [])
-        return np.stack(cols, axis=1)
-
-    lo, hi = [0.0, -50, 1e-3] + ([0.0] if anneal else []), [Lmin, 200, 3.0] + ([10.0] if anneal else [])
-    # the floor can sit at the latest level (a plateau) but not below zero: only E -> 0 is a bound problem
-    if start is not None:
-        x0s = [[start["E"], math.log(start["B"]), start["beta"]] + ([start.get("C", 0.0)] if anneal else [])]
-    else:
-        x0s = []
-        for beta0 in (0.1, 0.3, 0.6):
-            E0 = 0.8 * Lmin
-            x0s.append([E0, math.log(max(L[0] - E0, 1e-6)) + beta0 * logD[0], beta0] + ([0.01] if anneal else []))
-    best = None
-    for x0 in x0s:
-        x0 = [min(max(v, a + 1e-9 * (b - a)), b - 1e-9 * (b - a)) for v, a, b in zip(x0, lo, hi)]
-        r = least_squares(resid, x0, jac=jac, loss="soft_l1", f_scale=0.01 * Lmin, bounds=(lo, hi),
-                          max_nfev=None if start is None else 100)
-        if best is None or r.cost < best.cost:
-            best = r
-    E, logB, beta = best.x[:3]
-    return dict(E=float(E), B=float(math.exp(logB)), beta=float(beta), C=float(best.x[3]) if anneal else 0.0,
-                E_at_bound=bool(E <= 0.01 * Lmin))
-
-
-def _curve(fit):
-    """The constant-LR curve E + B D^-beta of a fit."""
-    return lambda d: fit["E"] + fit["B"] * np.asarray(d, dtype=float) ** -fit["beta"]
-
-
-def bootstrap_data_curve(D, L, fit, S2=None, n_boot=100, seed=0, ci=0.9, predict=()) -> dict:
-    """Moving-block bootstrap of the fit's residuals (losses are autocorrelated): refit each resample and
-    return (lo, hi) percentile intervals of E, beta and of each `predict(fit) -> float` in `predict`."""
-    rng = np.random.default_rng(seed)
-    s2 = np.zeros_like(L) if S2 is None else S2
-    fitted = _curve(fit)(D) - fit["C"] * s2
-    res = L - fitted
-    n = len(L)
-    block = max(3, n // 10)
-    samples = []
-    for _ in range(n_boot):
-        starts = rng.integers(0, n - block + 1, size=n // block + 1)
-        r = np.concatenate([res[s:s + block] for s in starts])[:n]
-        f = fit_data_curve(D, fitted + r, S2, start=fit)
-        samples.append([f["E"], f["beta"]] + [float(p(f)) for p in predict])
-    q = (1 - ci) / 2
-    arr = np.array(samples)
-    lo, hi = np.quantile(arr, q, axis=0), np.quantile(arr, 1 - q, axis=0)
-    return dict(E=(float(lo[0]), float(hi[0])), beta=(float(lo[1]), float(hi[1])), n_boot=n_boot, ci=ci,
-                at=[(float(a), float(b)) for a, b in zip(lo[2:], hi[2:])])
-
-
-def annealing_area(lr: np.ndarray, decay: float = 0.999) -> np.ndarray:
-    """S2 of Tissue et al. 2024 (arXiv 2408.11029), per step: m_i = decay m_{i-1} + (lr_{i-1} - lr_i),
-    S2_i = sum of m up to i. The loss drop an LR warmdown buys is ~ proportional to S2 (their
-    L = L0 + A S1^-alpha - C S2). LR as a multiplier of its peak; warmup steps (rising LR) count zero."""
-    m, s, out = 0.0, 0.0, np.zeros(len(lr))
-    for i in range(1, len(lr)):
-        m = decay * m + max(lr[i - 1] - lr[i], 0.0)
-        s += m
-        out[i] = s
-    return out
-
-
 def _lr_grid(run: Run, last_step: int):
     """(LR multiplier for steps 0..n, n, planned): the planned schedule to the planned end when the
     format records it, else the logged LR up to the last logged step; None without any LR."""
-    sz, src = run.sizing, run.source
+    sz = run.sizing
     steps, lr = run.series("lr")
     n_iter = _num(sz.get("num_iterations"))
-    if n_iter and src == "nanochat" and all(_num(sz.get(k)) is not None for k in ("warmup_steps", "warmdown_ratio", "final_lr_frac")):
-        from nanochat.sizing import lr_multiplier
-
+    if n_iter and run.knows.planned_steps and run.knows.lr_schedule is not None:
         n = int(n_iter)
-        return np.array([lr_multiplier(s, n, int(sz["warmup_steps"]), sz["warmdown_ratio"], sz["final_lr_frac"])
-                         for s in range(n + 1)]), n, True
-    if n_iter and src == "nanogpt" and run.info.get("config"):
-        from nanochat.foreign_runs import nanogpt_lr
-
-        cfg, n = run.info["config"], int(n_iter)
-        if not cfg.get("decay_lr", True):
-            return np.ones(n + 1), n, True
         try:
-            return np.array([nanogpt_lr(s, cfg) / cfg["learning_rate"] for s in range(n + 1)]), n, True
+            return np.array([run.knows.lr_schedule(s) for s in range(n + 1)], dtype=float), n, True
         except (KeyError, TypeError, ZeroDivisionError):
             pass
     if len(lr) < 2:
@@ -762,28 +689,31 @@ def check_loss_curve(run: Run, flat_fraction: float = 0.01, n_boot: int = 60) ->
     losses contradict says so and labels its extrapolations unreliable.
     """
     name = "loss_curve"
-    key = "raw_loss" if len(run.series("raw_loss")[1]) else "loss"
-    steps_all, L_all = run.series(key)
-    D_all = np.array([m.get("tokens") for m in run.metrics if isinstance(m.get(key), (int, float))
-                      and isinstance(m.get("step"), (int, float))], dtype=object)
-    if len(L_all) == 0 or any(d is None for d in D_all):
+    steps_all, L_all, how = training_loss(run)
+    if len(L_all) < 30 and len(run.series("val_loss")[1]) >= 30:
+        steps_all, L_all = run.series("val_loss")
+        how = "the validation loss (the log has no training loss)"
+    tok_steps, tok = run.series("tokens")
+    sz = run.sizing
+    tps = _num(sz.get("tokens_per_step"))
+    if tps is None and len(tok) >= 2 and tok_steps[-1] > 0:
+        tps = float(tok[-1] / tok_steps[-1])
+    if len(L_all) == 0 or not tps:
         return Finding(name, "skip", "needs the training loss against tokens trained"
                        + ("; " + "; ".join(s for s in run.skipped if "token" in s) if run.skipped else ""))
-    D_all = D_all.astype(float)
+    D_all = np.maximum(steps_all, 0.0) * tps
     ok = np.isfinite(L_all) & (D_all > 0)
     steps_all, D_all, L_all = steps_all[ok], D_all[ok], L_all[ok]
     if len(L_all) < 30:
         return Finding(name, "skip", f"needs 30+ (tokens, loss) points; has {len(L_all)}")
-    sz = run.sizing
-    tps = _num(sz.get("tokens_per_step")) or float(np.median(np.diff(D_all) / np.maximum(np.diff(steps_all), 1)))
-    grid = _lr_grid(run, int(steps_all[-1]))
+    grid = _lr_grid(run, int(math.ceil(steps_all[-1])))
     planned = _num(sz.get("total_tokens")) or float(D_all[-1])
     if grid is not None:
         lr, n_grid, has_plan = grid
         s1_grid = np.concatenate([[0.0], np.cumsum(lr[:-1])]) * tps  # LR-weighted tokens before each step
         s2_grid = annealing_area(lr)
-        idx = np.clip(steps_all.astype(int), 0, n_grid)
-        S1, S2 = s1_grid[idx], s2_grid[idx]
+        at = np.clip(steps_all, 0, n_grid)  # steps may be fractional: a smoothed loss read at its lag
+        S1, S2 = np.interp(at, np.arange(n_grid + 1), s1_grid), np.interp(at, np.arange(n_grid + 1), s2_grid)
         warm = _num(sz.get("warmup_steps"))
         if warm is None:
             warm = float(np.argmax(lr >= 0.99 * lr.max()))
@@ -802,7 +732,7 @@ def check_loss_curve(run: Run, flat_fraction: float = 0.01, n_boot: int = 60) ->
         groups = np.array_split(np.arange(len(L)), 80)
         D, L, s1 = (np.array([a[g].mean() for g in groups]) for a in (D, L, s1))
         s2 = None if s2 is None else np.array([s2[g].mean() for g in groups])
-    pred = lambda f, d: float(_curve(f)(d))  # noqa: E731
+    pred = lambda f, d: float(data_curve(f)(d))  # noqa: E731
     preds = [lambda f: pred(f, planned), lambda f: pred(f, 2 * planned), lambda f: pred(f, 10 * planned)]
     if end is not None:
         preds.append(lambda f: pred(f, end[0]) - f["C"] * end[1])
@@ -813,9 +743,9 @@ def check_loss_curve(run: Run, flat_fraction: float = 0.01, n_boot: int = 60) ->
     tail = max(5, len(L_all) // 20)
     now = float(np.median(L_all[-tail:]))
     s1_tail, s2_tail = S1[m][-tail:], (0.0 if S2 is None else S2[m][-tail:])
-    fitted_now = float(np.median(_curve(fit)(s1_tail) - fit["C"] * s2_tail))
+    fitted_now = float(np.median(data_curve(fit)(s1_tail) - fit["C"] * s2_tail))
     iv = boot["at"]
-    nums = dict(fit={k: fit[k] for k in ("E", "B", "beta", "C")}, fitted_on=used, fit_points=int(m.sum()),
+    nums = dict(fit={k: fit[k] for k in ("E", "B", "beta", "C")}, fitted_on=used, loss_from=how, fit_points=int(m.sum()),
                 window_tokens=(float(D[0]), float(D[-1])), tokens_now=float(D_all[-1]), loss_now=now,
                 planned_tokens=planned, loss_at_planned=p_plan, loss_at_2x=p2, loss_at_10x=p10,
                 intervals=dict(E=boot["E"], beta=boot["beta"], loss_at_planned=iv[0], loss_at_2x=iv[1], loss_at_10x=iv[2]),
@@ -851,7 +781,7 @@ def check_loss_curve(run: Run, flat_fraction: float = 0.01, n_boot: int = 60) ->
     nums.update(reliable=not flags, unreliable_because=flags)
     pm = lambda i, v: f"{v:.4f} [{iv[i][0]:.4f}, {iv[i][1]:.4f}]"  # noqa: E731
     summary = (f"L = {fit['E']:.3f} + {fit['B']:.3g} D^-{fit['beta']:.3f}" + (f" - {fit['C']:.3g} S2" if s2 is not None else "")
-               + f" (on {used}; {boot['ci']:.0%} bootstrap intervals): constant-LR loss {pm(0, p_plan)} at the "
+               + f" (fitted to {how}, on {used}; {boot['ci']:.0%} bootstrap intervals): constant-LR loss {pm(0, p_plan)} at the "
                f"planned {_fmt(planned)} tokens, {pm(1, p2)} at 2x, {pm(2, p10)} at 10x" + owed_text)
     if flags:
         return Finding(name, "info", "extrapolations UNRELIABLE (" + "; ".join(flags) + "): " + summary, nums,
@@ -927,7 +857,7 @@ def _check_schedule_ours(run: Run, tolerance: float = 0.02) -> Finding:
 
 
 def check_schedule(run: Run, tolerance: float = 0.02) -> Finding:
-    if not run.foreign:
+    if run.sizing.get("warmdown_ratio") is not None:  # nanochat's trapezoid, recorded in full
         return _check_schedule_ours(run, tolerance)
     name = "schedule"
     steps = run.series("step")[1]
@@ -935,7 +865,8 @@ def check_schedule(run: Run, tolerance: float = 0.02) -> Finding:
     if len(steps) == 0:
         return Finding(name, "skip", "no steps logged")
     if n_iter is None:
-        return Finding(name, "skip", "the planned number of steps is not in the log" + (" (pass --config)" if run.source != "karpathy-nanochat" else ""))
+        why = "; ".join(s for s in run.skipped if "config" in s)
+        return Finding(name, "skip", f"the planned number of steps is not in the {run.format}" + (f" ({why})" if why else ""))
     done = int(steps[-1])
     lr = run.series("lr")[1]
     nums = dict(step=done, num_iterations=n_iter, progress=done / n_iter, schedule=run.sizing.get("schedule"),
@@ -952,16 +883,16 @@ CHECKS = (check_param_count, check_tokens_ratio, check_mfu, check_val_vs_train, 
 _STATUS_RANK = {"warn": 0, "info": 1, "ok": 2, "skip": 3}
 
 
-def diagnose(run: Run, law=None, gpu: str | None = None) -> list[Finding]:
+def diagnose(run: Run, law=None, gpu: str | None = None, peak_tflops: float | None = None) -> list[Finding]:
     """All checks, ranked: warnings by severity (the most consequential first), then info, ok, skip.
-    `law` (a fitted scaling.LossLaw) sets the compute-optimal ratio; `gpu` re-bases MFU."""
+    `law` (a fitted scaling.LossLaw) sets the compute-optimal ratio; `gpu` / `peak_tflops` re-base MFU."""
     out = []
     for check in CHECKS:
         try:
             if check is check_tokens_ratio:
                 out.append(check(run, law=law))
             elif check is check_mfu:
-                out.append(check(run, gpu=gpu))
+                out.append(check(run, gpu=gpu, peak_tflops=peak_tflops))
             else:
                 out.append(check(run))
         except Exception as e:  # noqa: BLE001 -- one broken check must not hide the others
@@ -972,7 +903,7 @@ def diagnose(run: Run, law=None, gpu: str | None = None) -> list[Finding]:
 
 def report(run: Run, findings: list[Finding]) -> str:
     mark = {"ok": "ok  ", "warn": "WARN", "info": "info", "skip": "skip"}
-    fmt = run.info.get("format") or "nanochat run folder"
+    fmt = run.format
     lines = [f"run: {run.path} ({fmt})"] + [f"  note: {p}" for p in run.problems]
     lines += [f"  not in this format: {s}" for s in run.skipped]
     for i, f in enumerate(findings, 1):

@@ -284,8 +284,22 @@ def test_mfu_rebased_per_gpu():
     assert "understates" in f["mfu"].summary
     _, f = fixture_findings("nanogpt_typo.log", "nanogpt_typo_config.py")
     assert f["mfu"].status == "info" and "A100" in f["mfu"].summary
-    assert dg.gpu_peak("NVIDIA GeForce RTX 3090")[1] == 71e12 and dg.gpu_peak("a100")[1] == 312e12
-    assert dg.gpu_peak("H100 PCIe")[1] == 756e12 and dg.gpu_peak("no such card") is None
+    # a card missing from the table is one line in the MFU finding, never a refusal; --peak-tflops re-bases on anything
+    _, f = fixture_findings("nanogpt_typo.log", "nanogpt_typo_config.py", gpu="voodoo5")
+    assert f["mfu"].status == "info" and "'voodoo5' is not in the peak table" in f["mfu"].summary
+    assert f["param_count"].status == "warn"  # the rest of the run is diagnosed
+    run = dg.load_run(FIX / "nanogpt_typo.log", config=FIX / "nanogpt_typo_config.py")
+    mfu = dg.check_mfu(run, gpu="voodoo5", peak_tflops=100)
+    assert mfu.numbers["median_mfu"] == pytest.approx(0.30 * 312 / 100, rel=0.03)
+
+
+@pytest.mark.parametrize("name", ["4070", "RTX 4070", "NVIDIA GeForce RTX 4070", "rtx4070"])
+def test_consumer_gpu_names_are_matched_forgivingly(name):
+    """The RTX 4070 case of issue 28: `--gpu "RTX 4070"` was refused. Its dense bf16 peak (fp32 accumulate)
+    is SMs x boost x 512 = 46 x 2.475 GHz x 512 = 58.3 TFLOP/s (Ada whitepaper's rule, 466 AI TOPS / 8)."""
+    _, f = fixture_findings("nanogpt_typo.log", "nanogpt_typo_config.py", gpu=name)
+    assert f["mfu"].numbers["gpu"] == "RTX 4070"
+    assert f["mfu"].numbers["median_mfu"] == pytest.approx(0.30 * 312 / (46 * 2.475e9 * 512 / 1e12), rel=0.03)
 
 
 def test_healthy_nanogpt_run_gets_no_alarm():
@@ -323,8 +337,10 @@ def test_cli_foreign_and_errors(tmp_path, capsys):
                  "--json"]) == 0
     obj = json.loads(capsys.readouterr().out)
     assert obj["source"] == "nanogpt" and obj["findings"][0]["check"] == "param_count"
-    assert main([str(FIX / "nanogpt_typo.log"), "--gpu", "voodoo5"]) == 2
-    assert "unknown --gpu" in capsys.readouterr().err
+    assert main([str(FIX / "nanogpt_typo.log"), "--gpu", "RTX 4070"]) == 0
+    assert "RTX 4070" in capsys.readouterr().out
+    assert main([str(FIX / "nanogpt_typo.log"), "--gpu", "voodoo5"]) == 0  # diagnosed; the MFU line says why not re-based
+    assert "not in the peak table" in capsys.readouterr().out
     junk = tmp_path / "junk.txt"
     junk.write_text("nothing here\n")
     assert main([str(junk)]) == 2
@@ -333,14 +349,18 @@ def test_cli_foreign_and_errors(tmp_path, capsys):
 
 
 def test_gpu_table_agrees_with_the_training_loop_and_prints(capsys):
-    from nanochat.common import GPU_PEAK_FLOPS
+    from nanochat.common import get_peak_flops
+    from nanochat.gpus import GPUS, find_gpu
     from scripts.diagnose import main
 
-    for name, peak in GPU_PEAK_FLOPS:  # the peaks base_train divides by: the doctor re-bases on the same values
-        assert dg.gpu_peak(name)[1] == peak, name
+    for gpu in GPUS:  # the peaks base_train divides by are the ones the doctor re-bases on: one table
+        assert find_gpu(gpu.name) is gpu, gpu.name
+        assert get_peak_flops(gpu.name) == (gpu.peak_flops if gpu.bf16 else None), gpu.name
+    for name in ("RTX 5090", "RTX 4060", "RTX A4000", "RTX 4000 Ada", "L4", "L40S", "A100", "H100", "H200", "B200", "MI300X"):
+        assert find_gpu(name) is not None, name
     assert main(["--gpu", "list"]) == 0
     out = capsys.readouterr().out
-    assert "RTX 4090" in out and "165.0" in out
+    assert "RTX 4090" in out and "165.0" in out and "datasheet" in out
 
 
 def test_compute_equivalent_against_the_law():
