@@ -224,6 +224,12 @@ def check_param_count(run: Run) -> Finding:
                            f"{_fmt(table['total'])}", nums, "The log was edited or mixes two runs.", severity=50)
         return Finding(name, "ok", f"{_fmt(table.get('total', parts))} parameters as printed by base_train "
                        f"({_fmt(nums['scaling_params'] or 0)} scaling: transformer matrices + LM head)", nums)
+    if not counts and _num(run.sizing.get("num_params")):  # a count the run printed, without the shape behind it
+        total, scaling = _num(run.sizing["num_params"]), _num(run.sizing.get("scaling_params"))
+        return Finding(name, "ok", f"{_fmt(total)} parameters as the run recorded them"
+                       + (f" ({_fmt(scaling)} scaling: block matrices + LM head)" if scaling else "")
+                       + "; the shape is not in this format, so it is not recomputed",
+                       dict(recorded_total=total, recorded_scaling=scaling))
     if not counts:
         why = "; ".join(s for s in run.skipped if "config" in s or "shape" in s or "parameter" in s)
         return Finding(name, "skip", "no model shape (n_layer, n_embd, vocab size)" + (f": {why}" if why else
@@ -306,8 +312,8 @@ def check_tokens_ratio(run: Run, law=None) -> Finding:
     scaling, total = _params(run)
     so_far, planned = _tokens_trained(run), _num(run.sizing.get("total_tokens"))
     if not (scaling or total) or not (so_far or planned):
-        return Finding(name, "skip", "needs a parameter count and the tokens trained"
-                       + (f" ({'; '.join(s for s in run.skipped if 'token' in s or 'shape' in s or 'config' in s)})" if run.skipped else ""))
+        why = "; ".join(s for s in run.skipped if "token" in s or "shape" in s or "config" in s or "parameter" in s)
+        return Finding(name, "skip", "needs a parameter count and the tokens trained" + (f" ({why})" if why else ""))
     nums = dict(scaling_params=scaling, total_params=total, tokens_so_far=so_far, planned_tokens=planned)
     for when, D in (("now", so_far), ("planned", planned)):
         if D:
@@ -630,6 +636,8 @@ def check_spikes(run: Run, **kw) -> Finding:
                            "so raw-loss spikes cannot be told from noise (the other checks use the smoothed loss)")
         if sm is not None and sm.kind == "window":
             note = f" (of {sm.window}-step mean losses: a one-step spike shows at 1/{sm.window} of its height)"
+    if len(x) == 0:
+        return Finding(name, "skip", "no training loss logged")
     if len(x) < 20:
         return Finding(name, "skip", f"only {len(x)} loss values; need 20+")
     nonfinite = [int(s) for s, v in zip(steps, x) if not np.isfinite(v)]
@@ -718,7 +726,8 @@ def check_loss_curve(run: Run, flat_fraction: float = 0.01, n_boot: int = 60) ->
         if warm is None:
             warm = float(np.argmax(lr >= 0.99 * lr.max()))
         end = (float(s1_grid[-1] + lr[-1] * tps), float(s2_grid[-1])) if has_plan else None
-        used = "LR-weighted tokens, with the warmdown's annealing term"
+        used = ("LR-weighted tokens, with the warmdown's annealing term" if float(s2_grid[-1]) > 0 else
+                "tokens (the LR stays at its peak: no warmdown term)")
     else:
         S1, S2, warm, end, has_plan = D_all, None, _num(sz.get("warmup_steps")) or 0, None, False
         used = "tokens (no LR logged: no warmdown term)"
@@ -780,7 +789,8 @@ def check_loss_curve(run: Run, flat_fraction: float = 0.01, n_boot: int = 60) ->
         flags.append(f"the fit misses the run's own last losses ({fitted_now:.4f} vs {now:.4f})")
     nums.update(reliable=not flags, unreliable_because=flags)
     pm = lambda i, v: f"{v:.4f} [{iv[i][0]:.4f}, {iv[i][1]:.4f}]"  # noqa: E731
-    summary = (f"L = {fit['E']:.3f} + {fit['B']:.3g} D^-{fit['beta']:.3f}" + (f" - {fit['C']:.3g} S2" if s2 is not None else "")
+    anneals = s2 is not None and float(np.max(s2)) > 0
+    summary = (f"L = {fit['E']:.3f} + {fit['B']:.3g} D^-{fit['beta']:.3f}" + (f" - {fit['C']:.3g} S2" if anneals else "")
                + f" (fitted to {how}, on {used}; {boot['ci']:.0%} bootstrap intervals): constant-LR loss {pm(0, p_plan)} at the "
                f"planned {_fmt(planned)} tokens, {pm(1, p2)} at 2x, {pm(2, p10)} at 10x" + owed_text)
     if flags:

@@ -79,7 +79,7 @@ _STEP = re.compile(r"^step (\d+)/(\d+) \| loss (" + NUM + r") \(raw (" + NUM + r
                    r" \| dt (" + NUM + r")ms \| tok/s (" + NUM + r") \| mfu (?:(" + NUM + r")%|n/a)")
 _VAL = re.compile(r"^step (\d+) \| val bpb (" + NUM + r") \| val loss (" + NUM + ")")
 _CORE = re.compile(r"^step (\d+) \| CORE (" + NUM + ")")
-_ROW = re.compile(r"^  (\S.*?)\s{2,}(\S.*)$")
+_ROW = re.compile(r"^ {2,}(\S.*?)\s{2,}(\S.*)$")
 
 
 def _table_int(v: str) -> int | None:
