@@ -309,6 +309,9 @@ def check_tokens_ratio(run: Run, law=None) -> Finding:
     fitted ~10.5 per scaling parameter and Chinchilla's ~20 per total parameter); and what the same
     compute would buy as a compute-optimal (usually bigger) model."""
     name = "tokens_ratio"
+    if run.knows.phase != "base":
+        return Finding(name, "skip", f"a {run.knows.phase.upper()} run: compute-optimal tokens per parameter is a "
+                       "pretraining question")
     scaling, total = _params(run)
     so_far, planned = _tokens_trained(run), _num(run.sizing.get("total_tokens"))
     if not (scaling or total) or not (so_far or planned):
@@ -697,6 +700,9 @@ def check_loss_curve(run: Run, flat_fraction: float = 0.01, n_boot: int = 60) ->
     losses contradict says so and labels its extrapolations unreliable.
     """
     name = "loss_curve"
+    if run.knows.phase != "base":
+        return Finding(name, "skip", f"a {run.knows.phase.upper()} run: the data-curve fit describes pretraining (a "
+                       "fine-tuning loss falls to its mix's floor within an epoch; val_vs_train judges it)")
     steps_all, L_all, how = training_loss(run)
     if len(L_all) < 30 and len(run.series("val_loss")[1]) >= 30:
         steps_all, L_all = run.series("val_loss")

@@ -11,7 +11,9 @@ base_train step line. Losses are synthetic with a known answer: L = E + B D^-bet
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,20 @@ E, B, BETA = 2.0, 400.0, 0.3
 def loss_at(tokens, noise=0.0, rng=None):
     clean = E + B * np.asarray(tokens, dtype=float) ** -BETA
     return clean * (1 + noise * rng.standard_normal(np.shape(clean))) if noise else clean
+
+
+def scheduled_loss(lrm, tokens_per_step, C=3e-4, noise=0.01, rng=None):
+    """The loss of Tissue et al. 2024 under an LR schedule: E + B S1^-beta - C S2, S1 the LR-weighted tokens
+    before each step, S2 the annealing area (momentum 0.999 of the LR drops). Step k: the loss of update k."""
+    lrm = np.asarray(lrm, dtype=float)
+    s1 = (np.cumsum(lrm) - 0.5 * lrm) * tokens_per_step
+    m, acc, s2 = 0.0, 0.0, np.zeros(len(lrm))
+    for i in range(1, len(lrm)):
+        m = 0.999 * m + max(lrm[i - 1] - lrm[i], 0.0)
+        acc += m
+        s2[i] = acc
+    clean = E + B * s1 ** -BETA - C * s2
+    return clean * (1 + noise * rng.standard_normal(len(clean))) if rng is not None else clean
 
 
 def write_hf_trainer(folder: Path, *, n_steps=600, logging_steps=10, eval_steps=100, tokens_per_step=65536,
@@ -86,14 +102,17 @@ def write_llmc(path: Path, *, n_steps=400, B=64, T=1024, L=12, C=768, V=50257, V
                                                    ("padded_vocab_size Vp", Vp), ("num_layers L", L),
                                                    ("num_heads NH", 12), ("channels C", C), ("num_parameters", n_params))]
     out += [f"num_parameters: {n_params} => bytes: {2 * n_params}"]
+    lrs = [lr * (s + 1) / warm if s < warm else lr * 0.5 * (1 + math.cos(math.pi * (s - warm) / (n_steps - warm)))
+           for s in range(n_steps)]
+    losses = scheduled_loss(np.array(lrs) / lr, tps, rng=rng)
+    clean = scheduled_loss(np.array(lrs) / lr, tps)
     for step in range(n_steps + 1):
         last = step == n_steps
         if step % 100 == 0 or last:
-            out.append(f"val loss {float(loss_at(max(step, 0.5) * tps)) * 1.005:f}")
+            out.append(f"val loss {float(clean[min(step, n_steps - 1)]) * 1.005:f}")
         if last:
             break
-        lr_s = lr * (step + 1) / warm if step < warm else lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / (n_steps - warm)))
-        loss = float(loss_at((step + 0.5) * tps, 0.01, rng))
+        lr_s, loss = lrs[step], float(losses[step])
         mfu = mfu_pct * (1 + 0.01 * rng.standard_normal())
         out.append(f"step {step + 1:4d}/{n_steps} | loss {loss:7.6f} (+0.00z)| norm {1.0:6.4f} (+0.00z)| lr {lr_s:.2e} | "
                    f"{300.0:.2f} ms | {mfu:.1f}% bf16 MFU | {tps / 0.3:.0f} tok/s")
@@ -143,15 +162,17 @@ def write_nanochat_console(path: Path, *, n_steps=400, tokens_per_step=2**16, wa
     out = ["=" * 80, "sizing"] + [f"  {k:<{width}}  {v}" for k, v in rows] + ["model:", "GPT(...)", "=" * 80,
                                                                                f"training steps 0 -> {n_steps}"]
     ema = 0.0
+    lrms = np.array([lr_multiplier(k, n_steps, warm, warmdown, final) for k in range(n_steps)])
+    losses, clean = scheduled_loss(lrms, tokens_per_step, rng=rng), scheduled_loss(lrms, tokens_per_step)
     for s in range(1, n_steps + 1):
-        raw = float(loss_at((s - 0.5) * tokens_per_step, 0.01, rng))
+        raw = float(losses[s - 1])
         ema = 0.9 * ema + 0.1 * raw
         smooth = ema / (1 - 0.9 ** s)
-        lrm = lr_multiplier(s - 1, n_steps, warm, warmdown, final)
+        lrm = lrms[s - 1]
         out.append(f"step {s:05d}/{n_steps} | loss {smooth:.4f} (raw {raw:.4f}) | lrm {lrm:.3f} | dt 300ms | "
                    f"tok/s {tokens_per_step / 0.3:,.0f} | mfu {45.0 * (1 + 0.01 * rng.standard_normal()):.2f}% | mem 9000MB | eta 1.0m")
         if s % val_every == 0:
-            v = float(loss_at(s * tokens_per_step)) * 1.01
+            v = float(clean[min(s, n_steps - 1)]) * 1.01
             out.append(f"step {s:05d} | val bpb {v / (math.log(2) * 4.2):.6f} | val loss {v:.4f}")
     path.write_text("\n".join(out) + "\n")
     return path
@@ -181,3 +202,35 @@ def write_karpathy_nanochat(path: Path, *, n_steps=2000, every=1, tokens_per_ste
                        f"epoch: 1 pq: 0 rg: 0 | total time: 1.00m")
     path.write_text("\n".join(out) + "\n")
     return path
+
+
+def write_sft_run(folder: Path, val_over_train: float, train_loss: float = 0.888, seed=0) -> Path:
+    """An SFT run folder as nanochat/chat_sft.py writes it (flags under "config", the "source" checkpoint)."""
+    folder.mkdir(parents=True)
+    (folder / "run.json").write_text(json.dumps({"config": {"num_epochs": 3}, "source": {"phase": "base", "tag": "d12"},
+                                                 "sizing": {"tokens_per_step": 8192}}))
+    rng = np.random.default_rng(seed)
+    lines = []
+    for s in range(1, 301):
+        raw = train_loss * (1 + 0.01 * rng.standard_normal())
+        m = {"step": s, "loss": raw, "raw_loss": raw, "lr": 1.0}
+        if s % 100 == 0:
+            m["val_loss"] = train_loss * (1 + val_over_train)
+        lines.append(json.dumps(m))
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def main(out: str) -> None:
+    """One example run per format under `out` (README's doctor section runs the doctor on them)."""
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    made = [write_hf_trainer(root / "hf-gpt2-124M"), write_tensorboard(root / "tb-runs"), write_llmc(root / "llmc.log"),
+            write_modded_nanogpt(root / "modded-nanogpt.txt"), write_nanochat_console(root / "base_train.log"),
+            write_karpathy_nanochat(root / "karpathy-base_train.log", every=7),
+            write_sft_run(root / "chatsft_checkpoints" / "d12", 1.1626 / 0.8880 - 1)]
+    print("\n".join(str(p) for p in made))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1] if len(sys.argv) > 1 else "example-runs")

@@ -1,7 +1,6 @@
 """The run doctor on the logs people have (issue 28): each format, written as its program writes it
 (tests/run_log_writers.py), gives the findings it must, and the issue's cases stay fixed."""
 
-import json
 import math
 
 import numpy as np
@@ -19,6 +18,7 @@ def findings(path, **kw):
 
 def test_hf_trainer_folder(tmp_path):
     """GPT-2 small's config, HF's default dropout 0.1, window-mean losses, tokens from num_input_tokens_seen."""
+    pytest.importorskip("transformers")
     out = w.write_hf_trainer(tmp_path / "gpt2-124M-run")
     assert detect(out).name == "hf-trainer"
     run, f = findings(out)
@@ -36,6 +36,7 @@ def test_hf_trainer_folder(tmp_path):
 
 
 def test_tensorboard_events(tmp_path):
+    pytest.importorskip("tensorboard")
     logdir = w.write_tensorboard(tmp_path / "runs")
     assert detect(logdir).name == "tensorboard"
     run, f = findings(logdir)
@@ -123,30 +124,32 @@ def test_nanogpt_125m_comment_names_the_width(tmp_path):
     assert "269176" not in pc.advice and "n_layer=59" not in pc.advice
 
 
-def _sft_run(root, val_over_train, phase_dir="chatsft_checkpoints"):
-    """An SFT run folder as chat_sft writes it (flags under "config", a "source" checkpoint)."""
-    d = root / phase_dir / "d12"
-    d.mkdir(parents=True)
-    (d / "run.json").write_text(json.dumps({"config": {"num_epochs": 3}, "source": {"phase": "base", "tag": "d12"},
-                                            "sizing": {"tokens_per_step": 8192}}))
-    rng = np.random.default_rng(0)
-    lines = []
-    for s in range(1, 301):
-        raw = 0.888 * (1 + 0.01 * rng.standard_normal())
-        m = {"step": s, "loss": raw, "raw_loss": raw, "lr": 1.0}
-        if s % 100 == 0:
-            m["val_loss"] = 0.888 * (1 + val_over_train)
-        lines.append(json.dumps(m))
-    (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
-    return d
-
-
 def test_sft_gap_is_judged_as_fine_tuning(tmp_path):
     """Issue 28: an SFT run with val 1.1626 vs train 0.8880 (+31%) was marked ok."""
-    run = dg.load_run(_sft_run(tmp_path, 1.1626 / 0.8880 - 1))
+    run = dg.load_run(w.write_sft_run(tmp_path / "chatsft_checkpoints" / "d12", 1.1626 / 0.8880 - 1))
     assert run.knows.phase == "sft" and run.args == {"num_epochs": 3}  # flags read under "config" too
     f = dg.check_val_vs_train(run)
     assert f.status == "warn" and "SFT" in f.summary and "fewer epochs" in f.advice
     assert f.numbers["relative_gap"] == pytest.approx(0.309, abs=0.01)
-    ok = dg.check_val_vs_train(dg.load_run(_sft_run(tmp_path / "b", 0.08)))
+    ok = dg.check_val_vs_train(dg.load_run(w.write_sft_run(tmp_path / "b" / "chatsft_checkpoints" / "d12", 0.08)))
     assert ok.status == "ok"  # +8% is the ordinary fine-tuning gap
+
+
+def test_base_run_above_its_threshold_warns_with_pretraining_words(tmp_path):
+    """The same +8% that is ordinary in fine-tuning is a warning in single-epoch pretraining."""
+    d = w.write_sft_run(tmp_path / "base_checkpoints" / "d12", 0.08)
+    run = dg.load_run(d)
+    assert run.knows.phase == "base"  # the phase folder it sits in decides
+    f = dg.check_val_vs_train(run)
+    assert f.status == "warn" and "single-epoch pretraining" in f.summary
+
+
+def test_smoothing_lag_matches_its_definition():
+    from nanochat.run_formats import Smoothing
+
+    ema, win = Smoothing("ema", beta=0.9), Smoothing("window", window=10)
+    for t in (1, 2, 7, 50, 400):
+        wts = 0.1 * 0.9 ** np.arange(t)  # the debiased EMA after t steps: weight on the loss k steps back
+        assert ema.lag(np.array([t]))[0] == pytest.approx(float((wts * np.arange(t)).sum() / wts.sum()))
+        m = min(t, 10)
+        assert win.lag(np.array([t]))[0] == pytest.approx(np.arange(m).mean())

@@ -38,8 +38,11 @@ def _event_files(path: Path) -> list[Path]:
 
 
 def parse_tensorboard(path, config=None) -> Run:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError as e:
+        raise RunFormatError(f"{path} holds TensorBoard event files; reading them needs the tensorboard package: "
+                             "pip install tensorboard (or the project's `doctor` extra)") from e
     path = Path(path)
     files = _event_files(path)
     if not files:
