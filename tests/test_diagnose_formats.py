@@ -153,3 +153,46 @@ def test_smoothing_lag_matches_its_definition():
         assert ema.lag(np.array([t]))[0] == pytest.approx(float((wts * np.arange(t)).sum() / wts.sum()))
         m = min(t, 10)
         assert win.lag(np.array([t]))[0] == pytest.approx(np.arange(m).mean())
+
+
+@pytest.mark.slow
+def test_a_real_hf_trainer_run_reads_back(tmp_path):
+    """The real transformers Trainer (tiny GPT-2, 40 CPU steps, ~2 s) writes trainer_state.json, config.json
+    and TensorBoard events; both readers get back what it logged, and the size from config.json is the
+    model's own count."""
+    pytest.importorskip("accelerate")
+    pytest.importorskip("tensorboard")
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+
+    class Tokens(torch.utils.data.Dataset):
+        def __init__(self, n):
+            self.x = torch.randint(0, 64, (n, 32), generator=torch.Generator().manual_seed(0))
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return {"input_ids": self.x[i], "labels": self.x[i]}
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=40, logging_steps=2, eval_strategy="steps",
+                             eval_steps=10, per_device_train_batch_size=4, report_to=["tensorboard"], save_steps=40,
+                             include_num_input_tokens_seen="all", use_cpu=True, dataloader_num_workers=0,
+                             disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=Tokens(200), eval_dataset=Tokens(16)).train()
+    run = dg.load_run(tmp_path / "out")
+    assert run.source == "hf-trainer" and run.sizing["tokens_per_step"] == 4 * 32
+    assert run.info["counts"]["total"] == model.num_parameters()  # tied head counted once, wpe and biases in
+    assert run.knows.loss_smoothing.window == 2
+    assert {m["step"] for m in run.metrics if "val_loss" in m} == {10, 20, 30, 40}
+    tb_dir = next((tmp_path / "out" / "runs").iterdir())
+    tb = dg.load_run(tb_dir)
+    assert tb.source == "tensorboard" and tb.info["tags"]["loss"] == "train/loss"
+    by_step = {m["step"]: m for m in tb.metrics}
+    for m in run.metrics:
+        if "loss" in m:
+            assert by_step[m["step"]]["loss"] == pytest.approx(m["loss"], rel=1e-6)  # the same numbers, two files
+    f = {x.check: x for x in dg.diagnose(run)}
+    assert f["param_count"].status == "ok" and f["val_vs_train"].status in ("ok", "warn")
