@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 
 from nanochat import diagnose as dg
+from nanochat.doctor.loss import find_spikes
+from nanochat.doctor.size import compute_equivalent
+from nanochat.scaling import annealing_area
 from nanochat.sizing import count_params, lr_multiplier, model_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +44,7 @@ def make_run(root: Path, name="d4", *, n_iter=460, tokens_per_step=2**18, params
     # the loss of Tissue et al. 2024: a power law in the LR-weighted tokens S1 minus C x the annealing area S2
     sched = np.array([lr_multiplier(s, n_iter, warm, wd, final) for s in range(n_iter + 1)])
     s1 = np.concatenate([[0.0], np.cumsum(sched)]) * tokens_per_step
-    s2 = dg.annealing_area(sched)
+    s2 = annealing_area(sched)
     for s in range(last):
         D = (s + 1) * tokens_per_step
         clean = 3.05 if plateau and s > 60 else 2 + 40 * s1[s + 1] ** -0.25 - (WARMDOWN_C if warmdown_c is None else warmdown_c) * s2[min(s + 1, n_iter)]
@@ -166,7 +169,7 @@ def test_find_spikes_matches_brute_force_definition():
         mad = 1.4826 * np.median(np.abs(w - med))
         if x[i] > med + max(6 * mad, 0.02 * med):
             expected.append(i)
-    assert dg.find_spikes(x) == expected
+    assert find_spikes(x) == expected
     assert expected == [50, 150, 151]
 
 
@@ -206,7 +209,7 @@ def test_run_summary_row(tmp_path):
     assert row["scaling_params"] == counts["scaling"] and row["total_params"] == counts["total"]
     assert row["tokens"] == 460 * 2**18 and row["complete"] and row["depth"] == 4
     sched = np.array([lr_multiplier(s, 460, 40, 0.65, 0.05) for s in range(461)])
-    clean = 2 + 40 * (sched[:460].sum() * 2**18) ** -0.25 - WARMDOWN_C * dg.annealing_area(sched)[460]
+    clean = 2 + 40 * (sched[:460].sum() * 2**18) ** -0.25 - WARMDOWN_C * annealing_area(sched)[460]
     assert row["val_bpb"] == pytest.approx(clean * 1.01 / (math.log(2) * BYTES_PER_TOKEN))
 
 
@@ -227,7 +230,7 @@ def test_warmdown_owed_is_measured_mid_warmdown(tmp_path):
     f = findings(make_run(tmp_path, stop_at=340, warmdown_c=c))["loss_curve"]
     n = f.numbers
     sched = np.array([lr_multiplier(s, 460, 40, 0.65, 0.05) for s in range(461)])
-    s2 = dg.annealing_area(sched)
+    s2 = annealing_area(sched)
     truth_end = 2 + 40 * (sched[:460].sum() * 2**18) ** -0.25 - c * s2[460]
     assert n["fit"]["C"] == pytest.approx(c, rel=0.25)
     assert n["warmdown_owed"] == pytest.approx(c * (s2[460] - s2[340]), rel=0.3)
@@ -368,7 +371,7 @@ def test_compute_equivalent_against_the_law():
     and lower; the fraction of compute it needs to match the run is where its loss equals the run's."""
     from nanochat.scaling import CHINCHILLA
 
-    eq = dg.compute_equivalent(CHINCHILLA, 1e9, 1e12)
+    eq = compute_equivalent(CHINCHILLA, 1e9, 1e12)
     N, D = (float(v) for v in CHINCHILLA.compute_optimal(6e21))
     assert eq["optimal_params"] == pytest.approx(N) and eq["optimal_params"] > 1e9
     assert eq["law_loss_gap"] == pytest.approx(float(CHINCHILLA.loss(1e9, 1e12) - CHINCHILLA.loss(N, D)))

@@ -16,7 +16,6 @@ the whole run. config.json gives the shape: GPT-2 (`n_layer`, `n_embd`, `n_posit
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 from nanochat.run_formats import Format, Knows, Run, RunFormatError, Smoothing
