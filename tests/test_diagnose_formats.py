@@ -101,6 +101,16 @@ def test_smoothed_karpathy_log_is_fitted_at_its_lag(tmp_path):
     # the lag matters: the EMA sits above the curve while the loss falls; read at its lag it fits the truth
     D = 2000 * 524288
     assert lc.numbers["loss_at_planned"] == pytest.approx(float(w.loss_at(D)), rel=0.01)
+    # on a short run, where the loss falls fast, the lag decides: the interval holds the truth only when the
+    # smoothed loss is read at its lag
+    short = w.write_karpathy_nanochat(tmp_path / "short.log", n_steps=400, every=3)
+    truth = float(w.loss_at(400 * 524288))
+    run = dg.load_run(short)
+    lo, hi = dg.check_loss_curve(run).numbers["intervals"]["loss_at_planned"]
+    assert lo <= truth <= hi
+    run.knows.loss_smoothing = None  # as if the EMA were the step loss
+    lo, hi = dg.check_loss_curve(run).numbers["intervals"]["loss_at_planned"]
+    assert truth < lo
     # the complete log is inverted into step losses and gets the spike check
     full = w.write_karpathy_nanochat(tmp_path / "full.log", n_steps=600)
     run, f = findings(full)
