@@ -178,6 +178,22 @@ def write_nanochat_console(path: Path, *, n_steps=400, tokens_per_step=2**16, wa
     return path
 
 
+def write_sft_console(path: Path, *, n_steps=300, train_loss=0.888, val_over_train=0.31, eval_every=50, seed=0) -> Path:
+    """nanochat/chat_sft.py's `say` line: `step 00012 | loss ... (raw ...) | lrm ... | epoch ... | dt ...ms[ | val loss ...]`."""
+    rng = np.random.default_rng(seed)
+    out, ema = [], 0.0
+    for s in range(1, n_steps + 1):
+        raw = train_loss * (1 + 0.01 * rng.standard_normal())
+        ema = 0.9 * ema + 0.1 * raw
+        line = (f"step {s:05d} | loss {ema / (1 - 0.9 ** s):.4f} (raw {raw:.4f}) | lrm {1 - s / n_steps:.3f} | "
+                f"epoch {s / n_steps:.3f} | dt 250ms")
+        if s % eval_every == 0:
+            line += f" | val loss {train_loss * (1 + val_over_train):.4f}"
+        out.append(line)
+    path.write_text("\n".join(out) + "\n")
+    return path
+
+
 def write_karpathy_nanochat(path: Path, *, n_steps=2000, every=1, tokens_per_step=524288, warmdown=0.2, seed=0) -> Path:
     """karpathy/nanochat base_train: the debiased EMA (0.9) step line; `every` > 1 keeps one line in `every`
     (a log that was thinned, or a terminal that dropped lines)."""

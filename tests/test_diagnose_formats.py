@@ -83,6 +83,14 @@ def test_our_console_output_is_accepted(tmp_path):
     assert "warmdown" in f["loss_curve"].summary
 
 
+def test_our_sft_console_output_knows_its_phase(tmp_path):
+    log = w.write_sft_console(tmp_path / "sft.log")
+    assert detect(log).name == "nanochat-console"
+    run, f = findings(log)
+    assert run.knows.phase == "sft" and f["val_vs_train"].status == "warn" and "SFT" in f["val_vs_train"].summary
+    assert f["loss_curve"].status == "skip" and f["tokens_ratio"].status == "skip"
+
+
 def test_smoothed_karpathy_log_is_fitted_at_its_lag(tmp_path):
     """Issue 28: a karpathy/nanochat log whose lines are thinned cannot be inverted; the doctor dropped it all.
     Now the debiased EMA is fitted at its known lag, the spike check alone is skipped (saying why), and the

@@ -1,5 +1,6 @@
-"""This project's own runs: the run folder (run.json + metrics.jsonl), and base_train's console output
-saved to a file (the sizing table and the lines nanochat/train_loop.py prints)."""
+"""This project's own runs: the run folder (run.json + metrics.jsonl), and the console output saved to a
+file: base_train's (the sizing table and the lines nanochat/train_loop.py prints) or chat_sft's (its step
+line, nanochat/chat_sft.py, with the epoch fraction and the val loss on eval steps; phase "sft")."""
 
 from __future__ import annotations
 
@@ -77,6 +78,9 @@ RUN_FOLDER = Format("nanochat", f"a nanochat run folder ({RUN_JSON} + {METRICS})
 
 _STEP = re.compile(r"^step (\d+)/(\d+) \| loss (" + NUM + r") \(raw (" + NUM + r")\) \| lrm (" + NUM + r")"
                    r" \| dt (" + NUM + r")ms \| tok/s (" + NUM + r") \| mfu (?:(" + NUM + r")%|n/a)")
+# chat_sft's step line: no planned total, an epoch fraction, the val loss on eval steps
+_SFT_STEP = re.compile(r"^step (\d+) \| loss (" + NUM + r") \(raw (" + NUM + r")\) \| lrm (" + NUM + r") \| epoch ("
+                       + NUM + r") \| dt (" + NUM + r")ms(?: \| val loss (" + NUM + "))?")
 _VAL = re.compile(r"^step (\d+) \| val bpb (" + NUM + r") \| val loss (" + NUM + ")")
 _CORE = re.compile(r"^step (\d+) \| CORE (" + NUM + ")")
 _ROW = re.compile(r"^ {2,}(\S.*?)\s{2,}(\S.*)$")
@@ -90,7 +94,7 @@ def _table_int(v: str) -> int | None:
 def parse_console(path, config=None) -> Run:
     path = Path(path)
     text = path.read_text(errors="replace")
-    rows, metrics, in_table = {}, {}, False
+    rows, metrics, in_table, phase = {}, {}, False, "base"
     for line in text.splitlines():
         line = line.rstrip()
         if line == "sizing":
@@ -109,6 +113,14 @@ def parse_console(path, config=None) -> Run:
             if m.group(8):
                 rec["mfu"] = num(m.group(8)) / 100
             rows.setdefault("_N", m.group(2))
+        elif m := _SFT_STEP.match(line):
+            s = int(m.group(1))
+            rec = metrics.setdefault(s, {"step": s})
+            rec.update(loss=num(m.group(2)), raw_loss=num(m.group(3)), lr=num(m.group(4)), progress=num(m.group(5)),
+                       dt=num(m.group(6)) / 1000)
+            if m.group(7):
+                rec["val_loss"] = num(m.group(7))
+            phase = "sft"
         elif m := _VAL.match(line):
             s = int(m.group(1))
             metrics.setdefault(s, {"step": s}).update(val_bpb=num(m.group(2)), val_loss=num(m.group(3)))
@@ -116,7 +128,8 @@ def parse_console(path, config=None) -> Run:
             s = int(m.group(1))
             metrics.setdefault(s, {"step": s})["core"] = num(m.group(2))
     if not metrics:
-        raise RunFormatError(f"{path}: no `step 00012/460 | loss ... (raw ...)` lines: is this nanochat base_train output?")
+        raise RunFormatError(f"{path}: no `step 00012/460 | loss ... (raw ...)` lines: is this nanochat base_train or "
+                             "chat_sft output?")
     skipped = []
     sz = {}
     for key, row in (("num_params", "parameters (total)"), ("scaling_params", "scaling (block matrices + head)"),
@@ -142,14 +155,16 @@ def parse_console(path, config=None) -> Run:
     info = dict(sizing=sz, env={"device_name": device.group(1) if device else None, "peak_flops": peak})
     knows = Knows(params="scaling", loss_smoothing=LOSS_EMA, lr_schedule=schedule_of(sz),
                   planned_steps="num_iterations" in sz, tokens_per_step="tokens_per_step" in sz, eval_offset=1,
-                  mfu_peak_flops=peak, mfu_peak_note="the detected GPU's dense bf16 peak (nanochat.gpus)")
-    return Run(path, "nanochat base_train console log", [metrics[k] for k in sorted(metrics)], info, knows, [], skipped,
+                  mfu_peak_flops=peak, mfu_peak_note="the detected GPU's dense bf16 peak (nanochat.gpus)", phase=phase)
+    if phase == "sft":
+        skipped = [x for x in skipped if not x.startswith("the sizing table")]
+    return Run(path, f"nanochat {'chat_sft' if phase == 'sft' else 'base_train'} console log", [metrics[k] for k in sorted(metrics)], info, knows, [], skipped,
                source="nanochat-console")
 
 
 def _is_console(path: Path, head: str) -> bool:
-    return path.is_file() and bool(re.search(r"^step \d{5}/\d+ \| loss " + NUM + r" \(raw ", head, re.M))
+    return path.is_file() and bool(re.search(r"^step \d{5}(?:/\d+)? \| loss " + NUM + r" \(raw ", head, re.M))
 
 
-CONSOLE = Format("nanochat-console", "this project's base_train console output (`step 00012/460 | loss 3.1 (raw 3.2) | ...`)",
+CONSOLE = Format("nanochat-console", "this project's base_train / chat_sft console output (`step 00012/460 | loss 3.1 (raw 3.2) | ...`)",
                  _is_console, parse_console)
