@@ -67,18 +67,27 @@ def write_hf_trainer(folder: Path, *, n_steps=600, logging_steps=10, eval_steps=
     return folder
 
 
-def write_tensorboard(folder: Path, *, n_steps=600, log_every=10, eval_every=100, tokens_per_step=65536, seed=0) -> Path:
+# the scalar tags each trainer writes: (train loss, is it a mean over the log interval, val loss, lr, tokens)
+TB_TAGS = {"hf": ("train/loss", True, "eval/loss", "train/learning_rate", "train/num_input_tokens_seen"),
+           "megatron": ("lm loss", False, "lm loss validation", "learning-rate", None),
+           "torchtitan": ("loss_metrics/global_avg_loss", False, "validation_metrics/loss", "lr", None)}
+
+
+def write_tensorboard(folder: Path, *, n_steps=600, log_every=10, eval_every=100, tokens_per_step=65536, seed=0,
+                      trainer="hf") -> Path:
     from torch.utils.tensorboard import SummaryWriter
 
+    loss_tag, mean, val_tag, lr_tag, tok_tag = TB_TAGS[trainer]
     rng = np.random.default_rng(seed)
     step_loss = loss_at((np.arange(n_steps) + 0.5) * tokens_per_step, 0.01, rng)
     w = SummaryWriter(log_dir=str(folder))
     for s in range(log_every, n_steps + 1, log_every):
-        w.add_scalar("train/loss", float(step_loss[s - log_every:s].mean()), s)
-        w.add_scalar("train/learning_rate", 5e-4, s)
-        w.add_scalar("train/num_input_tokens_seen", s * tokens_per_step, s)
+        w.add_scalar(loss_tag, float(step_loss[s - log_every:s].mean() if mean else step_loss[s - 1]), s)
+        w.add_scalar(lr_tag, 5e-4, s)
+        if tok_tag:
+            w.add_scalar(tok_tag, s * tokens_per_step, s)
         if s % eval_every == 0:
-            w.add_scalar("eval/loss", float(loss_at(s * tokens_per_step)) * 1.01, s)
+            w.add_scalar(val_tag, float(loss_at(s * tokens_per_step)) * 1.01, s)
     w.close()
     return folder
 

@@ -47,6 +47,16 @@ def test_tensorboard_events(tmp_path):
     assert f["spikes"].status == "ok" and "10-step mean" in f["spikes"].summary
 
 
+@pytest.mark.parametrize("trainer", ["megatron", "torchtitan"])
+def test_tensorboard_tags_of_other_trainers(tmp_path, trainer):
+    pytest.importorskip("tensorboard")
+    logdir = w.write_tensorboard(tmp_path / trainer, trainer=trainer)
+    run, f = findings(logdir, tokens_per_step=65536)  # neither writes tokens: given on the command line
+    assert run.info["tags"]["loss"] == w.TB_TAGS[trainer][0] and run.knows.loss_smoothing is None
+    assert len(run.series("raw_loss")[1]) == 60 and len(run.series("val_loss")[1]) == 6
+    assert f["loss_curve"].numbers["loss_at_planned"] == pytest.approx(float(w.loss_at(600 * 65536)), rel=0.01)
+
+
 def test_llmc_log(tmp_path):
     log = w.write_llmc(tmp_path / "train.log")
     assert detect(log).name == "llm.c"

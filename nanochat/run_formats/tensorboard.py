@@ -3,9 +3,10 @@ EventAccumulator. Scalar tags are mapped to ours by the names the common trainer
 
   Hugging Face Trainer (TensorBoardCallback, `rewrite_logs`): train/loss, eval/loss, train/learning_rate,
       train/num_input_tokens_seen; train/loss is the mean of the `logging_steps` step losses since the last log
-  Megatron-LM (training_log): `lm loss`, `lm loss validation`, `learning-rate`; `lm loss` is averaged
-      over its log interval
-  torchtitan (MetricsProcessor): loss_metrics/global_avg_loss (the step's loss), lr
+  Megatron-LM (training_log, evaluate_and_print_results): `lm loss` (the logged iteration's loss; the
+      console line is the one averaged over the log interval), `lm loss validation`, `learning-rate`
+  torchtitan (MetricsProcessor): loss_metrics/global_avg_loss (the step's loss over ranks),
+      validation_metrics/loss, lr
   others: loss / train_loss / val_loss / Loss/train / Loss/Validation / lr
 
 Only scalars are read. The model's shape is not in event files: give the run's config (not read here),
@@ -22,9 +23,9 @@ from nanochat.run_formats import Format, Knows, Run, RunFormatError, Smoothing
 
 # ours <- tags, first present wins; `window`: the trainer logs the mean over its log interval
 TAGS = {
-    "loss": (("train/loss", True), ("lm loss", True), ("loss_metrics/global_avg_loss", False), ("train_loss", False),
+    "loss": (("train/loss", True), ("lm loss", False), ("loss_metrics/global_avg_loss", False), ("train_loss", False),
              ("Loss/train", False), ("loss", False), ("train/loss_step", False)),
-    "val_loss": (("eval/loss", None), ("lm loss validation", None), ("val/loss", None), ("validation/loss", None),
+    "val_loss": (("eval/loss", None), ("lm loss validation", None), ("validation_metrics/loss", None), ("val/loss", None), ("validation/loss", None),
                  ("val_loss", None), ("Loss/Validation", None), ("eval_loss", None)),
     "lr": (("train/learning_rate", None), ("learning-rate", None), ("lr", None), ("train/lr", None), ("learning_rate", None)),
     "tokens": (("train/num_input_tokens_seen", None), ("num_input_tokens_seen", None), ("tokens", None)),
