@@ -224,3 +224,34 @@ def test_a_real_hf_trainer_run_reads_back(tmp_path):
             assert by_step[m["step"]]["loss"] == pytest.approx(m["loss"], rel=1e-6)  # the same numbers, two files
     f = {x.check: x for x in dg.diagnose(run)}
     assert f["param_count"].status == "ok" and f["val_vs_train"].status in ("ok", "warn")
+
+
+@pytest.mark.slow
+def test_our_real_base_train_console_reads_like_its_run_folder(tmp_path, monkeypatch, capsys):
+    """base_train itself (synthetic data, CPU, 12 steps): its console output saved to a file reads back
+    the same losses, tokens and plan as the run folder it wrote."""
+    import torch
+
+    from scripts.base_train import main
+
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["--synthetic-data", "--vocab-size", "256", "--depth", "2", "--aspect-ratio", "32", "--head-dim",
+                     "32", "--max-seq-len", "32", "--device-batch-size", "2", "--total-batch-size", "128",
+                     "--num-iterations", "12", "--warmup-steps", "2", "--weight-decay", "0", "--model-tag", "c"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    log = tmp_path / "base_train.log"
+    log.write_text(capsys.readouterr().out)
+    console, folder = dg.load_run(log), dg.load_run(tmp_path / "base_checkpoints" / "c")
+    assert console.source == "nanochat-console" and folder.source == "nanochat"
+    for key in ("num_params", "scaling_params", "tokens_per_step", "num_iterations", "warmup_steps"):
+        assert console.sizing[key] == folder.sizing[key], key
+    assert console.sizing["warmdown_ratio"] == pytest.approx(folder.sizing["warmdown_ratio"])
+    c_steps, c_raw = console.series("raw_loss")
+    f_steps, f_raw = folder.series("raw_loss")
+    assert list(c_steps) == list(f_steps) and c_raw == pytest.approx(f_raw, abs=6e-5)  # printed to 4 decimals
+    assert console.series("tokens")[1] == pytest.approx(folder.series("tokens")[1])
+    assert console.series("lr")[1] == pytest.approx(folder.series("lr")[1], abs=6e-4)
