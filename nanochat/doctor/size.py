@@ -125,8 +125,10 @@ def _check_param_count_ours(run: Run) -> Finding:
 
 
 def check_param_count(run: Run) -> Finding:
-    """Parameter count: ours against the config and the depth dial; foreign runs against the count the
-    program printed and every size claimed in comments, names and file names."""
+    """Parameter count. A nanochat model (`knows.builds_model`): built from its config, against the depth
+    dial and the tag. Otherwise the count the program printed (part by part, or one figure in the
+    convention `knows.printed_params` names), the closed form of the recorded shape, and every size
+    claimed in comments, names and file names, with the likeliest change of shape behind a gap."""
     if run.knows.builds_model:
         return _check_param_count_ours(run)
     name = "param_count"
