@@ -2,6 +2,7 @@
 (tests/run_log_writers.py), gives the findings it must, and the issue's cases stay fixed."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -67,6 +68,12 @@ def test_llmc_log(tmp_path):
     assert f["mfu"].numbers["median_mfu"] == pytest.approx(0.40 * 989.4 / 312, rel=0.03)
     assert f["val_vs_train"].status == "ok"
     assert math.isfinite(f["loss_curve"].numbers["loss_at_10x"])
+    # the step line of earlier train_gpt2.cu versions: `| train loss %7.6f | norm %6.4f |`, no z-scores
+    old = tmp_path / "old.log"
+    old.write_text(re.sub(r"\| loss ([\d.]+) \(\+0\.00z\)\| norm ([\d.]+) \(\+0\.00z\)\|", r"| train loss \1 | norm \2 |",
+                          log.read_text()))
+    assert "| train loss " in old.read_text() and detect(old).name == "llm.c"
+    assert dg.load_run(old).series("raw_loss")[1] == pytest.approx(run.series("raw_loss")[1])
 
 
 def test_modded_nanogpt_log(tmp_path):

@@ -5,7 +5,7 @@ Read from its printf0 calls: the parameter table (`| total batch size | 524288 |
 `| device |`, `| peak TFlops |`, and the model's `| num_layers L |`, `| channels C |`,
 `| padded_vocab_size Vp |`, `| max_sequence_length T |`, `| num_parameters |`), the step line
 `step %4d/%d | loss %7.6f (%+.2fz)| norm %6.4f (%+.2fz)| lr %.2e | %.2f ms | %.1f%% bf16 MFU | %.0f tok/s`
-(the step's own mean loss, numbered step + 1: it reports the forward of the weights after `step`
+(earlier versions: `| train loss %7.6f | norm %6.4f |`; the step's own mean loss, numbered step + 1: it reports the forward of the weights after `step`
 updates) and `val loss %f`, printed at the top of iteration `step` (the weights after `step` updates)
 before that iteration's step line. Its model is GPT-2 with biases and a padded, tied vocabulary;
 `num_parameters` counts everything (position embeddings included).
@@ -21,8 +21,9 @@ from nanochat.run_formats._text import NUM, num
 from nanochat.run_formats.shapes import nanogpt_params
 
 _ROW = re.compile(r"^\|\s*([^|]+?)\s*\|\s*([^|]*?)\s*\|$")
-_STEP = re.compile(r"^step\s+(\d+)/(\d+) \| loss (" + NUM + r") \(([-+\d.]+)z\)\s*\| norm (" + NUM + r").*?\| lr (" + NUM
-                   + r") \| (" + NUM + r") ms \| (" + NUM + r")% bf16 MFU \| (" + NUM + r") tok/s")
+# both step lines of train_gpt2.cu's history: `| train loss %7.6f | norm` and `| loss %7.6f (%+.2fz)| norm`
+_STEP = re.compile(r"^step\s+(\d+)/(\d+) \| (?:train )?loss (" + NUM + r")(?: \((?:z )?[-+\d.]+z?\))?\s*\| norm (" + NUM
+                   + r").*?\| lr (" + NUM + r") \| (" + NUM + r") ms \| (" + NUM + r")% bf16 MFU \| (" + NUM + r") tok/s")
 _VAL = re.compile(r"^val loss (" + NUM + ")")
 
 
@@ -37,8 +38,8 @@ def parse_llmc(path, config=None) -> Run:
         elif m := _STEP.match(line):
             s = int(m.group(1))
             rec = metrics.setdefault(s, {"step": s})
-            rec.update(raw_loss=num(m.group(3)), grad_norm=num(m.group(5)), lr_abs=num(m.group(6)),
-                       dt=num(m.group(7)) / 1000, mfu=num(m.group(8)) / 100, tok_per_sec=num(m.group(9)))
+            rec.update(raw_loss=num(m.group(3)), grad_norm=num(m.group(4)), lr_abs=num(m.group(5)),
+                       dt=num(m.group(6)) / 1000, mfu=num(m.group(7)) / 100, tok_per_sec=num(m.group(8)))
             rows.setdefault("_N", m.group(2))
             last_step = s
         elif m := _VAL.match(line):
@@ -91,7 +92,7 @@ def parse_llmc(path, config=None) -> Run:
 
 
 def _looks_like(path: Path, text: str) -> bool:
-    return path.is_file() and bool(re.search(r"^step\s+\d+/\d+ \| loss [\d.]+ \([-+\d.]+z\)", text, re.M))
+    return path.is_file() and bool(re.search(r"^step\s+\d+/\d+ \| (?:train )?loss [\d.]+[^|]*\| norm ", text, re.M))
 
 
 FORMAT = Format("llm.c", "an llm.c train_gpt2 log (`step    1/18865 | loss 11.0 (+0.00z)| norm ...`)", _looks_like, parse_llmc)
