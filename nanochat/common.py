@@ -189,44 +189,12 @@ def probe_cpu_dtype(shapes=None, *, refresh: bool = False, budget_s: float = 0.3
     return DtypeProbe(dtype=dtype, gflops=gflops, shapes=shapes, key=key, cached=False, seconds=seconds)
 
 
-# Peak dense bf16 tensor-core FLOP/s (no sparsity; fp32 accumulation, which halves the GeForce parts'
-# figures against their fp16-accumulate ones), by substring of torch.cuda.get_device_name(). Order
-# matters: the first matching key wins, so more specific names come first. A GPU not listed has an
-# unknown peak (MFU reported as unknown), never a guessed one. fp8 runs are measured against these too.
-GPU_PEAK_FLOPS: list[tuple[str, float]] = [
-    ("H100 PCIe", 756e12),
-    ("H100 NVL", 835e12),
-    ("H100", 989e12),  # SXM
-    ("H200", 989e12),  # SXM and NVL: H100's tensor cores, more memory
-    ("H800", 989e12),
-    ("GH200", 989e12),
-    ("H20", 148e12),
-    ("GB200", 2.5e15),
-    ("B200", 2.25e15),
-    ("B100", 1.75e15),
-    ("A100", 312e12),
-    ("A800", 312e12),
-    ("A10G", 70e12),
-    ("A10", 125e12),
-    ("L40S", 362e12),
-    ("L40", 181e12),
-    ("L4", 121e12),
-    ("RTX 6000 Ada", 364e12),
-    ("RTX 4090", 165e12),
-    ("RTX 4080", 97.5e12),
-    ("RTX 3090", 71e12),
-    ("A6000", 155e12),
-]
-
-
 def get_peak_flops(device_name: str | None) -> float | None:
-    """Peak dense bf16 FLOP/s of a GPU by name, or None when unknown (MFU is then reported as unknown)."""
-    if not device_name:
-        return None
-    for key, flops in GPU_PEAK_FLOPS:
-        if key.lower() in device_name.lower():
-            return flops
-    return None
+    """Peak dense bf16 FLOP/s of a GPU by name, or None when unknown (MFU is then reported as unknown).
+    The table, with its sources, is nanochat/gpus.py (shared with the planner and the run doctor)."""
+    from nanochat.gpus import peak_flops
+
+    return peak_flops(device_name)
 
 
 def set_seed(seed: int) -> None:

@@ -575,3 +575,89 @@ def plot_fit(points: Points, law: LossLaw | None, iso: IsoFlopFit | None, out_di
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
     return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# one run's loss curve: L(D) = E + B D^-beta - C S2, with a block bootstrap (the run doctor's loss_curve)
+
+def fit_data_curve(D: np.ndarray, L: np.ndarray, S2: np.ndarray | None = None, start=None) -> dict:
+    """Fit L = E + B D^-beta - C S2 by robust least squares (soft-L1). With S2 None (or all zero) C = 0:
+    the plain data curve. D is the tokens trained, or with an LR schedule the LR-weighted tokens S1 (see
+    `check_loss_curve`). Returns E, B, beta, C and whether E sits at a bound of its range [0, min L].
+    `start` (a previous fit) replaces the multi-start search."""
+    from scipy.optimize import least_squares
+
+    logD = np.log(D)
+    Lmin = float(L.min())
+    anneal = S2 is not None and float(np.max(S2)) > 0
+    s2 = S2 if anneal else np.zeros_like(L)
+
+    def resid(p):
+        E, logB, beta = p[:3]
+        c = p[3] if anneal else 0.0
+        return (E + np.exp(logB - beta * logD) - c * s2) - L
+
+    def jac(p):
+        _, logB, beta = p[:3]
+        t = np.exp(logB - beta * logD)
+        cols = [np.ones_like(L), t, -logD * t] + ([-s2] if anneal else [])
+        return np.stack(cols, axis=1)
+
+    lo, hi = [0.0, -50, 1e-3] + ([0.0] if anneal else []), [Lmin, 200, 3.0] + ([10.0] if anneal else [])
+    # the floor can sit at the latest level (a plateau) but not below zero: only E -> 0 is a bound problem
+    if start is not None:
+        x0s = [[start["E"], math.log(start["B"]), start["beta"]] + ([start.get("C", 0.0)] if anneal else [])]
+    else:
+        x0s = []
+        for beta0 in (0.1, 0.3, 0.6):
+            E0 = 0.8 * Lmin
+            x0s.append([E0, math.log(max(L[0] - E0, 1e-6)) + beta0 * logD[0], beta0] + ([0.01] if anneal else []))
+    best = None
+    for x0 in x0s:
+        x0 = [min(max(v, a + 1e-9 * (b - a)), b - 1e-9 * (b - a)) for v, a, b in zip(x0, lo, hi)]
+        r = least_squares(resid, x0, jac=jac, loss="soft_l1", f_scale=0.01 * Lmin, bounds=(lo, hi),
+                          max_nfev=None if start is None else 100)
+        if best is None or r.cost < best.cost:
+            best = r
+    E, logB, beta = best.x[:3]
+    return dict(E=float(E), B=float(math.exp(logB)), beta=float(beta), C=float(best.x[3]) if anneal else 0.0,
+                E_at_bound=bool(E <= 0.01 * Lmin))
+
+
+def data_curve(fit):
+    """The constant-LR curve E + B D^-beta of a fit."""
+    return lambda d: fit["E"] + fit["B"] * np.asarray(d, dtype=float) ** -fit["beta"]
+
+
+def bootstrap_data_curve(D, L, fit, S2=None, n_boot=100, seed=0, ci=0.9, predict=()) -> dict:
+    """Moving-block bootstrap of the fit's residuals (losses are autocorrelated): refit each resample and
+    return (lo, hi) percentile intervals of E, beta and of each `predict(fit) -> float` in `predict`."""
+    rng = np.random.default_rng(seed)
+    s2 = np.zeros_like(L) if S2 is None else S2
+    fitted = data_curve(fit)(D) - fit["C"] * s2
+    res = L - fitted
+    n = len(L)
+    block = max(3, n // 10)
+    samples = []
+    for _ in range(n_boot):
+        starts = rng.integers(0, n - block + 1, size=n // block + 1)
+        r = np.concatenate([res[s:s + block] for s in starts])[:n]
+        f = fit_data_curve(D, fitted + r, S2, start=fit)
+        samples.append([f["E"], f["beta"]] + [float(p(f)) for p in predict])
+    q = (1 - ci) / 2
+    arr = np.array(samples)
+    lo, hi = np.quantile(arr, q, axis=0), np.quantile(arr, 1 - q, axis=0)
+    return dict(E=(float(lo[0]), float(hi[0])), beta=(float(lo[1]), float(hi[1])), n_boot=n_boot, ci=ci,
+                at=[(float(a), float(b)) for a, b in zip(lo[2:], hi[2:])])
+
+
+def annealing_area(lr: np.ndarray, decay: float = 0.999) -> np.ndarray:
+    """S2 of Tissue et al. 2024 (arXiv 2408.11029), per step: m_i = decay m_{i-1} + (lr_{i-1} - lr_i),
+    S2_i = sum of m up to i. The loss drop an LR warmdown buys is ~ proportional to S2 (their
+    L = L0 + A S1^-alpha - C S2). LR as a multiplier of its peak; warmup steps (rising LR) count zero."""
+    m, s, out = 0.0, 0.0, np.zeros(len(lr))
+    for i in range(1, len(lr)):
+        m = decay * m + max(lr[i - 1] - lr[i], 0.0)
+        s += m
+        out[i] = s
+    return out

@@ -66,7 +66,7 @@ def test_peak_flops_table():
     assert common.get_peak_flops("NVIDIA H100 PCIe") == 756e12
     assert common.get_peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
     assert common.get_peak_flops("NVIDIA H200") == 989e12
-    assert common.get_peak_flops("NVIDIA H200 NVL") == 989e12  # not the H20 entry
+    assert common.get_peak_flops("NVIDIA H200 NVL") == 835e12  # its datasheet: 1,671 sparse; not the H20 entry
     assert common.get_peak_flops("NVIDIA H20") == 148e12
     assert common.get_peak_flops("NVIDIA B200") == 2.25e15
     assert common.get_peak_flops("NVIDIA GB200") == 2.5e15

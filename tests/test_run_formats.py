@@ -1,13 +1,18 @@
-"""Foreign-run parsers: nanoGPT logs + configs (never executed), karpathy/nanochat logs, wandb exports."""
+"""Run-format parsers: nanoGPT logs + configs (never executed), karpathy/nanochat logs, wandb exports, and
+the formats of issue 28 (HF Trainer, TensorBoard, llm.c, modded-nanogpt, our own console output)."""
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from nanochat import foreign_runs as fr
+from nanochat import run_formats as fr
+from nanochat.run_formats import nanogpt as ng
+from nanochat.run_formats import shapes
+from nanochat.run_formats._text import size_claims
 
 FIX = Path(__file__).resolve().parent / "fixtures"
 
@@ -35,7 +40,7 @@ def test_nanogpt_params_match_the_module(shape):
     with torch.device("meta"):
         m = NanoGPTShape(*shape)
     total = sum(p.numel() for p in m.parameters())  # parameters() counts the tied weight once
-    c = fr.nanogpt_params(*shape)
+    c = shapes.nanogpt_params(*shape)
     assert c["total"] == total
     assert c["printed"] == total - m.wpe.weight.numel()  # get_num_params(non_embedding=True)
 
@@ -43,8 +48,8 @@ def test_nanogpt_params_match_the_module(shape):
 def test_nanogpt_params_match_its_published_prints():
     # nanoGPT's README: the baby Shakespeare GPT (6 x 384, vocab 65, block 256, no bias) prints 10.65M;
     # GPT-2 small with biases and the padded 50304 vocab prints 123.69M
-    assert round(fr.nanogpt_params(6, 384, 65, 256, False)["printed"] / 1e6, 2) == 10.65
-    assert round(fr.nanogpt_params(12, 768, 50304, 1024, True)["printed"] / 1e6, 2) == 123.69
+    assert round(shapes.nanogpt_params(6, 384, 65, 256, False)["printed"] / 1e6, 2) == 10.65
+    assert round(shapes.nanogpt_params(12, 768, 50304, 1024, True)["printed"] / 1e6, 2) == 123.69
 
 
 def test_config_is_read_not_executed(tmp_path):
@@ -52,7 +57,7 @@ def test_config_is_read_not_executed(tmp_path):
     cfg = tmp_path / "cfg.py"
     cfg.write_text(f"import pathlib\npathlib.Path({str(marker)!r}).write_text('x')\n"
                    "n_layer = 12  # ~125M params\nbatch = 5 * 8\nname = 'gpt2-' + 'small'\nlr = compute_lr()\n")
-    out = fr.read_config_py(cfg)
+    out = ng.read_config_py(cfg)
     assert not marker.exists()
     assert out["values"] == {"n_layer": 12, "batch": 40, "name": "gpt2-small"}
     assert out["unreadable"] == ["lr"]
@@ -60,36 +65,48 @@ def test_config_is_read_not_executed(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("n_layer = (\n")
     with pytest.raises(fr.RunFormatError, match="not valid Python"):
-        fr.read_config_py(bad)
+        ng.read_config_py(bad)
 
 
 def test_size_claims():
-    assert [c["value"] for c in fr.size_claims("GPT-2 small, ~124M parameters, 8k context", "x")] == [124e6]
-    assert [c["value"] for c in fr.size_claims("a 1.3B model", "x")] == [1.3e9]
-    assert [c["value"] for c in fr.size_claims("finetune gpt2-medium", "x")] == [350e6]
-    assert fr.size_claims("lr 6e-4, 4k vocab", "x") == []
+    assert [c["value"] for c in size_claims("GPT-2 small, ~124M parameters, 8k context", "x")] == [124e6]
+    assert [c["value"] for c in size_claims("a 1.3B model", "x")] == [1.3e9]
+    assert [c["value"] for c in size_claims("finetune gpt2-medium", "x")] == [350e6]
+    assert size_claims("lr 6e-4, 4k vocab", "x") == []
 
 
 def test_explain_size_gap_finds_the_typo():
     dims = dict(n_layer=12, n_head=12, n_embd=1024, vocab_size=50304, block_size=1024, bias=False)
-    gap = fr.explain_size_gap(dims, 124.4e6)
+    gap = shapes.explain_size_gap(dims, 124.4e6)
     assert gap[0]["dim"] == "n_embd" and gap[0]["value"] == 768
     dims = dict(n_layer=48, n_head=12, n_embd=768, vocab_size=50304, block_size=1024, bias=False)  # 12 -> 48 layers
-    assert fr.explain_size_gap(dims, 124.4e6)[0] == pytest.approx(
-        dict(dim="n_layer", value=12, count=fr.nanogpt_params(12, 768, 50304, 1024)["total"],
-             relative_error=pytest.approx(0.0, abs=0.01), relative_change=pytest.approx(1.386, abs=0.01)))
+    g = shapes.explain_size_gap(dims, 124.4e6)[0]
+    assert (g["dim"], g["value"], g["known"]) == ("n_layer", 12, "GPT-2 small")
+    assert g["count"] == shapes.nanogpt_params(12, 768, 50304, 1024)["total"] and g["relative_change"] == pytest.approx(1.386, abs=0.01)
+
+
+def test_size_gap_ranks_the_known_shape_first_and_drops_absurd_changes():
+    """Issue 28: "~125M" with n_layer 12, n_head 12, n_embd 384 led with vocab_size=269176, then n_embd=768, then
+    n_layer=59. An expert names the width: 768 is GPT-2 small's, one standard change."""
+    dims = dict(n_layer=12, n_head=12, n_embd=384, vocab_size=50304, block_size=1024, bias=False)
+    gap = shapes.explain_size_gap(dims, 125e6)
+    assert gap[0]["changes"] == {"n_embd": 768} and gap[0]["known"] == "GPT-2 small"
+    assert abs(gap[0]["count"] - 125e6) / 125e6 < 0.02
+    assert not any(g["changes"].get("vocab_size") == 269176 or g["changes"].get("n_layer") == 59 for g in gap)
+    for g in gap:  # every candidate lands near the target, and none is a > 3x jump of one field
+        assert g["relative_error"] <= 0.1 and (g["known"] or g["relative_change"] <= math.log(3) + 1e-9)
 
 
 @pytest.mark.parametrize("name, kind", [("nanogpt_typo.log", "nanogpt"), ("nanochat_base_train.log", "karpathy-nanochat"),
                                         ("wandb_nanogpt_history.csv", "wandb"), ("wandb_nanochat_history.jsonl", "wandb")])
 def test_detect(name, kind):
-    assert fr.detect(FIX / name) == kind
+    assert fr.detect(FIX / name).name == kind
 
 
 def test_detect_rejects_other_files(tmp_path):
     p = tmp_path / "notes.txt"
     p.write_text("hello\nworld\n")
-    with pytest.raises(fr.RunFormatError, match="not a run folder, a nanoGPT"):
+    with pytest.raises(fr.RunFormatError, match="none of the formats.*Hugging Face Trainer.*TensorBoard.*llm.c"):
         fr.detect(p)
     with pytest.raises(FileNotFoundError):
         fr.detect(tmp_path / "missing.log")
