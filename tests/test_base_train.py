@@ -412,6 +412,29 @@ def torchrun(base: Path, nproc: int, *flags: str, nnodes: int = 1, node_rank: in
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL a torchrun launcher and every worker it started (a lost node). The workers run in sessions
+    of their own, so they are found by their parent process ids."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    doomed, frontier = [], [proc.pid]
+    while frontier:
+        pid = frontier.pop()
+        doomed.append(pid)
+        frontier += [child for child, parent in parents.items() if parent == pid]
+    for pid in reversed(doomed):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.communicate(timeout=60)
+
+
 SYNTH = ["--synthetic-data", "--vocab-size", "256", "--depth", "2", "--aspect-ratio", "32", "--head-dim", "32",
          "--max-seq-len", "32", "--device-batch-size", "2", "--total-batch-size", "256", "--num-iterations", "4",
          "--warmup-steps", "1", "--weight-decay", "0"]
@@ -496,6 +519,43 @@ def test_two_node_launch_trains_checkpoints_and_resumes_on_another_world_size(en
     assert [r["step"] for r in one] == [1, 2, 3]
     assert one[2]["raw_loss"] == pytest.approx(before[2]["raw_loss"], rel=1e-5)
     assert one[2]["val_bpb"] == pytest.approx(before[2]["val_bpb"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_real_data_steps_match_on_1_2_4_ranks_and_a_run_killed_on_4_continues_on_2_then_1(env_base):
+    """Logical streams on the real loader: 1 process x accumulation 4, 2 x 2 and 4 x 1 train every step on
+    the same rows (same losses up to fp32 summation order); a 4-rank run killed after its step-2 checkpoint,
+    resumed on 2 ranks, killed after step 3, and finished on 1 process reproduces the uninterrupted losses."""
+    flags = [*TINY, "--device-batch-size", "2", "--num-iterations", "4"]  # 8 rows per step: L = 8 streams
+    assert train_inprocess(*flags, "--model-tag", "s1") == 0
+    want = [r["raw_loss"] for r in read_metrics(env_base, "s1")]
+    assert len(want) == 4 and want[0] != want[-1]
+    two = torchrun(env_base, 2, *flags, "--model-tag", "s2")
+    out, _ = two.communicate(timeout=300)
+    assert two.returncode == 0 and "x 2 ranks x 2 accumulation" in out, out
+    assert "data: 8 logical streams, 4 per rank" in out
+    assert [r["raw_loss"] for r in read_metrics(env_base, "s2")] == pytest.approx(want, rel=1e-5)
+    # 4 ranks, killed (every process at once) during step 3, after the step-2 checkpoint
+    four = torchrun(env_base, 4, *flags, "--model-tag", "elastic", "--save-every", "2",
+                    NANOCHAT_TEST_HANG_STEP=2)
+    wait_for_line(four, "hanging at step 2", timeout=300)
+    kill_all(four)
+    from nanochat.checkpoint_manager import list_steps, load_meta
+
+    d = run_dir(env_base, "elastic")
+    assert list_steps(d) == [2] and len(load_meta(d, 2)["dataloader_state"]) == 4
+    # on 2 ranks from step 2: step 3, saved, then killed during step 4
+    resumed = torchrun(env_base, 2, *flags, "--model-tag", "elastic", "--save-every", "1", "--resume", "latest",
+                       NANOCHAT_TEST_HANG_STEP=3)
+    seen = wait_for_line(resumed, "hanging at step 3", timeout=300)
+    kill_all(resumed)
+    assert "resumed from" in seen and "it was written by 4" in seen
+    assert list_steps(d) == [2, 3]
+    # on 1 process from step 3
+    assert train_inprocess(*flags, "--model-tag", "elastic", "--resume", "latest") == 0
+    got = read_metrics(env_base, "elastic")
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    assert [r["raw_loss"] for r in got] == pytest.approx(want, rel=1e-5)
 
 
 def test_bf16_cpu_training_follows_fp32(env_base, capsys):
