@@ -1,20 +1,32 @@
-"""Pretraining batches: tokenise on the fly, pack documents into rows with best-fit, resume exactly.
+"""Pretraining batches: tokenise on the fly, pack documents into rows with best-fit, resume exactly, and
+let each rank read and tokenise only its share of the data.
 
-Stream. The loader reads the units (parquet row groups) of the split's shard list in order
-(`nanochat.dataset.list_units`), looping over epochs. Units are numbered by a monotonic counter
-`c` (epoch = c // number of units), documents by their row `k` inside the unit, so `(c, k)` names
-every document the run will ever read.
+Stream. A stream reads units (parquet row groups) of the split's shard list (`nanochat.dataset.list_units`),
+looping over epochs. Units are numbered by a monotonic counter `c` (epoch = c // number of units),
+documents by their row `k` inside the unit, so `(c, k)` names every document the run will ever read.
 
-Ranks (elastic). The packed rows form one global sequence that does not depend on the number of
-processes: every rank packs the same global rows, and micro-batch n of rank r of W is global
-micro-batch n*W + r (rows [(n*W + r)*B, (n*W + r + 1)*B)). An optimizer step of A accumulation steps
-therefore trains on global rows [s*A*W*B, (s+1)*A*W*B) whatever the split between ranks and
-accumulation: 1 process with accumulation 2 sees what 2 processes with accumulation 1 see, and a
-single-process run reads exactly what it always read. The state (the packer after a whole number of
-rounds of W*B rows) is the same on every rank and names no rank or batch size, so a checkpoint resumes
-on another number of processes or with another micro-batch (same total batch) and continues exactly.
-The price: each rank reads and tokenises every document (W times the tokeniser work of rank-strided
-reading); the lookahead thread overlaps it with training.
+Logical streams (training; MosaicML's canonical nodes and fms-fsdp's logical shards are the same idea,
+REFERENCE section 14). The training data is cut into L logical streams, L fixed for a run (`--data-streams`,
+recorded in run.json and in every checkpoint's loader state). The looped sequence of units is dealt
+round-robin: stream s reads units s, s + L, s + 2L, ... (when the split has fewer units than streams, each
+unit is cut into P = ceil(L / units) pieces, rows k = j mod P, and the pieces are dealt instead). Each
+stream packs its own rows (best-fit, below) and has its own resumable state. An optimizer step takes
+A*B*W/L rows from every stream (A accumulation steps of B rows on W ranks; L must divide the step's rows),
+so the rows of a step do not depend on W, B or A. Rank r of W serves streams [r*L/W, (r+1)*L/W) and
+reads and tokenises only their units: 1/W of the data. Its rows of a step are interleaved (row j of each
+of its streams, then row j + 1) and cut into its A micro-batches. W must divide L: another world size is
+refused with a one-line error naming the valid ones. A checkpoint holds each rank's stream states;
+`merge_states` gathers them and every rank of the resumed run takes its own streams (re-dealt, like the
+ZeRO-2 optimizer state), so a run continues exactly on any W dividing L, with any micro-batch giving the
+same rows per step. A rank keeps L/W best-fit buffers of `stream_buffer(buffer_size, L)` documents each
+(at least 256: smaller buffers crop far more, benchmarks/results/dataloader.md), so one process holds
+more documents than the single stream's 1,000; tokens are held as uint16 where the vocabulary fits.
+
+The single global stream (`streams=None`): validation, and runs resumed from a checkpoint written before
+logical streams. Every rank packs the same rounds of W*B global rows and keeps its own B (micro-batch n of
+rank r is global micro-batch n*W + r), so any world size continues it, at the price of every rank reading
+and tokenising all of it. A checkpoint of that kind is never read as stream states: its run continues on
+the global stream.
 
 Packing (REFERENCE section 4). Every document is tokenised with BOS prepended. A buffer holds
 `buffer_size` documents; each row of T+1 tokens is filled by repeatedly taking the largest buffered
@@ -32,16 +44,20 @@ tokens long, goes back into the buffer (without a BOS: it continues the document
 any other; shorter tails are discarded as before. Rows may then start mid-document.
 
 Exact resume. The packer is deterministic given the stream, so its state is: the next document to
-read `(c, k)`, the ids of the documents in the buffer (stored as ranges `[c, k0, k1)`), the offsets of
-the buffered tails (`[c, k, offset]`, with keep_remainder), and the counters. `load_state_dict` re-reads and re-tokenises those documents. The background thread works
+read (piece, row), the ids of the documents in the buffer (stored as ranges `[c, k0, k1)`), the offsets of
+the buffered tails (`[c, k, offset]`, with keep_remainder), and the counters; with logical streams, one
+such state per stream. `load_state_dict` re-reads and re-tokenises the buffered documents. The background
+thread works
 ahead, but every batch travels with the state *after* it, and `state_dict()` returns the state of
-the last batch the consumer received, so read-ahead never leaks into a checkpoint. The state is a
-small JSON-able dict (a few KB).
+the last batch the consumer received, so read-ahead never leaks into a checkpoint (inside an optimizer
+step: the state before the step and how many of its micro-batches were handed out, which resumes only on
+the same geometry). The state is a small JSON-able dict (a few KB per stream).
 
-Threads. One producer thread packs batches into a bounded queue; a lookahead thread reads and
-tokenises the next unit while the current one is packed; the tokenizer's batch encode uses
-`tokenizer_threads` threads of its own (tiktoken releases the GIL). On CUDA the batch is pinned in
-the producer and copied with `non_blocking=True`.
+Threads. One producer thread packs batches into a bounded queue, which overlaps tokenising with
+training. Where a rank has at most 2 streams, a lookahead thread per stream also reads and tokenises the
+next unit while the current one is packed (with more streams, a second unit per stream costs memory for
+little). The tokenizer's batch encode uses `tokenizer_threads` threads of its own (tiktoken releases the
+GIL). On CUDA the batch is pinned in the producer and copied with `non_blocking=True`.
 
 The tokenizer is duck-typed: `encode(list[str], prepend=bos_id, num_threads=N) -> list[list[int]]`
 and `get_bos_token_id()`.
@@ -104,8 +120,8 @@ class Packer:
         self.offsets: dict[tuple[int, int], int] = {}  # buffered tails: tokens of doc (c, k) from this offset
         self.pending: list[np.ndarray | None] = []  # tokens of piece next_g by row (None = empty or not ours)
         self.pending_g = None
-        self.stats = dict(batches=0, rows=0, docs_read=0, docs_packed=0, placed_tokens=0, cropped_tokens=0,
-                          long_docs=0, empty_docs=0, corrupt_units=0, kept_remainders=0)
+        self.stats = dict(batches=0, rows=0, docs_read=0, tokens_read=0, docs_packed=0, placed_tokens=0,
+                          cropped_tokens=0, long_docs=0, empty_docs=0, corrupt_units=0, kept_remainders=0)
         self.stats.update(stats)
         self._futures.clear()
 
@@ -175,6 +191,7 @@ class Packer:
                 continue
             if len(toks) > self.T + 1:
                 self.stats["long_docs"] += 1
+            self.stats["tokens_read"] += len(toks)
             self._insert(c, k, toks)
             return
 
@@ -314,6 +331,7 @@ class _StreamRounds:
         self.loader, self.packers = loader, packers
         self.per_stream, self.A, self.B = per_stream, grad_accum, batch_size
         self.skip = 0  # micro-batches of the first round already handed out before a resume
+        self.last: dict | None = None  # the state after the last round packed (= before the next one)
 
     def states(self) -> list[dict]:
         return [dict(p.core_state(), stream=p.stream) for p in self.packers]
@@ -322,10 +340,13 @@ class _StreamRounds:
         return _sum_stats([p.derived_stats() for p in self.packers], self.packers[0].T + 1)
 
     def next_round(self) -> list[tuple[np.ndarray, dict, dict]]:
-        before = self.loader._stream_state(self.states(), 0) if self.A > 1 else None
+        if self.last is None:
+            self.last = self.loader._stream_state(self.states(), 0)
+        before = self.last
         rows = np.stack([p.next_batch() for p in self.packers], axis=1)  # (per_stream, n_streams, T+1)
         rows = rows.reshape(-1, rows.shape[-1])
         after, stats = self.loader._stream_state(self.states(), 0), self.stats()
+        self.last = after
         out = []
         for i in range(self.A):
             state = after if i == self.A - 1 else dict(before, micro=i + 1)
@@ -625,7 +646,7 @@ class DataLoader:
                 raise ValueError(f"the data-loader state lacks logical stream {packer.stream} (it holds "
                                  f"{len(by_stream)}): load all ranks' states merged by DataLoader.merge_states")
             packer.load_core(by_stream[packer.stream])
-        self.source.skip = micro
+        self.source.skip, self.source.last = micro, None
         self._state, self._stats = self._stream_state(self.source.states(), micro), self.source.stats()
 
     def stats(self) -> dict:

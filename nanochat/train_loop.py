@@ -379,7 +379,7 @@ def _train_locked(cfg: TrainConfig, ctx: RuntimeContext, tokenizer, vocab_size: 
     else:
         train_model = model
     if auto_batch:
-        # a resume probes again: the loader state is in global rows, so another micro-batch continues exactly
+        # a resume probes again: the loader's state is per logical stream, so another micro-batch continues exactly
         found = find_device_batch_size(model, train_model, cfg.max_seq_len, vocab_size, plan.tokens_per_step,
                                        ctx.world_size, log=ctx.print0)
         cfg = replace(cfg, device_batch_size=int(found))

@@ -230,7 +230,8 @@ def restore_training_checkpoint(out_dir: Path, which, ctx: RuntimeContext, model
 
     "latest" is the newest checkpoint whose files all open: a truncated newer one is reported by name and
     skipped. Another world size is fine (elastic): the optimizer state is re-sharded on load and the
-    data-loader state is rank-free (nanochat/dataloader.py). Refuses another model config (ConfigError) and,
+    data-loader's logical streams are merged and re-dealt (nanochat/dataloader.py; a world size that does
+    not divide their number is refused). Refuses another model config (ConfigError) and,
     given `tokenizer`, another tokenizer than the checkpoint's (TokenizerMismatch)."""
     step = ckpt.newest_readable_step(out_dir, log=ctx.print0) if which == "latest" else int(which)
     meta = ckpt.load_meta(out_dir, step)
