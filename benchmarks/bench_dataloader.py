@@ -6,6 +6,8 @@ epochs and keeps tokenising: the figure includes tokenisation, as in training.
 
     python benchmarks/bench_dataloader.py --batch-size 32 --seq-len 2048 --batches 60
     python benchmarks/bench_dataloader.py ranks      # per-rank work with logical streams, W = 1, 2, 8, 64
+    python benchmarks/bench_dataloader.py memory     # buffers, state size and resume time, streams vs before
+    python benchmarks/bench_dataloader.py crop       # crop fraction over time, 1,000- vs 256-document buffer
 """
 
 import argparse
@@ -236,6 +238,83 @@ def ranks_main(argv=None) -> None:
                       f"{statistics.median(r['crop'] for r in rs):.4f} |")
 
 
+def memory_main(argv=None) -> None:
+    """Memory and resume of one rank's loader with logical streams (W = 1, 8) against the loader before
+    streams: buffered tokens, JSON state size, restore + first batch."""
+    p = argparse.ArgumentParser(description=memory_main.__doc__)
+    p.add_argument("--text", default=",".join(str(SHARED_TEXT / d) for d in ("c4", "dclm_web", "dolma_cc")))
+    p.add_argument("--copies", type=int, default=24)
+    p.add_argument("--streams", type=int, default=64)
+    p.add_argument("--steps", type=int, default=16)
+    args = p.parse_args(argv)
+    import json
+
+    from nanochat.tokenizer import Tokenizer
+
+    R, T = 256, 2048
+    with tempfile.TemporaryDirectory() as tmp:
+        docs = [d for path in args.text.split(",") for d in data_prep.load_documents(path)]
+        data_dir = data_prep.prepare(docs * args.copies, Path(tmp) / "data", val_fraction=0.001, rows_per_group=32,
+                                     verbose=False)
+        tok = Tokenizer.train_from_iterator(iter(docs), vocab_size=32768)
+        old = old_loader_class()
+        cases = [("before streams, 1 process", lambda st=None: old(tok, 32, T, data_dir=data_dir, state=st), 8)]
+        for W in (1, 8):
+            cases.append((f"L={args.streams}, rank 0 of {W}", lambda st=None, W=W: DataLoader(
+                tok, 32, T, data_dir=data_dir, world_size=W, streams=args.streams, grad_accum=R // 32 // W, state=st),
+                R // 32 // W))
+        print(f"CPU: {cpu_name()}, load {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores; {args.steps} steps of "
+              f"{R} rows")
+        print("| loader | buffered documents | buffered tokens (MB) | state JSON (KB) | restore + first batch (s) |")
+        print("|---|---|---|---|---|")
+        for name, make, micro in cases:
+            if old is None and name.startswith("before"):
+                continue
+            with make() as dl:
+                for _ in range(args.steps * micro):
+                    next(dl)
+                state = json.loads(json.dumps(dl.state_dict()))
+                packers = [dl.packer] if getattr(dl, "packer", None) is not None else dl.source.packers
+                n_docs = sum(len(pk.docs) for pk in packers)
+                mb = sum(a.nbytes for pk in packers for a in pk.docs.values()) / 2**20
+            t0 = time.time()
+            with make(state) as dl:
+                next(dl)
+            print(f"| {name} | {n_docs:,} | {mb:.1f} | {len(json.dumps(state)) / 1024:.0f} | {time.time() - t0:.2f} |",
+                  flush=True)
+
+
+def crop_main(argv=None) -> None:
+    """Crop fraction of one stream over time, per window of 16 batches of 256 rows of 2048, for a best-fit
+    buffer of 1,000 documents (the single stream of before) and of 256 (each logical stream's): the
+    buffer sets how long long documents take to accumulate, the data sets the steady state."""
+    p = argparse.ArgumentParser(description=crop_main.__doc__)
+    p.add_argument("--text", default=",".join(str(SHARED_TEXT / d) for d in ("c4", "dclm_web", "dolma_cc")))
+    p.add_argument("--copies", type=int, default=24)
+    p.add_argument("--batches", type=int, default=96)
+    args = p.parse_args(argv)
+    from nanochat.dataloader import Packer
+    from nanochat.tokenizer import Tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        docs = [d for path in args.text.split(",") for d in data_prep.load_documents(path)]
+        data_dir = data_prep.prepare(docs * args.copies, Path(tmp) / "data", val_fraction=0.001, rows_per_group=32,
+                                     verbose=False)
+        tok = Tokenizer.train_from_iterator(iter(docs), vocab_size=32768)
+        units = dataset.list_units("train", data_dir)[0]
+        for buffer in (1000, 256):
+            packer, last, windows = Packer(tok, units, 256, 2048, buffer, tokenizer_threads=2), (0, 0), []
+            for i in range(1, args.batches + 1):
+                packer.next_batch()
+                if i % 16 == 0:
+                    cropped, placed = packer.stats["cropped_tokens"], packer.stats["placed_tokens"]
+                    c, pl = cropped - last[0], placed - last[1]
+                    last = (cropped, placed)
+                    windows.append(f"{c / (c + pl):.3f}")
+            packer.close()
+            print(f"buffer {buffer}: crop fraction per window of 16 batches: {' '.join(windows)}", flush=True)
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -249,5 +328,9 @@ def cpu_name() -> str:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "ranks":
         ranks_main(sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "memory":
+        memory_main(sys.argv[2:])
+    elif len(sys.argv) > 1 and sys.argv[1] == "crop":
+        crop_main(sys.argv[2:])
     else:
         main()

@@ -483,7 +483,8 @@ class DataLoader:
         self.streams = streams
         if streams is None:
             packer = Packer(self.tokenizer, self.units, self.batch_size * self.world_size, self.seq_len,
-                            self.buffer_size, self.reader, self.tokenizer_threads, self.skip_corrupt, self.keep_remainder)
+                            self.buffer_size, self.reader, self.tokenizer_threads, self.skip_corrupt,
+                            self.keep_remainder)
             self.source = _GlobalRounds(packer, self.rank, self.batch_size)
             self.packer = packer
             self._state, self._stats = packer.state_dict(), packer.derived_stats()
