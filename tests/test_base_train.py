@@ -104,6 +104,13 @@ def subprocess_env(base: Path, **extra) -> dict:
     return env
 
 
+def load_meta_streams(d: Path, step: int) -> int:
+    """The number of logical data streams a checkpoint's loader state records."""
+    from nanochat.checkpoint_manager import load_meta
+
+    return load_meta(d, step)["dataloader_state"][0]["streams"]
+
+
 def final_weights(base: Path, tag: str, step: int) -> dict:
     from nanochat.checkpoint_manager import load_checkpoint
 
@@ -148,6 +155,16 @@ def test_bad_kv_heads_rejected(env_base, capsys):
     assert "--n-kv-head=3" in capsys.readouterr().err
     assert train_inprocess(*TINY, "--keep-remainder", "-1", "--num-iterations", "2", "--model-tag", "bad") == 2
     assert "--keep-remainder must be >= 0" in capsys.readouterr().err
+
+
+def test_data_streams_that_do_not_divide_the_step_are_one_line_errors(env_base, capsys):
+    # 8 rows per step (256 tokens of 32): 3 streams cannot each give a whole number of them
+    assert train_inprocess(*TINY, "--data-streams", "3", "--num-iterations", "2", "--model-tag", "bad") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--data-streams 3 does not divide the 8 rows" in err[0] and "1, 2, 4, 8" in err[0]
+    assert not run_dir(env_base, "bad").exists()
+    assert train_inprocess(*TINY, "--data-streams", "-1", "--num-iterations", "2", "--model-tag", "bad") == 2
+    assert "--data-streams must be >= 1, or 0" in capsys.readouterr().err
 
 
 def test_missing_tokenizer_and_missing_checkpoint_are_one_line_errors(base_dir, env_base, monkeypatch, capsys):
@@ -203,6 +220,8 @@ def test_tiny_run_writes_metrics_checkpoints_and_evals(env_base, capsys, monkeyp
     assert run["sizing"]["num_iterations"] == 6 and run["sizing"]["grad_accum_steps"] == 2
     assert run["sizing"]["tokens_per_step"] == 256 and run["model_config"]["n_layer"] == 2
     assert run["env"]["dtype"] == "float32"
+    assert run["data_streams"] == 8 and "data: 8 logical streams, 8 per rank" in out  # 8 rows per step
+    assert load_meta_streams(d, 6) == 8
     model, tok, meta = load_model("base", "cpu", model_tag="tiny")
     assert meta["step"] == 6 and meta["val_bpb"] == records[-1]["val_bpb"]
     assert tok.get_vocab_size() == model.config.vocab_size == 384
