@@ -337,6 +337,38 @@ def test_resume_auto_starts_fresh_then_continues_from_the_last_checkpoint(env_ba
     assert [r["raw_loss"] for r in again] == [r["raw_loss"] for r in first]
 
 
+def test_a_checkpoint_of_the_global_stream_continues_on_it(env_base, monkeypatch, capsys):
+    """A checkpoint written before logical streams holds the single global stream's loader state: the
+    resumed run (logical streams by default) continues on that stream, says so, and trains exactly as the
+    run that wrote it would have."""
+    import nanochat.train_loop as tl
+    from nanochat.dataloader import DataLoader
+
+    real = tl.make_loader
+
+    def global_stream(cfg, tokenizer, split, ctx, grad_accum, vocab_size):  # the loader before streams
+        if split != "train":
+            return real(cfg, tokenizer, split, ctx, grad_accum, vocab_size)
+        return DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, device=ctx.device, rank=ctx.rank,
+                          world_size=ctx.world_size, data_dir=cfg.data_dir)
+
+    flags = (*TINY, "--num-iterations", "4", "--save-every", "2", "--model-tag", "before")
+    monkeypatch.setattr(tl, "make_loader", global_stream)
+    assert train_inprocess(*flags) == 0
+    monkeypatch.setattr(tl, "make_loader", real)
+    want = [r["raw_loss"] for r in read_metrics(env_base, "before")]
+    from nanochat.checkpoint_manager import load_meta
+
+    assert "stream_states" not in load_meta(run_dir(env_base, "before"), 2)["dataloader_state"][0]
+    for f in run_dir(env_base, "before").glob("*000004*"):
+        f.unlink()
+    capsys.readouterr()
+    assert train_inprocess(*flags, "--resume", "latest") == 0
+    out = capsys.readouterr().out
+    assert "continues on that stream" in out and "logical streams, " not in out
+    assert [r["raw_loss"] for r in read_metrics(env_base, "before")] == want
+
+
 @pytest.mark.slow
 def test_exact_resume_after_sigkill_is_bit_identical(env_base, capsys):
     flags = ("--num-iterations", "6", "--save-every", "3", "--eval-every", "3")
