@@ -360,9 +360,11 @@ class _StreamRounds:
 
 
 def _sum_stats(parts: list[dict], row_len: int) -> dict:
-    """Packing statistics of several streams as one: counters summed, epoch the slowest stream's."""
+    """Packing statistics of several streams as one: counters summed, epoch the slowest stream's, batches
+    the rounds (optimizer steps) packed."""
     total = {k: sum(p[k] for p in parts) for k in parts[0] if k not in ("epoch", "utilisation", "crop_fraction")}
     total["epoch"] = min(p["epoch"] for p in parts)
+    total["batches"] = parts[0]["batches"]
     total["utilisation"] = total["placed_tokens"] / max(1, total["rows"] * row_len)
     total["crop_fraction"] = total["cropped_tokens"] / max(1, total["placed_tokens"] + total["cropped_tokens"])
     return total
