@@ -102,6 +102,7 @@ class TrainConfig(RunConfig):
     overlap_reductions: bool = True  # start them from backward's gradient hooks (nanochat/optim.py)
     data_dir: str | None = None
     keep_remainder: int = 0
+    data_streams: int = 0  # logical data streams L (0: automatic, nanochat.dataloader.default_streams)
     synthetic_data: bool = False
     vocab_size: int = 32768  # only with synthetic_data (else the tokenizer's)
 
@@ -123,6 +124,8 @@ class TrainConfig(RunConfig):
             raise ConfigError(f"--eval-tokens must be >= 1, or -1 for automatic; got {self.eval_tokens}")
         if self.keep_remainder < 0:
             raise ConfigError(f"--keep-remainder must be >= 0 (0: discard cropped tails), got {self.keep_remainder}")
+        if self.data_streams < 0:
+            raise ConfigError(f"--data-streams must be >= 1, or 0 for automatic; got {self.data_streams}")
         if self.compile_scope not in ("model", "blocks"):
             raise ConfigError(f"--compile-scope must be model or blocks; got {self.compile_scope!r}")
         if self.grad_reduce_dtype not in ("fp32", "bf16"):

@@ -40,7 +40,7 @@ from nanochat.autobatch import find_device_batch_size, oom_message
 from nanochat.common import RuntimeContext, init_runtime, matmul_probe_shapes
 from nanochat.config import ConfigError, TrainConfig
 from nanochat.core_eval import EvalBundleError, check_bundle, evaluate_core
-from nanochat.dataloader import DataLoader
+from nanochat.dataloader import DataLoader, default_streams, divisors
 from nanochat.engine import Engine
 from nanochat.gpt import GPT
 from nanochat.loss_eval import check_eval_data, evaluate_loss_and_bpb
@@ -113,9 +113,16 @@ def make_loader(cfg: TrainConfig, tokenizer, split: str, ctx: RuntimeContext, gr
     if cfg.synthetic_data:
         return SyntheticLoader(vocab_size, cfg.device_batch_size, cfg.max_seq_len, grad_accum, ctx.device,
                                ctx.rank, ctx.world_size, seed=cfg.seed + (0 if split == "train" else 7919))
+    if split != "train":  # validation: the single global stream, the same rows on any world size
+        return DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, split=split, device=ctx.device,
+                          rank=ctx.rank, world_size=ctx.world_size, data_dir=cfg.data_dir)
+    # training: logical streams, each rank packing and tokenising only its own (nanochat/dataloader.py)
+    rows = grad_accum * cfg.device_batch_size * ctx.world_size
     return DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, split=split, device=ctx.device,
                       rank=ctx.rank, world_size=ctx.world_size, data_dir=cfg.data_dir,
-                      keep_remainder=cfg.keep_remainder if split == "train" else 0)
+                      keep_remainder=cfg.keep_remainder, grad_accum=grad_accum,
+                      streams=cfg.data_streams or default_streams(rows, ctx.world_size),
+                      adopt_saved_streams=cfg.data_streams == 0)
 
 # ---------------------------------------------------------------------------------------------
 # evaluations
@@ -375,7 +382,7 @@ def _train_locked(cfg: TrainConfig, ctx: RuntimeContext, tokenizer, vocab_size: 
     else:
         train_model = model
     if auto_batch:
-        # a resume probes again: the loader state is in global rows, so another micro-batch continues exactly
+        # a resume probes again: the loader's state is per logical stream, so another micro-batch continues exactly
         found = find_device_batch_size(model, train_model, cfg.max_seq_len, vocab_size, plan.tokens_per_step,
                                        ctx.world_size, log=ctx.print0)
         cfg = replace(cfg, device_batch_size=int(found))
@@ -397,13 +404,17 @@ def _train_locked(cfg: TrainConfig, ctx: RuntimeContext, tokenizer, vocab_size: 
                                                             train_loader, plan.model_config.to_dict(), tokenizer)
 
     ctx.print0(sizing_table(plan, ctx, model))
+    streams = getattr(train_loader, "streams", None)
+    if streams:
+        ctx.print0(f"data: {streams} logical streams, {streams // ctx.world_size} per rank (each rank reads and "
+                   f"tokenises only its own); resumable on {', '.join(map(str, divisors(streams)))} ranks")
     decay_per_step = plan.matrix_lr * plan.weight_decay
     if decay_per_step > 0.05:  # the horizon rule D_ref / D explodes for very short runs
         ctx.print0(f"WARNING: Muon weight decay x matrix LR = {decay_per_step:.3g} per step shrinks the weights "
                    f"by that fraction each step (the run is very short for this model): set --weight-decay")
     if ctx.is_master:
         write_run_json(out_dir, {"args": cfg.to_dict(), "model_config": plan.model_config.to_dict(),
-                                 "sizing": plan.to_dict(),
+                                 "sizing": plan.to_dict(), "data_streams": getattr(train_loader, "streams", None),
                                  "env": {"device_name": ctx.device_name, "peak_flops": ctx.peak_flops,
                                          "dtype": str(ctx.dtype).replace("torch.", ""), "torch": torch.__version__,
                                          "git_commit": git_commit(), "argv": sys.argv, "resumed_from": resume_step,

@@ -268,7 +268,8 @@ def restore_training_checkpoint(out_dir: Path, which, ctx: RuntimeContext, model
 
     "latest" is the newest checkpoint whose files all open: a truncated newer one is reported by name and
     skipped. Another world size is fine (elastic): the optimizer state is re-sharded on load and the
-    data-loader state is rank-free (nanochat/dataloader.py). Refuses another model config (ConfigError) and,
+    data-loader's logical streams are merged and re-dealt (nanochat/dataloader.py; a world size that does
+    not divide their number is refused). Refuses another model config (ConfigError) and,
     given `tokenizer`, another tokenizer than the checkpoint's (TokenizerMismatch)."""
     step = ckpt.newest_readable_step(out_dir, log=ctx.print0) if which == "latest" else int(which)
     meta = ckpt.load_meta(out_dir, step)
@@ -285,9 +286,13 @@ def restore_training_checkpoint(out_dir: Path, which, ctx: RuntimeContext, model
         optimizer.load_state_dict(optim_state)
     except LayoutChanged:  # same world size, other buckets (an older version): through the unsharded state
         optimizer.load_state_dict(ckpt.load_optimizer_state(out_dir, step, ctx.rank, ctx.world_size, merge=True))
-    # the data loader's state is the same on every rank (rank-free); a synthetic loader converts its count
+    # logical streams: every rank's states merged, this rank takes its own (re-dealt); the global stream's
+    # state is the same on every rank; a synthetic loader converts its count
     loader_states = meta["dataloader_state"]
-    loader.load_state_dict(loader_states[ctx.rank % len(loader_states)])
+    merge = getattr(loader, "merge_states", None)
+    loader.load_state_dict(merge(loader_states) if merge else loader_states[ctx.rank % len(loader_states)])
+    if getattr(loader, "notice", None):
+        ctx.print0(loader.notice)
     rng_states = meta["rng_state"]  # nothing in the loop draws from them; a rank the saved run lacked takes rank 0's
     set_rng_state(rng_states[ctx.rank] if ctx.rank < len(rng_states) else rng_states[0])
     state = LoopState.from_dict(dict(meta["loop_state"], step=step, val_bpb=meta.get("val_bpb")))

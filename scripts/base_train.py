@@ -125,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training rows: put the cropped tail of a document (>= N tokens) back into the packing "
                         "buffer instead of discarding it (0: discard, the reference recipe). For rows short "
                         "against the documents, e.g. seq 256 on book chapters, where cropping wastes most text")
+    g.add_argument("--data-streams", type=int, default=0, metavar="L",
+                   help="cut the training data into L logical streams, each packed on its own; rank r of W packs "
+                        "L/W of them and tokenises only their data. A checkpoint resumes on any world size that "
+                        "divides L (docs/multinode.md). 0: the largest power of two up to 64 dividing the rows of "
+                        "a step (on resume: the checkpoint's)")
     g.add_argument("--synthetic-data", action="store_true",
                    help="random tokens instead of the dataset (benchmarks; no tokenizer needed; evals off)")
     g.add_argument("--vocab-size", type=int, default=32768, help="vocab for --synthetic-data (else the tokenizer's)")

@@ -104,6 +104,13 @@ def subprocess_env(base: Path, **extra) -> dict:
     return env
 
 
+def load_meta_streams(d: Path, step: int) -> int:
+    """The number of logical data streams a checkpoint's loader state records."""
+    from nanochat.checkpoint_manager import load_meta
+
+    return load_meta(d, step)["dataloader_state"][0]["streams"]
+
+
 def final_weights(base: Path, tag: str, step: int) -> dict:
     from nanochat.checkpoint_manager import load_checkpoint
 
@@ -148,6 +155,16 @@ def test_bad_kv_heads_rejected(env_base, capsys):
     assert "--n-kv-head=3" in capsys.readouterr().err
     assert train_inprocess(*TINY, "--keep-remainder", "-1", "--num-iterations", "2", "--model-tag", "bad") == 2
     assert "--keep-remainder must be >= 0" in capsys.readouterr().err
+
+
+def test_data_streams_that_do_not_divide_the_step_are_one_line_errors(env_base, capsys):
+    # 8 rows per step (256 tokens of 32): 3 streams cannot each give a whole number of them
+    assert train_inprocess(*TINY, "--data-streams", "3", "--num-iterations", "2", "--model-tag", "bad") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--data-streams 3 does not divide the 8 rows" in err[0] and "1, 2, 4, 8" in err[0]
+    assert not run_dir(env_base, "bad").exists()
+    assert train_inprocess(*TINY, "--data-streams", "-1", "--num-iterations", "2", "--model-tag", "bad") == 2
+    assert "--data-streams must be >= 1, or 0" in capsys.readouterr().err
 
 
 def test_missing_tokenizer_and_missing_checkpoint_are_one_line_errors(base_dir, env_base, monkeypatch, capsys):
@@ -203,6 +220,8 @@ def test_tiny_run_writes_metrics_checkpoints_and_evals(env_base, capsys, monkeyp
     assert run["sizing"]["num_iterations"] == 6 and run["sizing"]["grad_accum_steps"] == 2
     assert run["sizing"]["tokens_per_step"] == 256 and run["model_config"]["n_layer"] == 2
     assert run["env"]["dtype"] == "float32"
+    assert run["data_streams"] == 8 and "data: 8 logical streams, 8 per rank" in out  # 8 rows per step
+    assert load_meta_streams(d, 6) == 8
     model, tok, meta = load_model("base", "cpu", model_tag="tiny")
     assert meta["step"] == 6 and meta["val_bpb"] == records[-1]["val_bpb"]
     assert tok.get_vocab_size() == model.config.vocab_size == 384
@@ -331,6 +350,38 @@ def test_resume_auto_starts_fresh_then_continues_from_the_last_checkpoint(env_ba
     assert [r["raw_loss"] for r in again] == [r["raw_loss"] for r in first]
 
 
+def test_a_checkpoint_of_the_global_stream_continues_on_it(env_base, monkeypatch, capsys):
+    """A checkpoint written before logical streams holds the single global stream's loader state: the
+    resumed run (logical streams by default) continues on that stream, says so, and trains exactly as the
+    run that wrote it would have."""
+    import nanochat.train_loop as tl
+    from nanochat.dataloader import DataLoader
+
+    real = tl.make_loader
+
+    def global_stream(cfg, tokenizer, split, ctx, grad_accum, vocab_size):  # the loader before streams
+        if split != "train":
+            return real(cfg, tokenizer, split, ctx, grad_accum, vocab_size)
+        return DataLoader(tokenizer, cfg.device_batch_size, cfg.max_seq_len, device=ctx.device, rank=ctx.rank,
+                          world_size=ctx.world_size, data_dir=cfg.data_dir)
+
+    flags = (*TINY, "--num-iterations", "4", "--save-every", "2", "--model-tag", "before")
+    monkeypatch.setattr(tl, "make_loader", global_stream)
+    assert train_inprocess(*flags) == 0
+    monkeypatch.setattr(tl, "make_loader", real)
+    want = [r["raw_loss"] for r in read_metrics(env_base, "before")]
+    from nanochat.checkpoint_manager import load_meta
+
+    assert "stream_states" not in load_meta(run_dir(env_base, "before"), 2)["dataloader_state"][0]
+    for f in run_dir(env_base, "before").glob("*000004*"):
+        f.unlink()
+    capsys.readouterr()
+    assert train_inprocess(*flags, "--resume", "latest") == 0
+    out = capsys.readouterr().out
+    assert "continues on that stream" in out and "logical streams, " not in out
+    assert [r["raw_loss"] for r in read_metrics(env_base, "before")] == want
+
+
 @pytest.mark.slow
 def test_exact_resume_after_sigkill_is_bit_identical(env_base, capsys):
     flags = ("--num-iterations", "6", "--save-every", "3", "--eval-every", "3")
@@ -425,6 +476,29 @@ def torchrun(base: Path, nproc: int, *flags: str, nnodes: int = 1, node_rank: in
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def kill_all(proc: subprocess.Popen) -> None:
+    """SIGKILL a torchrun launcher and every worker it started (a lost node). The workers run in sessions
+    of their own, so they are found by their parent process ids."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        parents[int(stat.parent.name)] = int(fields[1])
+    doomed, frontier = [], [proc.pid]
+    while frontier:
+        pid = frontier.pop()
+        doomed.append(pid)
+        frontier += [child for child, parent in parents.items() if parent == pid]
+    for pid in reversed(doomed):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.communicate(timeout=60)
+
+
 SYNTH = ["--synthetic-data", "--vocab-size", "256", "--depth", "2", "--aspect-ratio", "32", "--head-dim", "32",
          "--max-seq-len", "32", "--device-batch-size", "2", "--total-batch-size", "256", "--num-iterations", "4",
          "--warmup-steps", "1", "--weight-decay", "0"]
@@ -509,6 +583,43 @@ def test_two_node_launch_trains_checkpoints_and_resumes_on_another_world_size(en
     assert [r["step"] for r in one] == [1, 2, 3]
     assert one[2]["raw_loss"] == pytest.approx(before[2]["raw_loss"], rel=1e-5)
     assert one[2]["val_bpb"] == pytest.approx(before[2]["val_bpb"], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_real_data_steps_match_on_1_2_4_ranks_and_a_run_killed_on_4_continues_on_2_then_1(env_base):
+    """Logical streams on the real loader: 1 process x accumulation 4, 2 x 2 and 4 x 1 train every step on
+    the same rows (same losses up to fp32 summation order); a 4-rank run killed after its step-2 checkpoint,
+    resumed on 2 ranks, killed after step 3, and finished on 1 process reproduces the uninterrupted losses."""
+    flags = [*TINY, "--device-batch-size", "2", "--num-iterations", "4"]  # 8 rows per step: L = 8 streams
+    assert train_inprocess(*flags, "--model-tag", "s1") == 0
+    want = [r["raw_loss"] for r in read_metrics(env_base, "s1")]
+    assert len(want) == 4 and want[0] != want[-1]
+    two = torchrun(env_base, 2, *flags, "--model-tag", "s2")
+    out, _ = two.communicate(timeout=300)
+    assert two.returncode == 0 and "x 2 ranks x 2 accumulation" in out, out
+    assert "data: 8 logical streams, 4 per rank" in out
+    assert [r["raw_loss"] for r in read_metrics(env_base, "s2")] == pytest.approx(want, rel=1e-5)
+    # 4 ranks, killed (every process at once) during step 3, after the step-2 checkpoint
+    four = torchrun(env_base, 4, *flags, "--model-tag", "elastic", "--save-every", "2",
+                    NANOCHAT_TEST_HANG_STEP=2)
+    wait_for_line(four, "hanging at step 2", timeout=300)
+    kill_all(four)
+    from nanochat.checkpoint_manager import list_steps, load_meta
+
+    d = run_dir(env_base, "elastic")
+    assert list_steps(d) == [2] and len(load_meta(d, 2)["dataloader_state"]) == 4
+    # on 2 ranks from step 2: step 3, saved, then killed during step 4
+    resumed = torchrun(env_base, 2, *flags, "--model-tag", "elastic", "--save-every", "1", "--resume", "latest",
+                       NANOCHAT_TEST_HANG_STEP=3)
+    seen = wait_for_line(resumed, "hanging at step 3", timeout=300)
+    kill_all(resumed)
+    assert "resumed from" in seen and "it was written by 4" in seen
+    assert list_steps(d) == [2, 3]
+    # on 1 process from step 3
+    assert train_inprocess(*flags, "--model-tag", "elastic", "--resume", "latest") == 0
+    got = read_metrics(env_base, "elastic")
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    assert [r["raw_loss"] for r in got] == pytest.approx(want, rel=1e-5)
 
 
 def test_bf16_cpu_training_follows_fp32(env_base, capsys):

@@ -1,5 +1,7 @@
 """The packing data loader against an independent, unoptimised best-fit packer; exact resume; ranks;
-validation determinism; bad input. Uses a byte-level tiktoken tokenizer built offline (BOS = 256)."""
+logical streams (each rank packs only its own; a step's rows do not depend on the world size; states
+merge and re-deal); validation determinism; bad input. Uses a byte-level tiktoken tokenizer built offline
+(BOS = 256)."""
 
 import json
 import random
@@ -14,7 +16,7 @@ import tiktoken
 import torch
 
 from nanochat import data_prep, dataset
-from nanochat.dataloader import DataLoader
+from nanochat.dataloader import DataLoader, default_streams
 from nanochat.dataset import DataError
 
 BOS = 256
@@ -51,7 +53,7 @@ def data(tmp_path):
 
 
 def reference_batches(tok, data_dir, B, T, buffer_size, n_batches, rank=0, world_size=1, split="train",
-                      keep_remainder=0):
+                      keep_remainder=0, texts=None):
     """Best-fit packing written the plain way: a list in read order, linear scans, `max`/`min` taking the
     first (earliest read) among equals. The stream is `iter_documents` looped over epochs. With
     keep_remainder, a cropped tail of at least that many tokens takes its document's place in the list.
@@ -61,11 +63,14 @@ def reference_batches(tok, data_dir, B, T, buffer_size, n_batches, rank=0, world
                                  keep_remainder=keep_remainder)
         return [(x[rank * B:(rank + 1) * B], y[rank * B:(rank + 1) * B]) for x, y in full]
 
-    def stream():
+    def looped():
         while True:
-            for text in dataset.iter_documents(split, data_dir):
-                if text.strip():
-                    yield tok.encode([text], prepend=tok.get_bos_token_id())[0]
+            yield from dataset.iter_documents(split, data_dir)
+
+    def stream():
+        for text in texts if texts is not None else looped():
+            if text.strip():
+                yield tok.encode([text], prepend=tok.get_bos_token_id())[0]
 
     docs, buf, out = stream(), [], []
     for _ in range(n_batches):
@@ -224,6 +229,150 @@ def test_resume_with_another_world_size_or_micro_batch_continues_exactly(data, w
             parts.append(take(dl, 15))
     got = [(torch.cat([p[i][0] for p in parts]), torch.cat([p[i][1] for p in parts])) for i in range(15)]
     assert_same(got, want[10:])
+
+
+# ---------------------------------------------------------------------------------------------
+# logical streams
+
+
+def stream_texts(data_dir, stream, streams):
+    """The documents of logical stream s of L, written from the rule: the split's units (row groups) in
+    order, looped; piece g is unit g // P, rows k = g mod P (mod P), P = ceil(L / units) when the split has
+    fewer units than streams, else 1; stream s reads pieces s, s + L, s + 2L, ..."""
+    reader = dataset.ShardReader()
+    units, _ = dataset.list_units("train", data_dir, reader)
+    P = max(1, -(-streams // len(units)))
+    g = stream
+    while True:
+        texts = reader.read(units[(g // P) % len(units)])
+        yield from texts[g % P::P]
+        g += streams
+
+
+def stream_steps(data, W, A, B, L, n_steps, T=64, buf=8, state=None, **kw):
+    """Rows of each optimizer step over all ranks of W (each rank its own loader, A micro-batches of B rows),
+    sorted (a step's loss does not depend on their order); the ranks' final states and stats."""
+    steps = [[] for _ in range(n_steps)]
+    states, stats = [], []
+    for rank in range(W):
+        with DataLoader(ByteTokenizer(), B, T, data_dir=data, buffer_size=buf, rank=rank, world_size=W, streams=L,
+                        grad_accum=A, state=state, **kw) as dl:
+            for i in range(n_steps):
+                for _ in range(A):
+                    x, y = next(dl)
+                    assert x.shape == (B, T)
+                    steps[i] += [tuple(r) for r in torch.cat([x, y[:, -1:]], 1).tolist()]
+            states.append(json.loads(json.dumps(dl.state_dict())))
+            stats.append(dl.stats())
+    return [sorted(rows) for rows in steps], states, stats
+
+
+@pytest.mark.parametrize("L", [4, 64])  # 4: whole row groups per stream; 64: more streams than row groups
+def test_each_stream_packs_its_own_documents_like_the_reference(data, L):
+    tok, T, buf = ByteTokenizer(), 64, 8
+    n = 60 if L == 4 else 10  # enough steps to take every stream past its first epoch
+    per_stream = 2  # rows per stream per step: W=1, A=2, B=L
+    want = []
+    for s in range(L):
+        rows = reference_batches(tok, data, per_stream, T, buf, n, texts=stream_texts(data, s, L))
+        want.append([torch.cat([x, y[:, -1:]], 1) for x, y in rows])
+    with DataLoader(tok, L, T, data_dir=data, buffer_size=buf, streams=L, grad_accum=2,
+                    stream_buffer_size=buf) as dl:
+        for i in range(n):
+            step = torch.cat([torch.cat([x, y[:, -1:]], 1) for x, y in take(dl, 2)])
+            # row j of every stream, then row j + 1: rows j*L + s
+            expect = torch.stack([want[s][i] for s in range(L)], 1).reshape(-1, T + 1)
+            assert torch.equal(step, expect), f"step {i}"
+        assert dl.stats()["epoch"] >= 1
+
+
+def test_a_step_trains_on_the_same_rows_whatever_the_world_size_and_accumulation(data):
+    L = 4  # 8 rows per step: 2 from each stream
+    want, _, (single,) = stream_steps(data, 1, 4, 2, L, 10)
+    for W, A, B in ((2, 2, 2), (4, 1, 2), (4, 2, 1), (2, 1, 4)):
+        got, _, stats = stream_steps(data, W, A, B, L, 10)
+        assert got == want, (W, A, B)
+        # each rank reads and tokenises only its streams' documents: together exactly what one process does
+        assert sum(st["docs_read"] for st in stats) == single["docs_read"]
+        assert all(st["docs_read"] < 0.6 * single["docs_read"] * 2 / W for st in stats)
+
+
+def test_streams_resume_exactly_on_fewer_ranks(data):
+    """A run on 4 ranks stops after 3 steps; its ranks' states, merged, continue on 2 ranks and on 1 with
+    the rows of the uninterrupted run (8 rows per step of L=4 streams)."""
+    L, n = 4, 9
+    want, _, _ = stream_steps(data, 1, 4, 2, L, n)
+    _, states, _ = stream_steps(data, 4, 1, 2, L, 3)
+    assert [len(st["stream_states"]) for st in states] == [1, 1, 1, 1]
+    merged = DataLoader.merge_states(states)
+    for W, A, B in ((2, 2, 2), (1, 8, 1)):
+        got, _, _ = stream_steps(data, W, A, B, L, n - 3, state=merged)
+        assert got == want[3:], (W, A, B)
+    # a rank's own state is enough for that rank on the same world size; another rank's is not
+    with pytest.raises(ValueError, match="lacks logical stream 1"):
+        DataLoader(ByteTokenizer(), 2, 64, data_dir=data, buffer_size=8, rank=1, world_size=4, streams=L,
+                   state=states[0])
+    with pytest.raises(DataError, match="lack logical streams"):
+        DataLoader.merge_states(states[:3])
+
+
+def test_a_state_inside_a_step_resumes_on_the_same_geometry_only(data):
+    L = 4
+    want, _, _ = stream_steps(data, 1, 4, 2, L, 5)
+    with DataLoader(ByteTokenizer(), 2, 64, data_dir=data, buffer_size=8, streams=L, grad_accum=4) as dl:
+        take(dl, 4 + 3)  # one step and three micro-batches of the next
+        state = json.loads(json.dumps(dl.state_dict()))
+    assert state["micro"] == 3
+    with DataLoader(ByteTokenizer(), 2, 64, data_dir=data, buffer_size=8, streams=L, grad_accum=4,
+                    state=state) as dl:
+        rows = [tuple(r) for x, y in take(dl, 1 + 4 * 3) for r in torch.cat([x, y[:, -1:]], 1).tolist()]
+    assert set(rows[:2]) <= set(want[1])  # the last micro-batch of step 1, then whole steps
+    assert [sorted(rows[2 + 8 * i:10 + 8 * i]) for i in range(3)] == want[2:]
+    with pytest.raises(DataError, match="inside an optimizer step"):
+        DataLoader(ByteTokenizer(), 4, 64, data_dir=data, buffer_size=8, streams=L, grad_accum=2, state=state)
+
+
+def test_world_sizes_that_cannot_share_the_streams_are_refused(data):
+    with pytest.raises(DataError, match=r"8 logical streams, which 3 ranks cannot share: run on 1, 2, 4, 8 ranks"):
+        DataLoader(ByteTokenizer(), 2, 64, data_dir=data, streams=8, rank=0, world_size=3)
+    with pytest.raises(DataError, match=r"--data-streams 3 does not divide the 8 rows .*: use one of 1, 2, 4, 8"):
+        DataLoader(ByteTokenizer(), 2, 64, data_dir=data, streams=3, grad_accum=4)
+    # a state of another L: adopted when the flag was automatic, else refused
+    _, states, _ = stream_steps(data, 1, 1, 8, 8, 1)
+    with pytest.raises(DataError, match="cut into 8 logical streams but --data-streams is 4"):
+        DataLoader(ByteTokenizer(), 8, 64, data_dir=data, buffer_size=8, streams=4, state=states[0])
+    with DataLoader(ByteTokenizer(), 2, 64, data_dir=data, buffer_size=8, streams=4, grad_accum=4,
+                    adopt_saved_streams=True, state=states[0]) as dl:
+        assert dl.streams == 8 and "8 logical streams" in dl.notice
+    with pytest.raises(DataError, match="6 ranks cannot share"):
+        DataLoader(ByteTokenizer(), 2, 64, data_dir=data, buffer_size=8, streams=4, rank=0, world_size=6,
+                   grad_accum=2, adopt_saved_streams=True, state=states[0])
+
+
+def test_default_streams_divide_the_step_and_the_world_size():
+    assert default_streams(256, 8) == 64  # 2^19 tokens of 2048 on 8 GPUs
+    assert default_streams(8, 1) == 8 and default_streams(8, 4) == 8  # the CPU preset's 8 rows
+    assert default_streams(24, 3) == 24 and default_streams(96, 6) == 48
+    for rows, W in ((256, 8), (8, 2), (24, 3), (96, 6), (640, 5), (12, 12)):
+        L = default_streams(rows, W)
+        assert rows % L == 0 and L % W == 0
+
+
+def test_a_global_stream_state_of_before_resumes_on_that_stream(data):
+    """A checkpoint written before logical streams: its state turns the loader into the global stream, which
+    continues exactly, on any world size; it is never read as stream states."""
+    with DataLoader(ByteTokenizer(), 4, 64, data_dir=data, buffer_size=8) as old:
+        take(old, 5)
+        state = json.loads(json.dumps(old.state_dict()))
+        want = take(old, 6)
+    parts = []
+    for rank in range(2):
+        with DataLoader(ByteTokenizer(), 2, 64, data_dir=data, buffer_size=8, rank=rank, world_size=2, streams=2,
+                        state=DataLoader.merge_states([state])) as dl:
+            assert dl.streams is None and "single global stream" in dl.notice
+            parts.append(take(dl, 6))
+            assert "stream_states" not in dl.state_dict()
+    assert_same([(torch.cat([a[0], b[0]]), torch.cat([a[1], b[1]])) for a, b in zip(*parts)], want)
 
 
 # ---------------------------------------------------------------------------------------------
