@@ -220,7 +220,8 @@ def save_training_checkpoint(out_dir: Path, step: int, model, optimizer, loader,
                 dataloader_state=ctx.all_gather_object(loader.state_dict()),
                 rng_state=ctx.all_gather_object(rng_state(ctx.device_type)))
     ckpt.save_checkpoint(out_dir, step, model.state_dict() if ctx.is_master else None, optimizer.state_dict(),
-                         full, rank=ctx.rank, barrier=ctx.barrier, tokenizer=tokenizer if ctx.is_master else None)
+                         full, rank=ctx.rank, barrier=ctx.barrier, gather=ctx.all_gather_object,
+                         tokenizer=tokenizer if ctx.is_master else None)
     return ckpt.prune_checkpoints(out_dir, keep_last) if ctx.is_master else []
 
 
