@@ -21,7 +21,7 @@ the same document. A `.txt` file is cut into documents at lines `<|endoftext|>` 
 otherwise at blank lines, merging consecutive paragraphs up to ~4,000 characters per document.
 
 Preparing data (hub downloads, local files, the embedded corpus) is nanochat/data_prep.py; the command
-line is `python -m nanochat.dataset` (an alias of scripts/dataset.py).
+line is `python -m nanochat.dataset` (nanochat/data_prep.py's `main`; scripts/dataset.py is the same).
 """
 
 from __future__ import annotations
@@ -352,10 +352,7 @@ def describe(data_dir: Path) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # `python -m nanochat.dataset ...`: the documented command line, kept as an alias
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from scripts.dataset import main
+if __name__ == "__main__":  # `python -m nanochat.dataset ...`: the documented command line
+    from nanochat.data_prep import main
 
     main()
