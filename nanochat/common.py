@@ -22,7 +22,8 @@ from nanochat import cpu_threads
 
 # the artifact directory and rank-aware printing live in the torch-free nanochat.env (readers of text
 # and the tokenizer scripts use them without importing torch); re-exported here
-from nanochat.env import env_rank, get_base_dir, get_logger, print0  # noqa: E402,F401 (re-exported)
+from nanochat.env import (NotWritable, env_rank, get_base_dir, get_logger, print0,  # noqa: E402,F401 (re-exported)
+                          require_writable)
 
 # ---------------------------------------------------------------------------------------------
 # device and dtype policy

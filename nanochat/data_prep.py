@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from nanochat.dataset import (EMBEDDED_PACKAGE, EMBEDDED_VERSION, MANIFEST, PREPARED_VAL_NAME, ROWS_PER_GROUP,
                               SOURCES, DataError, describe, file_kind, get_data_dir, list_text_files,
                               read_documents, read_manifest, write_manifest)
+from nanochat.env import NotWritable, require_writable
 
 # ---------------------------------------------------------------------------------------------
 # writing shards (`prepare`)
@@ -334,8 +335,10 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument("--hf-config", default=None, help="`datasets` config name")
         p.add_argument("--hf-split", default="train", help="`datasets` split")
     args = p.parse_args(argv)
-    data_dir = Path(args.data_dir) if args.data_dir else get_data_dir()
     try:
+        data_dir = Path(args.data_dir) if args.data_dir else get_data_dir()
+        if command != "info":
+            require_writable(data_dir, "the data folder")
         if command == "download":
             download(args.num_shards, args.source, data_dir, args.workers, args.retries)
         elif command == "prepare":
@@ -345,7 +348,7 @@ def main(argv: list[str] | None = None) -> None:
         elif command == "embedded":
             prepare_embedded(data_dir, args.val_fraction, args.seed, args.force)
         print(describe(data_dir))
-    except DataError as e:
+    except (DataError, NotWritable) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 

@@ -292,6 +292,41 @@ def test_speedrun_bad_environment_is_one_line(tmp_path, env, needle):
     assert not any(tmp_path.iterdir())  # nothing was started
 
 
+def run_on_read_only(folder: Path, cmd: list[str], env: dict) -> subprocess.CompletedProcess:
+    """`cmd` with `folder` read-only: a private read-only bind mount (root: chmod does not stop root), or
+    mode 555 (other users). Skips where neither works."""
+    if os.geteuid() == 0:
+        mount = (f'mount --bind "{folder}" "{folder}" && mount -o remount,ro,bind "{folder}" "{folder}" && '
+                 f'exec "$@"')
+        probe = subprocess.run(["unshare", "-m", "sh", "-c", mount, "sh", "touch", str(folder / "x")],
+                               capture_output=True, text=True, check=False)
+        if probe.returncode == 0 or "Read-only" not in probe.stderr:
+            pytest.skip(f"cannot make a read-only folder here (unshare -m + remount: {probe.stderr.strip()[:100]})")
+        cmd = ["unshare", "-m", "sh", "-c", mount, "sh", *cmd]
+    else:
+        folder.chmod(0o555)
+    try:
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
+    finally:
+        folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("command,where", [(["scripts.speedrun"], "the base dir {base}"),
+                                           (["nanochat.dataset", "embedded"], "the data folder {base}/base_data"),
+                                           (["scripts.speedrun"], "the base dir {base}/sub")])
+def test_read_only_base_dir_is_one_line(tmp_path, command, where):
+    base = tmp_path / "ro"
+    base.mkdir()
+    target = base / "sub" if where.endswith("sub") else base
+    out = run_on_read_only(base, [sys.executable, "-m", *command],
+                           py_env(target, NANOCHAT_PRESET="cpu"))
+    prefix = "speedrun: error:" if command[0] == "scripts.speedrun" else "error:"
+    line = one_line_error(out.stderr, prefix)
+    assert out.returncode == (2 if prefix.startswith("speedrun") else 1)
+    assert f"cannot write {where.format(base=base)}: " in line and "NANOCHAT_BASE_DIR" in line, line
+    assert not any(base.iterdir())
+
+
 @pytest.mark.parametrize("flags,needle", [(["--device-type", "cuda"], "cuda"), (["--dtype", "fp8"], "fp8")])
 def test_base_eval_bad_device_or_dtype_is_one_line(tmp_path, flags, needle):
     if needle == "cuda" and torch.cuda.is_available():
