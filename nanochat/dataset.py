@@ -27,7 +27,6 @@ line is `python -m nanochat.dataset` (nanochat/data_prep.py's `main`; scripts/da
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.env import get_base_dir
+from nanochat.env import atomic_write_text, get_base_dir
 
 MANIFEST = "manifest.json"
 PREPARED_VAL_NAME = "val_shard.parquet"
@@ -98,13 +97,7 @@ def read_manifest(data_dir: Path) -> dict | None:
 
 def write_manifest(data_dir: Path, source: str, train: list[str], val: list[str], **extra) -> None:
     manifest = {"format": 1, "source": source, "train": train, "val": val, **extra}
-    _atomic_write_text(data_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(data_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
 def list_shards(split: str, data_dir: str | Path | None = None) -> list[Path]:

@@ -15,6 +15,22 @@ from pathlib import Path
 # artifact directory
 
 
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` to `<path>.tmp<pid>`, fsync and rename over `path`: readers (and concurrent writers) see
+    the old file or the new one, never half of one. The one text writer of the package; a kill leaves the
+    temporary file, which `run_dir.clean_run_dir` removes from run folders."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class NotWritable(RuntimeError):
     """A folder nanochat must write (the base dir, a data folder) cannot be created or written."""
 

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 from nanochat.common import get_base_dir
+from nanochat.env import atomic_write_text  # noqa: F401  (re-exported: run folders' files are written with it)
 
 PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
               "rl": "chatrl_checkpoints"}
@@ -41,20 +42,6 @@ def run_dir(phase: str, tag: str, base_dir: str | os.PathLike | None = None) -> 
     if not tag or "/" in tag or tag in (".", ".."):
         raise ValueError(f"invalid model tag {tag!r}: use a plain folder name such as d12")
     return phase_dir(phase, base_dir) / tag
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `<path>.tmp<pid>`, fsync and rename over `path` (readers never see half a file)."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_run_json(folder: str | os.PathLike, info: dict) -> Path:
