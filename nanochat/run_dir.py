@@ -3,7 +3,9 @@
 One module owns the layout so that training (every phase), the speedrun, the report card, the doctor
 and the sweep all find the same files:
 
-    run.json        written once at the start of a run: flags, model config, the run plan, environment
+    run.json        written at the start of a run, the same record in every phase (`write_run_record`):
+                    phase, args (the flags), model_config, sizing (the run plan), env, source
+                    (the checkpoint a fine-tuning phase starts from)
     metrics.jsonl   one JSON object per optimizer step (see MetricsWriter)
     model_/meta_/optim_<step>...   checkpoints (nanochat/checkpoint_manager.py)
 
@@ -50,8 +52,23 @@ def write_run_json(folder: str | os.PathLike, info: dict) -> Path:
     return path
 
 
+def write_run_record(folder: str | os.PathLike, *, phase: str, args: dict, model_config: dict, sizing: dict,
+                     env: dict, source: dict | None = None) -> Path:
+    """run.json, one schema for every phase, so that every reader (the doctor, the report card, the Hugging
+    Face model card, the speedrun) finds the same keys: `phase`; `args`, the run's flags (its config);
+    `model_config`; `sizing`, the run plan (sizing.RunPlan for pretraining, sizing.FinetunePlan for SFT and
+    RL); `env` (device, dtype, torch, git commit, argv, resumed_from, ...); `source`, the checkpoint a
+    fine-tuning phase starts from ({"phase", "tag", "step"}), None for pretraining."""
+    if phase not in PHASE_DIRS:
+        raise ValueError(f"unknown phase {phase!r}: use one of {', '.join(sorted(PHASE_DIRS))}")
+    return write_run_json(folder, {"phase": phase, "args": args, "model_config": model_config, "sizing": sizing,
+                                   "env": env, "source": source})
+
+
 def read_run_json(folder: str | os.PathLike) -> dict | None:
-    """run.json as a dict; None when absent. ValueError (with the path) when it is not a JSON object."""
+    """run.json as a dict in the schema of `write_run_record`; None when absent. ValueError (with the path)
+    when it is not a JSON object. Records of older versions read the same: SFT and RL kept the flags under
+    "config" and `resumed_from` at the top level."""
     path = Path(folder) / RUN_JSON
     if not path.exists():
         return None
@@ -61,6 +78,10 @@ def read_run_json(folder: str | os.PathLike) -> dict | None:
         raise ValueError(f"{path} is not valid JSON ({e})") from e
     if not isinstance(info, dict):
         raise ValueError(f"{path} is not a JSON object")
+    if "args" not in info and isinstance(info.get("config"), dict):
+        info = {**info, "args": info["config"]}
+    if "resumed_from" in info and "resumed_from" not in (info.get("env") or {}):
+        info = {**info, "env": {**(info.get("env") or {}), "resumed_from": info["resumed_from"]}}
     return info
 
 

@@ -25,10 +25,8 @@ prints "hanging at step k" and waits for a signal, so a test can SIGKILL or SIGT
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
@@ -44,12 +42,11 @@ from nanochat.engine import Engine
 from nanochat.gpt import GPT
 from nanochat.loss_eval import check_eval_data, evaluate_loss_and_bpb
 from nanochat.optim import build_optimizer
-from nanochat.run_dir import MetricsWriter, remove_if_unused, run_dir, write_run_json
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (EXIT_CONFIG, EXIT_EVAL, EXIT_NONFINITE, EXIT_OK, EXIT_OOM, LoopState, NonFiniteLoss,
-                               StopSignal, TestHooks, apply_schedule, git_commit, peak_memory_mb,
-                               open_run_folder, restore_training_checkpoint, save_training_checkpoint,
-                               train_step, update_checkpoint_meta)
+                               PhaseRun, StopSignal, TestHooks, apply_schedule, due, exit_oom, peak_memory_mb,
+                               phase_run, restore_training_checkpoint, save_training_checkpoint, train_step,
+                               update_checkpoint_meta)
 
 __all__ = ["ConfigError", "EXIT_CONFIG", "EXIT_EVAL", "EXIT_NONFINITE", "EXIT_OK", "EXIT_OOM", "train"]
 
@@ -116,11 +113,6 @@ def make_loader(cfg: TrainConfig, tokenizer, split: str, ctx: RuntimeContext, gr
 
 # ---------------------------------------------------------------------------------------------
 # evaluations
-
-
-def due(every: int, step: int, last: int) -> bool:
-    """every > 0: every `every` steps and at the last; -1: at the last step only; 0: never."""
-    return every != 0 and (step == last or (every > 0 and step % every == 0))
 
 
 def evaluate_val(model, tokenizer, ctx: RuntimeContext, token_bytes, cfg: TrainConfig, eval_tokens: int,
@@ -210,7 +202,7 @@ class Evaluations:
 
     def any_due(self, step: int) -> bool:
         c = self.cfg
-        return self.on and any(due(e, step, self.last) for e in (c.eval_every, c.core_metric_every, c.sample_every))
+        return self.on and any(due(e, step, step == self.last) for e in (c.eval_every, c.core_metric_every, c.sample_every))
 
     def _failed(self, name: str, step: int, e: BaseException) -> None:
         self.failed[name] = f"{type(e).__name__}: {e}"
@@ -221,7 +213,7 @@ class Evaluations:
         """Run what is due at `step` into `record` and `state`; False if a stop signal abandoned one."""
         cfg, ctx = self.cfg, self.ctx
         should_stop = stop_check(ctx, stop)
-        if self.on and "val bpb" not in self.failed and due(cfg.eval_every, step, self.last):
+        if self.on and "val bpb" not in self.failed and due(cfg.eval_every, step, step == self.last):
             # a signal during the pass abandons it (before each batch; every rank at the same one)
             try:
                 if self.token_bytes is None:
@@ -236,7 +228,7 @@ class Evaluations:
                 state.record_val(val["bpb"])
                 record["val_bpb"], record["val_loss"] = val["bpb"], val["loss"]  # val_loss: nats/token, like loss
                 ctx.print0(f"step {step:05d} | val bpb {val['bpb']:.6f} | val loss {val['loss']:.4f}")
-        if self.core_on and "CORE" not in self.failed and due(cfg.core_metric_every, step, self.last):
+        if self.core_on and "CORE" not in self.failed and due(cfg.core_metric_every, step, step == self.last):
             try:
                 core = run_core(model, self.tokenizer, ctx, cfg.core_metric_max_per_task, should_stop)
                 if core is None:
@@ -248,7 +240,7 @@ class Evaluations:
                     self.failed["CORE tasks"] = "; ".join(core["failed"].values())
             except (Exception, torch.OutOfMemoryError) as e:
                 self._failed("CORE", step, e)
-        if self.on and ctx.is_master and "samples" not in self.failed and due(cfg.sample_every, step, self.last):
+        if self.on and ctx.is_master and "samples" not in self.failed and due(cfg.sample_every, step, step == self.last):
             try:
                 print_samples(model, self.tokenizer)
             except Exception as e:
@@ -329,22 +321,14 @@ def _train(cfg: TrainConfig, ctx: RuntimeContext) -> int:
         plan = sizing.plan_run(replace(cfg, device_batch_size=1) if auto_batch else cfg, vocab_size, ctx.world_size)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    out_dir = run_dir("base", cfg.tag)
-    lock, resume_which = open_run_folder(out_dir, cfg.resume_from_step, ctx, "base_train")
-    try:
-        return _train_locked(cfg, ctx, tokenizer, vocab_size, plan, out_dir, resume_which)
-    except BaseException:
-        if ctx.is_master:
-            remove_if_unused(out_dir)  # a command that failed before its first checkpoint leaves no empty folder
-        raise
-    finally:
-        if lock is not None:
-            lock.release()
+    with phase_run("base", cfg.tag, cfg.resume_from_step, ctx, "base_train") as run:
+        return _train_locked(cfg, ctx, tokenizer, vocab_size, plan, run)
 
 
 def _train_locked(cfg: TrainConfig, ctx: RuntimeContext, tokenizer, vocab_size: int, plan: sizing.RunPlan,
-                  out_dir: Path, resume_which) -> int:
+                  run: PhaseRun) -> int:
     auto_batch = cfg.device_batch_size == "auto"
+    out_dir, resume_which = run.out_dir, run.resume
 
     mc = plan.model_config  # --dtype auto on CPU: the GEMM probe again at this model's shapes (cached)
     ctx.probe_at(matmul_probe_shapes(mc.n_embd, plan.device_batch_size * plan.max_seq_len, mc.padded_vocab_size))
@@ -398,20 +382,13 @@ def _train_locked(cfg: TrainConfig, ctx: RuntimeContext, tokenizer, vocab_size: 
     if decay_per_step > 0.05:  # the horizon rule D_ref / D explodes for very short runs
         ctx.print0(f"WARNING: Muon weight decay x matrix LR = {decay_per_step:.3g} per step shrinks the weights "
                    f"by that fraction each step (the run is very short for this model): set --weight-decay")
-    if ctx.is_master:
-        write_run_json(out_dir, {"args": cfg.to_dict(), "model_config": plan.model_config.to_dict(),
-                                 "sizing": plan.to_dict(),
-                                 "env": {"device_name": ctx.device_name, "peak_flops": ctx.peak_flops,
-                                         "dtype": str(ctx.dtype).replace("torch.", ""), "torch": torch.__version__,
-                                         "git_commit": git_commit(), "argv": sys.argv, "resumed_from": resume_step,
-                                         "attention": model.attention_backend, "fp8": bool(getattr(model, "fp8", False)),
-                                         "mfu_peak": "dense bf16"}})
-    metrics = MetricsWriter(out_dir, resume_step if resume_step is not None else 0, ctx.is_master)
+    run.write_record(cfg.to_dict(), plan.model_config.to_dict(), plan.to_dict(), resume_step,
+                     attention=model.attention_backend, fp8=bool(getattr(model, "fp8", False)), mfu_peak="dense bf16")
+    metrics = run.metrics(resume_step)
     wandb_run = _start_wandb(cfg, plan, ctx)
     evals = Evaluations(cfg, plan, ctx, tokenizer)
     hooks = TestHooks.from_env()
-    meta = {"model_config": plan.model_config.to_dict(), "args": cfg.to_dict(), "num_iterations": N,
-            "sizing": plan.to_dict()}
+    meta = run.checkpoint_meta(num_iterations=N)
 
     first_timed = state.step + 1  # the first step of a (re)start pays compilation and warm-up: not timed
     ctx.print0(f"training steps {state.step} -> {N}")
@@ -424,9 +401,7 @@ def _train_locked(cfg: TrainConfig, ctx: RuntimeContext, tokenizer, vocab_size: 
                 result = train_step(train_model, optimizer, train_loader, A, ctx, stop, state.step, hooks,
                                     overlap_reductions=cfg.overlap_reductions)
             except torch.OutOfMemoryError:
-                print(f"[rank {ctx.rank}] " + oom_message(cfg.device_batch_size, cfg.max_seq_len, where=f"step {state.step}"),
-                      file=sys.stderr, flush=True)
-                return EXIT_OOM
+                return exit_oom(ctx, oom_message(cfg.device_batch_size, cfg.max_seq_len, where=f"step {state.step}"))
             except NonFiniteLoss as e:
                 last = ckpt.list_steps(out_dir)
                 ctx.print0(f"stopping: {e}; no update was applied. Last good checkpoint: "

@@ -8,7 +8,9 @@ import torch
 
 from nanochat import checkpoint_manager as ckpt
 from nanochat import run_dir as rd
-from nanochat.chat_sft import SFTConfig, lr_multiplier, muon_momentum, run_sft
+from nanochat.chat_sft import SFTConfig, run_sft
+from nanochat.sizing import sft_lr_multiplier as lr_multiplier
+from nanochat.sizing import sft_muon_momentum as muon_momentum
 from nanochat.tasks import TaskDataError
 from scripts import chat_sft as cli
 from tests.chat_helpers import make_base_checkpoint
@@ -98,7 +100,7 @@ def test_bad_configs_are_one_line_errors(base, capsys):
     assert cli.main(["--mix", "embedded", "--source-tag", "d9", "--device-type", "cpu"]) == 2
     assert "d9" in capsys.readouterr().err
     assert cli.main(["--mix", "embedded", "--resume", "latest", "--device-type", "cpu"]) == 2
-    assert "no checkpoint" in capsys.readouterr().err
+    assert "no complete checkpoint" in capsys.readouterr().err
 
 
 @pytest.mark.slow
