@@ -280,7 +280,79 @@ def sizing_table(plan: sizing.RunPlan, ctx: RuntimeContext, model) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     lines = ["=" * 80, "sizing"] + [f"  {k:<{width}}  {v}" for k, v in rows] + ["model:", str(model), "=" * 80]
+    decay_per_step = plan.matrix_lr * plan.weight_decay
+    if decay_per_step > 0.05:  # the horizon rule D_ref / D explodes for very short runs
+        lines.append(f"WARNING: Muon weight decay x matrix LR = {decay_per_step:.3g} per step shrinks the weights "
+                     f"by that fraction each step (the run is very short for this model): set --weight-decay")
     return "\n".join(lines)
+
+
+def build_train_model(cfg: TrainConfig, plan: sizing.RunPlan, ctx: RuntimeContext):
+    """(model, the module training calls: compiled or the model itself, whether it is compiled)."""
+    mc = plan.model_config  # --dtype auto on CPU: the GEMM probe again at this model's shapes (cached)
+    ctx.probe_at(matmul_probe_shapes(mc.n_embd, plan.device_batch_size * plan.max_seq_len, mc.padded_vocab_size))
+    with torch.device("meta"):
+        model = GPT(plan.model_config, compute_dtype=ctx.dtype, attention=cfg.attention)
+    model.to_empty(device=ctx.device)
+    model.init_weights()
+    try:
+        model.set_attention()  # once per run; printed in the sizing table and run.json
+        if cfg.fp8:
+            from nanochat.fp8 import enable_fp8
+
+            model.fp8 = bool(enable_fp8(model))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    model.fused_loss = {"auto": None, "on": True, "off": False}[cfg.fused_loss]
+    if ctx.device_type == "cuda":
+        model.fused_loss_chunk_rows = 4096  # fewer eager chunk iterations (it runs outside the compiled graph)
+    compile_model = cfg.compile if cfg.compile is not None else ctx.device_type == "cuda"
+    if compile_model and cfg.compile_scope == "blocks":
+        train_model = model.compile_blocks(dynamic=False)  # in place: model is train_model
+    elif compile_model:
+        model.before_compile()
+        train_model = torch.compile(model, dynamic=False)
+    else:
+        train_model = model
+    return model, train_model, compile_model
+
+
+def build_train_optimizer(cfg: TrainConfig, plan: sizing.RunPlan, ctx: RuntimeContext, model, compile_model: bool):
+    """MuonAdamW with the plan's LRs and weight decay (the schedule scales them from these initial values)."""
+    # Muon's orthogonalisation: bf16 on GPUs and where the CPU probe chose bf16; fp32 on other CPUs, whose
+    # emulated bf16 matmuls run ~10x slower (measured: Muon step 24 s vs 2 s at depth 4)
+    extra = {} if ctx.device_type == "cpu" else {"compile": compile_model}
+    optimizer = build_optimizer(model, weight_decay=plan.weight_decay, **plan.lrs, orth_dtype=ctx.orth_dtype,
+                                reduce_dtype=torch.bfloat16 if cfg.grad_reduce_dtype == "bf16" else torch.float32,
+                                **extra)
+    for group in optimizer.param_groups:
+        group["initial_weight_decay"] = group.get("weight_decay", 0.0)
+    return optimizer
+
+
+def report_overlap(optimizer, ctx: RuntimeContext, whole_model_compiled: bool) -> None:
+    stats = optimizer.overlap_stats
+    ctx.print0(f"gradient reductions: {stats['in_backward']} of {stats['total']} started during backward"
+               + (" (a whole-model torch.compile finishes every gradient at the end of backward: "
+                  "--compile-scope blocks lets them overlap it)" if whole_model_compiled else ""))
+
+
+def step_record(plan: sizing.RunPlan, ctx: RuntimeContext, state: LoopState, raw_loss: float, lrm: float, dt: float,
+                first_timed: int) -> dict:
+    """The metrics record of the step just done (state.step), printed as the step's console line."""
+    step, N = state.step, plan.num_iterations
+    smooth_loss = state.update_loss(raw_loss)
+    tok_per_sec = plan.tokens_per_step / dt
+    mfu = plan.flops_per_token * tok_per_sec / (ctx.peak_flops * ctx.world_size) if ctx.peak_flops else None
+    timed = step - first_timed
+    eta = (N - step) * (state.train_time / timed if timed > 0 else dt)
+    record = {"step": step, "loss": smooth_loss, "raw_loss": raw_loss, "lr": lrm, "dt": dt,
+              "tok_per_sec": tok_per_sec, "mfu": mfu, "tokens": step * plan.tokens_per_step,
+              "flops": step * plan.tokens_per_step * plan.flops_per_token, "peak_mem_mb": peak_memory_mb(ctx)}
+    ctx.print0(f"step {step:05d}/{N} | loss {smooth_loss:.4f} (raw {raw_loss:.4f}) | lrm {lrm:.3f} | "
+               f"dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | mfu {f'{100 * mfu:.2f}%' if mfu is not None else 'n/a'}"
+               f" | mem {record['peak_mem_mb']:.0f}MB | eta {eta / 60:.1f}m")
+    return record
 
 
 def train(cfg: TrainConfig) -> int:
@@ -330,31 +402,7 @@ def _train_locked(cfg: TrainConfig, ctx: RuntimeContext, tokenizer, vocab_size: 
     auto_batch = cfg.device_batch_size == "auto"
     out_dir, resume_which = run.out_dir, run.resume
 
-    mc = plan.model_config  # --dtype auto on CPU: the GEMM probe again at this model's shapes (cached)
-    ctx.probe_at(matmul_probe_shapes(mc.n_embd, plan.device_batch_size * plan.max_seq_len, mc.padded_vocab_size))
-    with torch.device("meta"):
-        model = GPT(plan.model_config, compute_dtype=ctx.dtype, attention=cfg.attention)
-    model.to_empty(device=ctx.device)
-    model.init_weights()
-    try:
-        model.set_attention()  # once per run; printed in the sizing table and run.json
-        if cfg.fp8:
-            from nanochat.fp8 import enable_fp8
-
-            model.fp8 = bool(enable_fp8(model))
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    model.fused_loss = {"auto": None, "on": True, "off": False}[cfg.fused_loss]
-    if ctx.device_type == "cuda":
-        model.fused_loss_chunk_rows = 4096  # fewer eager chunk iterations (it runs outside the compiled graph)
-    compile_model = cfg.compile if cfg.compile is not None else ctx.device_type == "cuda"
-    if compile_model and cfg.compile_scope == "blocks":
-        train_model = model.compile_blocks(dynamic=False)  # in place: model is train_model
-    elif compile_model:
-        model.before_compile()
-        train_model = torch.compile(model, dynamic=False)
-    else:
-        train_model = model
+    model, train_model, compile_model = build_train_model(cfg, plan, ctx)
     if auto_batch:
         # a resume probes again: the loader state is in global rows, so another micro-batch continues exactly
         found = find_device_batch_size(model, train_model, cfg.max_seq_len, vocab_size, plan.tokens_per_step,
@@ -362,14 +410,7 @@ def _train_locked(cfg: TrainConfig, ctx: RuntimeContext, tokenizer, vocab_size: 
         cfg = replace(cfg, device_batch_size=int(found))
         plan = sizing.plan_run(replace(cfg, total_batch_size=plan.tokens_per_step), vocab_size, ctx.world_size)
     N, A = plan.num_iterations, plan.grad_accum_steps
-    # Muon's orthogonalisation: bf16 on GPUs and where the CPU probe chose bf16; fp32 on other CPUs, whose
-    # emulated bf16 matmuls run ~10x slower (measured: Muon step 24 s vs 2 s at depth 4)
-    extra = {} if ctx.device_type == "cpu" else {"compile": compile_model}
-    optimizer = build_optimizer(model, weight_decay=plan.weight_decay, **plan.lrs, orth_dtype=ctx.orth_dtype,
-                                reduce_dtype=torch.bfloat16 if cfg.grad_reduce_dtype == "bf16" else torch.float32,
-                                **extra)
-    for group in optimizer.param_groups:
-        group["initial_weight_decay"] = group.get("weight_decay", 0.0)
+    optimizer = build_train_optimizer(cfg, plan, ctx, model, compile_model)
     train_loader = make_loader(cfg, tokenizer, "train", ctx, A, vocab_size)
 
     state, resume_step = LoopState(), None
@@ -378,10 +419,6 @@ def _train_locked(cfg: TrainConfig, ctx: RuntimeContext, tokenizer, vocab_size: 
                                                             train_loader, plan.model_config.to_dict(), tokenizer)
 
     ctx.print0(sizing_table(plan, ctx, model))
-    decay_per_step = plan.matrix_lr * plan.weight_decay
-    if decay_per_step > 0.05:  # the horizon rule D_ref / D explodes for very short runs
-        ctx.print0(f"WARNING: Muon weight decay x matrix LR = {decay_per_step:.3g} per step shrinks the weights "
-                   f"by that fraction each step (the run is very short for this model): set --weight-decay")
     run.write_record(cfg.to_dict(), plan.model_config.to_dict(), plan.to_dict(), resume_step,
                      attention=model.attention_backend, fp8=bool(getattr(model, "fp8", False)), mfu_peak="dense bf16")
     metrics = run.metrics(resume_step)
@@ -417,23 +454,8 @@ def _train_locked(cfg: TrainConfig, ctx: RuntimeContext, tokenizer, vocab_size: 
             elif compile_model:
                 ctx.print0(f"first step {dt:.1f}s (torch.compile + warm-up)")
             if ctx.ddp and step == first_timed + 1 and cfg.overlap_reductions:
-                stats = optimizer.overlap_stats
-                ctx.print0(f"gradient reductions: {stats['in_backward']} of {stats['total']} started during backward"
-                           + (" (a whole-model torch.compile finishes every gradient at the end of backward: "
-                              "--compile-scope blocks lets them overlap it)"
-                              if compile_model and cfg.compile_scope == "model" else ""))
-            smooth_loss = state.update_loss(result.loss)
-            tok_per_sec = plan.tokens_per_step / dt
-            mfu = plan.flops_per_token * tok_per_sec / (ctx.peak_flops * ctx.world_size) if ctx.peak_flops else None
-            timed = step - first_timed
-            eta = (N - step) * (state.train_time / timed if timed > 0 else dt)
-            record = {"step": step, "loss": smooth_loss, "raw_loss": result.loss, "lr": lrm, "dt": dt,
-                      "tok_per_sec": tok_per_sec, "mfu": mfu, "tokens": step * plan.tokens_per_step,
-                      "flops": step * plan.tokens_per_step * plan.flops_per_token, "peak_mem_mb": peak_memory_mb(ctx)}
-            ctx.print0(f"step {step:05d}/{N} | loss {smooth_loss:.4f} (raw {result.loss:.4f}) | lrm {lrm:.3f} | "
-                       f"dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | mfu {f'{100 * mfu:.2f}%' if mfu is not None else 'n/a'}"
-                       f" | mem {record['peak_mem_mb']:.0f}MB | eta {eta / 60:.1f}m")
-
+                report_overlap(optimizer, ctx, compile_model and cfg.compile_scope == "model")
+            record = step_record(plan, ctx, state, result.loss, lrm, dt, first_timed)
             # a stop signal (all ranks agree through result.stop_requested) skips the evaluations: preemption
             # grace periods are short and the checkpoint matters more
             stopping = result.stop_requested or (not ctx.ddp and stop.received is not None)
