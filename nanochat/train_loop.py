@@ -36,7 +36,8 @@ from nanochat.attention import windowed_kernel_available
 from nanochat.autobatch import find_device_batch_size, oom_message
 from nanochat.common import RuntimeContext, init_runtime, matmul_probe_shapes
 from nanochat.config import ConfigError, TrainConfig
-from nanochat.core_eval import EvalBundleError, check_bundle, evaluate_core
+from nanochat.core_eval import evaluate_core
+from nanochat.eval_bundle import EvalBundleError, check_bundle
 from nanochat.dataloader import DataLoader
 from nanochat.engine import Engine
 from nanochat.gpt import GPT

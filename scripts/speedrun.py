@@ -237,7 +237,7 @@ def stage_eval(p: Preset, tag: str, nproc: int, report: rc.Report) -> dict:
     out = run_dir / f"base_eval_{step:06d}.json"
     bundle_error = None
     try:  # resolve (or download) the CORE bundle up front: without one, CORE is skipped with a note
-        from nanochat.core_eval import resolve_eval_bundle
+        from nanochat.eval_bundle import resolve_eval_bundle
 
         bundle = resolve_eval_bundle()
     except Exception as e:  # EvalBundleError offline; anything else is reported the same way
