@@ -420,10 +420,14 @@ def _tiny_hf_dir(tmp_path) -> Path:
 
 
 def test_hf_wrappers_token_bytes_and_bpb(tmp_path):
-    from nanochat.loss_eval import evaluate_bpb
-    from scripts.base_eval import load_hf
+    import transformers
 
-    model, tok = load_hf(str(_tiny_hf_dir(tmp_path)), "cpu")
+    from nanochat.hf_adapters import HFModel, HFTokenizer
+    from nanochat.loss_eval import evaluate_bpb
+
+    folder = _tiny_hf_dir(tmp_path)
+    model = HFModel(transformers.AutoModelForCausalLM.from_pretrained(folder).eval(), 64)
+    tok = HFTokenizer(transformers.AutoTokenizer.from_pretrained(folder))
     assert model.max_seq_len == 64 and tok.get_bos_token_id() == 257
     tb = tok.token_bytes()
     assert tb[:256].tolist() == [1] * 256 and tb[256] == 2 and tb[257] == 0
