@@ -313,7 +313,8 @@ def open_run_folder(out_dir: Path, resume, ctx: RuntimeContext, what: str) -> tu
             raise ConfigError(f"{out_dir} already holds checkpoints of an earlier run (steps {existing[-3:]}): pass "
                               f"--resume latest to continue it, choose another --model-tag, or delete the folder")
     except BaseException:
-        if lock is not None:
+        if lock is not None:  # refused while holding the lock: a folder this call created goes again
+            rd.remove_if_unused(out_dir)
             lock.release()
         raise
     if ctx.is_master:

@@ -54,6 +54,7 @@ def test_phase_run_takes_the_folder_resolves_resume_and_cleans_up(base_dir, ctx)
     with pytest.raises(ConfigError, match="--resume latest: no complete checkpoint"):
         with phase_run("base", "fresh", "latest", ctx, "test"):
             pass
+    assert not rd.run_dir("base", "fresh").exists()
 
 
 def test_phase_run_of_a_fine_tuning_phase_names_its_source(base_dir, ctx):
