@@ -8,7 +8,10 @@ advantage = reward - the group's mean (no std normalisation, no KL, no PPO ratio
 with a group baseline, as the reference). Loss = -sum(logp * advantage) over the sampled tokens
 (forced tool outputs and the prompt are masked out), divided by the problem's number of sampled
 tokens and by the problems per rank: token-level normalisation, independent of how the samples
-were batched. LR = the source's LRs x 0.05, decaying linearly to 0.
+were batched. LR = the pretraining run's LRs x 0.05 (sizing.pretraining_lrs of the source checkpoint; the
+reference's SFT and RL both scale the base LRs), decaying linearly to 0 (sizing.rl_lr_multiplier). The
+update is the shared `train_step` over the step's chunks of replies (`PolicyGradientLoss`), so RL gets
+its one reduction of loss and stop flag, the non-finite check before the update and the test hooks.
 
 Everything a step depends on is a function of the step number (which problems, the sampling seeds)
 and of the weights and optimizer state, all of which a checkpoint holds: resume is exact (the

@@ -1,8 +1,10 @@
 """Supervised fine-tuning on conversations: the loop behind `scripts/chat_sft.py`.
 
 Starts from a base (or earlier SFT) checkpoint, inherits its architecture and learning rates, and
-trains on a task mix packed by nanochat/chat_data.py with the training machinery of base training
-(train_loop: train_step, LoopState, StopSignal, checkpoint save / exact resume, exit codes).
+trains on a task mix packed by nanochat/chat_data.py with the training machinery every phase shares
+(nanochat/training.py: the phase_run frame and run record, train_step, LoopState, StopSignal, checkpoint
+save / exact resume, exit codes). Sizing: sizing.FinetunePlan; schedules: sizing.sft_lr_multiplier and
+sizing.sft_muon_momentum.
 
 Reference schedule (REFERENCE section 11): every LR = the base run's LR x 0.8, no warmup, constant
 then a linear warmdown over the last half to 0, no weight decay, Muon momentum 0.85 -> 0.95 over
@@ -11,7 +13,7 @@ the schedule's progress is the packer's (all ranks take the furthest rank's), so
 the checkpointed loader state and a resumed run repeats the uninterrupted one step for step.
 
 Metrics (metrics.jsonl, one record per step): step, loss (EMA), raw_loss, lr (multiplier),
-progress (epochs), dt, tok_per_sec, target_tokens; val_loss (masked: nats per trained token) and
+progress (epochs), dt, tok_per_sec, tokens (cumulative token slots), target_tokens; val_loss (masked: nats per trained token) and
 chatcore on evaluation steps.
 """
 
@@ -121,6 +123,19 @@ def _chatcore(cfg: SFTConfig, model, tokenizer, ctx: RuntimeContext) -> dict:
     return {"chatcore": out["chatcore"], "chat_accuracy": {k: v["accuracy"] for k, v in out["tasks"].items()}}
 
 
+def _data(cfg: SFTConfig, tokenizer, T: int, ctx: RuntimeContext):
+    """(training task, validation task, packer(task, loop) -> this rank's ChatPackingLoader over it)."""
+    train_task, val_task = (build_mix(cfg.mix, split, cfg.task_data, seed=cfg.seed) for split in ("train", "val"))
+    train_task = train_task[:cfg.train_size] if cfg.train_size > 0 else train_task
+    val_task = val_task[:cfg.val_size] if cfg.val_size > 0 else val_task
+
+    def packer(task, loop: bool) -> ChatPackingLoader:
+        return ChatPackingLoader(tokenizer, task, cfg.device_batch_size, T, ctx.device, ctx.rank, ctx.world_size,
+                                 overflow=cfg.overflow, loop=loop)
+
+    return train_task, val_task, packer
+
+
 def _run(cfg: SFTConfig, run: PhaseRun) -> int:
     ctx, out_dir = run.ctx, run.out_dir
     say = (lambda *a: None) if cfg.quiet else ctx.print0
@@ -133,14 +148,7 @@ def _run(cfg: SFTConfig, run: PhaseRun) -> int:
     T = cfg.max_seq_len if cfg.max_seq_len > 0 else model.config.sequence_len
     if T > model.config.sequence_len:
         raise ConfigError(f"--max-seq-len {T} exceeds the model's context ({model.config.sequence_len})")
-    train_task, val_task = (build_mix(cfg.mix, split, cfg.task_data, seed=cfg.seed) for split in ("train", "val"))
-    train_task = train_task[:cfg.train_size] if cfg.train_size > 0 else train_task
-    val_task = val_task[:cfg.val_size] if cfg.val_size > 0 else val_task
-
-    def packer(task, loop: bool) -> ChatPackingLoader:
-        return ChatPackingLoader(tokenizer, task, cfg.device_batch_size, T, ctx.device, ctx.rank, ctx.world_size,
-                                 overflow=cfg.overflow, loop=loop)
-
+    train_task, val_task, packer = _data(cfg, tokenizer, T, ctx)
     loader = packer(train_task, True)
     src_run = rd.read_run_json(rd.run_dir(cfg.source, run.source_tag))  # older source checkpoints lack sizing
     plan = FinetunePlan(sizing.pretraining_lrs(src_meta, src_run), cfg.init_lr_frac, cfg.weight_decay,
