@@ -641,6 +641,8 @@ def test_disk_full_during_training_is_one_line_and_keeps_the_last_checkpoint(own
     d = run_dir(own_base, "full")
     assert out.returncode == 2
     assert f"No space left on device while writing {d / 'model_000002.pt'}, previous checkpoint step 1 kept" in line
+    # what can help when the disk holds one checkpoint only: the space a save needs, another base dir
+    assert f"({cm._gb(cm.checkpoint_bytes(d, 1))} each" in line and "set NANOCHAT_BASE_DIR to a disk with" in line
     assert cm.list_steps(d) == [1] and not list(d.glob("*.tmp*")) and not (d / "model_000002.pt").exists()
     monkeypatch.setattr(cm, "_open_for_write", real_open)
     again = train_here(own_base, *TINY, "--num-iterations", "3", "--save-every", "1", "--model-tag", "full",
