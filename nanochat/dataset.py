@@ -27,7 +27,6 @@ line is `python -m nanochat.dataset` (nanochat/data_prep.py's `main`; scripts/da
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
