@@ -24,12 +24,14 @@ MAX_PROBE_BATCH_SIZE = 64  # the first size tried on a GPU (each size costs a co
 MEMORY_HEADROOM = 0.92  # a size "fits" when its peak stays under this fraction of the GPU's memory
 
 
-def oom_message(device_batch_size: int, seq_len: int, fits: int | None = None, where: str = "training") -> str:
-    """One line for a CUDA OOM: where, the flag and size that failed, and what to do."""
+def oom_message(device_batch_size: int, seq_len: int, fits: int | None = None, where: str = "training",
+                remedy: str | None = None) -> str:
+    """One line for a CUDA OOM in any phase: where, the flag and size that failed, and what to do (`remedy`:
+    how the phase keeps its batch when the micro-batch shrinks; pretraining's by default)."""
     hint = (f"--device-batch-size {fits} fits (found by --device-batch-size auto)" if fits else
             "--device-batch-size auto finds the largest size that fits")
-    return (f"CUDA out of memory at {where} with --device-batch-size={device_batch_size} (x {seq_len} tokens): "
-            f"lower --device-batch-size ({hint}); gradient accumulation keeps --total-batch-size")
+    remedy = remedy or f"lower --device-batch-size ({hint}); gradient accumulation keeps --total-batch-size"
+    return f"CUDA out of memory at {where} with --device-batch-size={device_batch_size} (x {seq_len} tokens): {remedy}"
 
 
 def candidate_batch_sizes(total_batch_size: int, seq_len: int, world_size: int,

@@ -8,7 +8,10 @@ advantage = reward - the group's mean (no std normalisation, no KL, no PPO ratio
 with a group baseline, as the reference). Loss = -sum(logp * advantage) over the sampled tokens
 (forced tool outputs and the prompt are masked out), divided by the problem's number of sampled
 tokens and by the problems per rank: token-level normalisation, independent of how the samples
-were batched. LR = the source's LRs x 0.05, decaying linearly to 0.
+were batched. LR = the pretraining run's LRs x 0.05 (sizing.pretraining_lrs of the source checkpoint; the
+reference's SFT and RL both scale the base LRs), decaying linearly to 0 (sizing.rl_lr_multiplier). The
+update is the shared `train_step` over the step's chunks of replies (`PolicyGradientLoss`), so RL gets
+its one reduction of loss and stop flag, the non-finite check before the update and the test hooks.
 
 Everything a step depends on is a function of the step number (which problems, the sampling seeds)
 and of the weights and optimizer state, all of which a checkpoint holds: resume is exact (the
@@ -18,7 +21,6 @@ reference cannot resume RL). Metrics: step, reward (mean over the step's samples
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 
@@ -26,14 +28,16 @@ import torch
 
 from nanochat import checkpoint_manager as ckpt
 from nanochat import run_dir as rd
-from nanochat.chat_sft import base_learning_rates
+from nanochat import sizing
+from nanochat.autobatch import oom_message
 from nanochat.common import RuntimeContext
 from nanochat.config import ConfigError, RunConfig
 from nanochat.optim import build_optimizer
+from nanochat.sizing import FinetunePlan
 from nanochat.tasks import EVAL_TASKS, MIX_TASKS, TaskDataError
-from nanochat.training import (EXIT_NONFINITE, EXIT_OK, EXIT_OOM, LoopState, NonFiniteLoss, StopSignal,
-                               apply_schedule, restore_training_checkpoint, run_in_run_folder,
-                               save_training_checkpoint)
+from nanochat.training import (EXIT_NONFINITE, EXIT_OK, LoopState, NonFiniteLoss, PhaseRun, StopSignal, TestHooks,
+                               apply_schedule, due, exit_oom, restore_training_checkpoint, run_chat_phase,
+                               save_training_checkpoint, train_step)
 
 
 @dataclass
@@ -108,17 +112,28 @@ def sample_batch(engine, tokenizer, prompt: list[int], n: int, cfg: RLConfig, se
     return inputs, targets, replies
 
 
+class PolicyGradientLoss(torch.nn.Module):
+    """The policy-gradient loss as a module `train_step` calls like a model: forward(inputs, (targets,
+    advantages, norm)) = -sum(logp x advantage) over the sampled tokens / norm (the problem's sampled tokens x
+    problems per rank), x the micro-batches per step, which train_step divides by again."""
+
+    def __init__(self, model, micro_batches: int):
+        super().__init__()
+        self.model, self.micro_batches = model, micro_batches
+
+    def forward(self, inputs, target):
+        targets, advantages, norm = target
+        logp = -self.model(inputs, targets, loss_reduction="none")  # (n, L), 0 off the sampled tokens
+        return -(logp * advantages[:, None]).sum() / norm * self.micro_batches
+
+
 def run_rl(cfg: RLConfig, ctx: RuntimeContext | None = None, train_task=None, eval_task=None) -> int:
     """Train; returns an exit code. `train_task` / `eval_task` override cfg.task / cfg.eval_task (tests)."""
-    return run_in_run_folder(cfg, ctx, "rl", "chat_rl", lambda c, x: _run(c, x, train_task, eval_task),
-                             errors=(TaskDataError,))
+    return run_chat_phase(cfg, ctx, "rl", "chat_rl", lambda c, run: _run(c, run, train_task, eval_task),
+                          errors=(TaskDataError,))
 
 
-def _run(cfg: RLConfig, ctx: RuntimeContext, train_task, eval_task) -> int:
-    from nanochat.chat_eval import run_generative
-    from nanochat.engine import Engine
-
-    say = (lambda *a: None) if cfg.quiet else ctx.print0
+def _tasks(cfg: RLConfig, ctx: RuntimeContext, train_task, eval_task):
     cfg.validate()
     for name in ("examples_per_step", "num_samples", "device_batch_size", "max_new_tokens"):
         if getattr(cfg, name) < 1:
@@ -138,126 +153,107 @@ def _run(cfg: RLConfig, ctx: RuntimeContext, train_task, eval_task) -> int:
         eval_task = EVAL_TASKS[cfg.eval_task](cfg.task_data)
     if train_task.eval_type != "generative":
         raise ConfigError(f"{train_task!r} is a {train_task.eval_type} task: RL needs sampled replies with a reward")
+    return train_task, eval_task
 
-    src_tag = cfg.source_tag or ckpt.find_last_tag(rd.phase_dir(cfg.source))
-    model, tokenizer, src_meta = ckpt.load_model(cfg.source, ctx.device, src_tag, cfg.source_step,
+
+def _run(cfg: RLConfig, run: PhaseRun, train_task, eval_task) -> int:
+    from nanochat.chat_eval import run_generative
+    from nanochat.engine import Engine
+
+    ctx, out_dir = run.ctx, run.out_dir
+    say = (lambda *a: None) if cfg.quiet else ctx.print0
+    train_task, eval_task = _tasks(cfg, ctx, train_task, eval_task)
+    model, tokenizer, src_meta = ckpt.load_model(cfg.source, ctx.device, run.source_tag, cfg.source_step,
                                                  compute_dtype=ctx.dtype)
+    run.source["step"] = src_meta.get("step")
     model.train()
-    model_config = model.config.to_dict()
-    limit = model.config.sequence_len
-    out_dir = rd.run_dir("rl", cfg.model_tag or src_tag)  # taken by run_rl (lock, --resume auto, refusals)
-    resume = cfg.resume_from_step
-
-    # the base run's LRs x init_lr_frac (as the reference, whose SFT and RL both scale the same base LRs): an SFT
-    # run.json records them as base_lrs; a base run's own sizing holds them
-    src_run = rd.read_run_json(rd.run_dir(cfg.source, src_tag)) or {}
-    src_lrs = (src_run.get("sizing") or {}).get("base_lrs") or base_learning_rates(src_run or src_meta)
-    lrs = {k: v * cfg.init_lr_frac for k, v in src_lrs.items()}
-    extra = {"orth_dtype": ctx.orth_dtype}
-    optimizer = build_optimizer(model, weight_decay=cfg.weight_decay, **lrs, **extra)
-    cursor = ProblemCursor(len(train_task))
-    N = cfg.num_iterations if cfg.num_iterations > 0 else max(1, int(cfg.num_epochs * len(train_task)) //
-                                                                cfg.examples_per_step)
-    state = LoopState()
-    resume_step = None
-    if resume is not None:
-        if not ckpt.list_steps(out_dir):
-            raise ConfigError(f"--resume {resume}: no checkpoint in {out_dir} yet")
-        resume_step, state, _ = restore_training_checkpoint(out_dir, resume, ctx, model, optimizer, cursor,
-                                                            model_config)
-    if ctx.is_master:
-        rd.write_run_json(out_dir, {"config": cfg.to_dict(), "model_config": model_config,
-                                    "source": {"phase": cfg.source, "tag": src_tag, "step": src_meta.get("step")},
-                                    "sizing": {**lrs, "num_iterations": N, "world_size": ctx.world_size,
-                                               "problems": len(train_task)}, "resumed_from": resume_step})
-    metrics = rd.MetricsWriter(out_dir, resume_step if resume_step is not None else 0, ctx.is_master)
-    engine = Engine(model, tokenizer)
-    pad_id = tokenizer.get_bos_token_id()
+    model_config, limit = model.config.to_dict(), model.config.sequence_len
     per_rank = cfg.examples_per_step // ctx.world_size
-    say(f"RL from {cfg.source}/{src_tag}: {len(train_task):,} problems of {train_task.name}, {N} steps x "
+    chunks_per_problem = -(-cfg.num_samples // cfg.device_batch_size)
+    src_run = rd.read_run_json(rd.run_dir(cfg.source, run.source_tag))  # older source checkpoints lack sizing
+    plan = FinetunePlan(sizing.pretraining_lrs(src_meta, src_run), cfg.init_lr_frac, cfg.weight_decay,
+                        ctx.world_size, cfg.device_batch_size, limit, per_rank * chunks_per_problem,
+                        cfg.num_iterations if cfg.num_iterations > 0 else
+                        max(1, int(cfg.num_epochs * len(train_task)) // cfg.examples_per_step),
+                        cfg.num_epochs, len(train_task))
+    N = plan.num_iterations
+    optimizer = build_optimizer(model, weight_decay=plan.weight_decay, **plan.lrs, orth_dtype=ctx.orth_dtype)
+    cursor = ProblemCursor(len(train_task))
+    state, resume_step = LoopState(), None
+    if run.resume is not None:
+        resume_step, state, _ = restore_training_checkpoint(out_dir, run.resume, ctx, model, optimizer, cursor,
+                                                            model_config)
+    run.write_record(cfg.to_dict(), model_config, plan.to_dict(), resume_step)
+    metrics = run.metrics(resume_step)
+    engine, pad_id = Engine(model, tokenizer), tokenizer.get_bos_token_id()
+    policy_loss = PolicyGradientLoss(model, plan.grad_accum_steps)
+    say(f"RL from {cfg.source}/{run.source_tag}: {len(train_task):,} problems of {train_task.name}, {N} steps x "
         f"{cfg.examples_per_step} problems x {cfg.num_samples} samples, LRs x {cfg.init_lr_frac}")
 
-    def evaluate() -> dict:
-        res = run_generative(eval_task, model, tokenizer, ctx, num_samples=cfg.eval_num_samples,
-                             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
-                             max_problems=cfg.eval_examples, batch_size=cfg.device_batch_size, seed=cfg.seed)
-        model.train()
-        return {k: v for k, v in res.items() if k.startswith("pass@")}
+    def micro_batches(step: int, stats: torch.Tensor):
+        """Per problem of this rank: sample its replies, reward them, then yield its chunks (inputs, (targets,
+        advantages, norm)). Adds reward sum, samples, advantage sum and sampled tokens to `stats`."""
+        for index in cursor.problems(step, cfg.examples_per_step, ctx.rank, ctx.world_size):
+            conv = train_task[index]
+            prompt = tokenizer.render_for_completion(conv)[-(limit - 1):]
+            model.eval()
+            chunks = [sample_batch(engine, tokenizer, prompt, min(cfg.device_batch_size, cfg.num_samples - start),
+                                   cfg, cfg.seed + 1_000_003 * step + 1009 * index + b, pad_id, limit)
+                      for b, start in enumerate(range(0, cfg.num_samples, cfg.device_batch_size))]
+            model.train()
+            rewards = torch.tensor([train_task.reward(conv, r) for c in chunks for r in c[2]], dtype=torch.float32)
+            adv = group_advantages(rewards)
+            valid = sum(int((c[1] >= 0).sum()) for c in chunks)
+            stats += torch.tensor([float(rewards.sum()), len(rewards), float(adv.sum()), valid], dtype=torch.float64)
+            offset = 0
+            for inputs, targets, _ in chunks:
+                a = adv[offset:offset + len(inputs)]
+                offset += len(inputs)
+                yield inputs.to(ctx.device), (targets.to(ctx.device), a.to(ctx.device), max(valid, 1) * per_rank)
 
+    hooks = TestHooks.from_env()
     with StopSignal() as stop:
         while state.step < N:
-            t0 = time.time()
-            step = state.step
-            lrm = 1.0 - step / N
+            t0, step = time.time(), state.step
+            lrm = sizing.rl_lr_multiplier(step, N)
             apply_schedule(optimizer, lrm)
-            stats = torch.zeros(5, dtype=torch.float64)  # reward sum, samples, advantage sum, tokens, loss sum
+            stats = torch.zeros(4, dtype=torch.float64)  # reward sum, samples, advantage sum, sampled tokens
             try:
-                for j, index in enumerate(cursor.problems(step, cfg.examples_per_step, ctx.rank, ctx.world_size)):
-                    conv = train_task[index]
-                    prompt = tokenizer.render_for_completion(conv)[-(limit - 1):]
-                    model.eval()
-                    chunks = []
-                    for b, start in enumerate(range(0, cfg.num_samples, cfg.device_batch_size)):
-                        n = min(cfg.device_batch_size, cfg.num_samples - start)
-                        seed = cfg.seed + 1_000_003 * step + 1009 * index + b
-                        chunks.append(sample_batch(engine, tokenizer, prompt, n, cfg, seed, pad_id, limit))
-                    model.train()
-                    rewards = torch.tensor([train_task.reward(conv, r) for c in chunks for r in c[2]],
-                                           dtype=torch.float32)
-                    adv = group_advantages(rewards)
-                    valid = sum(int((c[1] >= 0).sum()) for c in chunks)
-                    stats += torch.tensor([float(rewards.sum()), len(rewards), float(adv.sum()), valid, 0.0],
-                                          dtype=torch.float64)
-                    offset = 0
-                    for inputs, targets, _ in chunks:
-                        a = adv[offset:offset + len(inputs)].to(ctx.device)
-                        offset += len(inputs)
-                        logp = -model(inputs.to(ctx.device), targets.to(ctx.device), loss_reduction="none")  # (n, L)
-                        objective = (logp * a[:, None]).sum() / (max(valid, 1) * per_rank)
-                        loss = -objective
-                        loss.backward()
-                        stats[4] += float(loss.detach())
-                totals = ctx.all_reduce_sum(torch.cat([stats, torch.tensor([float(stop.received is not None)],
-                                                                           dtype=torch.float64)]))
-                loss_value = float(totals[4]) / ctx.world_size
-                if not torch.isfinite(torch.tensor(loss_value)):
-                    raise NonFiniteLoss(f"loss is {loss_value} at step {step}")
-                optimizer.step()
-                model.zero_grad(set_to_none=True)
-                ctx.synchronize()
+                result = train_step(policy_loss, optimizer, micro_batches(step, stats), plan.grad_accum_steps, ctx,
+                                    stop, step=step, hooks=hooks)
             except torch.OutOfMemoryError:
-                print(f"[rank {ctx.rank}] CUDA out of memory at step {step}: lower --device-batch-size (samples per "
-                      f"forward; --num-samples is kept)", file=sys.stderr, flush=True)
-                return EXIT_OOM
+                return exit_oom(ctx, oom_message(cfg.device_batch_size, limit, where=f"step {step}", remedy=(
+                    "lower --device-batch-size (replies per forward; --num-samples is kept)")))
             except NonFiniteLoss as e:
                 say(f"stopping: {e}; no update was applied. Last checkpoint: {ckpt.list_steps(out_dir)[-1:]}")
                 return EXIT_NONFINITE
+            totals = ctx.all_reduce_sum(stats)
             dt = time.time() - t0
             state.step += 1
             cursor.step = state.step
             state.train_time += dt
-            state.update_loss(loss_value)
-            reward = float(totals[0] / totals[1])
+            state.update_loss(result.loss)
+            reward, last = float(totals[0] / totals[1]), state.step == N
             record = {"step": state.step, "reward": reward, "advantage_sum": float(totals[2]),
-                      "tokens_per_sample": float(totals[3] / totals[1]), "loss": loss_value, "lr": lrm, "dt": dt}
-            stopping = totals[5] > 0
-            last = state.step == N
-            if eval_task is not None and not stopping and cfg.eval_every != 0 and (
-                    last or (cfg.eval_every > 0 and state.step % cfg.eval_every == 0)):
-                record.update(evaluate())
+                      "tokens_per_sample": float(totals[3] / totals[1]), "loss": result.loss, "lr": lrm, "dt": dt}
+            if eval_task is not None and not result.stop_requested and due(cfg.eval_every, state.step, last):
+                res = run_generative(eval_task, model, tokenizer, ctx, num_samples=cfg.eval_num_samples,
+                                     max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k,
+                                     max_problems=cfg.eval_examples, batch_size=cfg.device_batch_size, seed=cfg.seed)
+                model.train()
+                record.update({k: v for k, v in res.items() if k.startswith("pass@")})
             metrics.write(record)
             say(f"step {state.step:05d}/{N} | reward {reward:.4f} | tokens/sample {record['tokens_per_sample']:.1f} | "
                 f"lrm {lrm:.3f} | dt {dt * 1000:.0f}ms"
                 + "".join(f" | {k} {v:.4f}" for k, v in record.items() if k.startswith("pass@")))
-            if stopping or last or (cfg.save_every > 0 and state.step % cfg.save_every == 0):
-                meta = {"model_config": model_config, "config": cfg.to_dict(), "phase": "rl", "reward": reward,
-                        "finished": last}
-                save_training_checkpoint(out_dir, state.step, model, optimizer, cursor, state, ctx, meta, cfg.keep_last)
+            if result.stop_requested or last or (cfg.save_every > 0 and state.step % cfg.save_every == 0):
+                save_training_checkpoint(out_dir, state.step, model, optimizer, cursor, state, ctx,
+                                         run.checkpoint_meta(reward=reward, finished=last), cfg.keep_last)
                 say(f"saved checkpoint step {state.step} to {out_dir}")
-            if stopping:
+            if result.stop_requested:
                 say(f"stopped by signal at step {state.step}; resume with --resume latest")
                 return EXIT_OK
     return EXIT_OK
 
 
-__all__ = ["ProblemCursor", "RLConfig", "group_advantages", "run_rl"]
+__all__ = ["PolicyGradientLoss", "ProblemCursor", "RLConfig", "group_advantages", "run_rl"]

@@ -1,8 +1,10 @@
 """Supervised fine-tuning on conversations: the loop behind `scripts/chat_sft.py`.
 
 Starts from a base (or earlier SFT) checkpoint, inherits its architecture and learning rates, and
-trains on a task mix packed by nanochat/chat_data.py with the training machinery of base training
-(train_loop: train_step, LoopState, StopSignal, checkpoint save / exact resume, exit codes).
+trains on a task mix packed by nanochat/chat_data.py with the training machinery every phase shares
+(nanochat/training.py: the phase_run frame and run record, train_step, LoopState, StopSignal, checkpoint
+save / exact resume, exit codes). Sizing: sizing.FinetunePlan; schedules: sizing.sft_lr_multiplier and
+sizing.sft_muon_momentum.
 
 Reference schedule (REFERENCE section 11): every LR = the base run's LR x 0.8, no warmup, constant
 then a linear warmdown over the last half to 0, no weight decay, Muon momentum 0.85 -> 0.95 over
@@ -11,14 +13,13 @@ the schedule's progress is the packer's (all ranks take the furthest rank's), so
 the checkpointed loader state and a resumed run repeats the uninterrupted one step for step.
 
 Metrics (metrics.jsonl, one record per step): step, loss (EMA), raw_loss, lr (multiplier),
-progress (epochs), dt, tok_per_sec, target_tokens; val_loss (masked: nats per trained token) and
+progress (epochs), dt, tok_per_sec, tokens (cumulative token slots), target_tokens; val_loss (masked: nats per trained token) and
 chatcore on evaluation steps.
 """
 
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from dataclasses import dataclass
 
@@ -27,17 +28,17 @@ import torch.distributed as dist
 
 from nanochat import checkpoint_manager as ckpt
 from nanochat import run_dir as rd
+from nanochat import sizing
+from nanochat.autobatch import oom_message
 from nanochat.chat_data import ChatPackingLoader
 from nanochat.common import RuntimeContext
 from nanochat.config import ConfigError, RunConfig
 from nanochat.optim import build_optimizer
+from nanochat.sizing import FinetunePlan
 from nanochat.tasks import TaskDataError, build_mix
-from nanochat.training import (EXIT_NONFINITE, EXIT_OK, EXIT_OOM, LoopState, NonFiniteLoss, StopSignal,
-                               TestHooks, apply_schedule, restore_training_checkpoint, run_in_run_folder,
+from nanochat.training import (EXIT_NONFINITE, EXIT_OK, LoopState, NonFiniteLoss, PhaseRun, StopSignal, TestHooks,
+                               apply_schedule, due, exit_oom, restore_training_checkpoint, run_chat_phase,
                                save_training_checkpoint, train_step)
-
-LR_KEYS = ("matrix_lr", "embedding_lr", "unembedding_lr", "scalar_lr")
-DEFAULT_LRS = {"matrix_lr": 0.02, "embedding_lr": 0.3, "unembedding_lr": 0.008, "scalar_lr": 0.5}
 
 
 @dataclass
@@ -71,25 +72,6 @@ class SFTConfig(RunConfig):
     quiet: bool = False
 
 
-def lr_multiplier(progress: float, warmdown_ratio: float, final_lr_frac: float) -> float:
-    """1 until 1 - warmdown_ratio of the horizon, then linear to final_lr_frac at the end."""
-    if warmdown_ratio <= 0 or progress < 1 - warmdown_ratio:
-        return 1.0
-    left = max(0.0, (1 - progress) / warmdown_ratio)
-    return left + (1 - left) * final_lr_frac
-
-
-def muon_momentum(step: int, warmup_steps: int = 300) -> float:
-    frac = min(step / warmup_steps, 1.0) if warmup_steps > 0 else 1.0
-    return (1 - frac) * 0.85 + frac * 0.95
-
-
-def base_learning_rates(meta: dict) -> dict:
-    """The LRs the source run trained with (its sizing record), the defaults where absent."""
-    sizing = meta.get("sizing") or {}
-    return {k: float(sizing.get(k, DEFAULT_LRS[k])) for k in LR_KEYS}
-
-
 @torch.no_grad()
 def masked_val_loss(model, loader, steps: int, ctx: RuntimeContext | None = None) -> float:
     """Mean loss over the trained (assistant) tokens of up to `steps` batches, summed across ranks."""
@@ -117,11 +99,10 @@ def _max_across_ranks(ctx: RuntimeContext, value: float) -> float:
 
 def run_sft(cfg: SFTConfig, ctx: RuntimeContext | None = None) -> int:
     """Train; returns an exit code (EXIT_OK, EXIT_CONFIG, EXIT_NONFINITE, EXIT_OOM)."""
-    return run_in_run_folder(cfg, ctx, "sft", "chat_sft", _run, errors=(TaskDataError,))
+    return run_chat_phase(cfg, ctx, "sft", "chat_sft", _run, errors=(TaskDataError,))
 
 
-def _run(cfg: SFTConfig, ctx: RuntimeContext) -> int:
-    say = (lambda *a: None) if cfg.quiet else ctx.print0
+def _check(cfg: SFTConfig) -> None:
     cfg.validate()
     for name in ("device_batch_size", "grad_accum"):
         if getattr(cfg, name) < 1:
@@ -131,109 +112,91 @@ def _run(cfg: SFTConfig, ctx: RuntimeContext) -> int:
     if cfg.source not in ("base", "sft"):
         raise ConfigError(f"--source must be base or sft, got {cfg.source!r}")
 
-    # --- the starting model -------------------------------------------------------------------
-    src_tag = cfg.source_tag or ckpt.find_last_tag(rd.phase_dir(cfg.source))
-    model, tokenizer, src_meta = ckpt.load_model(cfg.source, ctx.device, src_tag, cfg.source_step,
+
+def _chatcore(cfg: SFTConfig, model, tokenizer, ctx: RuntimeContext) -> dict:
+    from nanochat.chat_eval import run_chat_eval
+
+    names = [t.strip() for t in cfg.chatcore_tasks.split(",") if t.strip()] or None
+    out = run_chat_eval(model, tokenizer, ctx, tasks=names, task_data=cfg.task_data,
+                        max_problems=cfg.chatcore_max_problems, quiet=True)
+    model.train()
+    return {"chatcore": out["chatcore"], "chat_accuracy": {k: v["accuracy"] for k, v in out["tasks"].items()}}
+
+
+def _data(cfg: SFTConfig, tokenizer, T: int, ctx: RuntimeContext):
+    """(training task, validation task, packer(task, loop) -> this rank's ChatPackingLoader over it)."""
+    train_task, val_task = (build_mix(cfg.mix, split, cfg.task_data, seed=cfg.seed) for split in ("train", "val"))
+    train_task = train_task[:cfg.train_size] if cfg.train_size > 0 else train_task
+    val_task = val_task[:cfg.val_size] if cfg.val_size > 0 else val_task
+
+    def packer(task, loop: bool) -> ChatPackingLoader:
+        return ChatPackingLoader(tokenizer, task, cfg.device_batch_size, T, ctx.device, ctx.rank, ctx.world_size,
+                                 overflow=cfg.overflow, loop=loop)
+
+    return train_task, val_task, packer
+
+
+def _run(cfg: SFTConfig, run: PhaseRun) -> int:
+    ctx, out_dir = run.ctx, run.out_dir
+    say = (lambda *a: None) if cfg.quiet else ctx.print0
+    _check(cfg)
+    model, tokenizer, src_meta = ckpt.load_model(cfg.source, ctx.device, run.source_tag, cfg.source_step,
                                                  compute_dtype=ctx.dtype)
+    run.source["step"] = src_meta.get("step")
     model.train()
     model_config = model.config.to_dict()
     T = cfg.max_seq_len if cfg.max_seq_len > 0 else model.config.sequence_len
     if T > model.config.sequence_len:
         raise ConfigError(f"--max-seq-len {T} exceeds the model's context ({model.config.sequence_len})")
-    out_dir = rd.run_dir("sft", cfg.model_tag or src_tag)  # taken by run_sft (lock, --resume auto, refusals)
-
-    # --- data ---------------------------------------------------------------------------------------
-    train_task = build_mix(cfg.mix, "train", cfg.task_data, seed=cfg.seed)
-    val_task = build_mix(cfg.mix, "val", cfg.task_data, seed=cfg.seed)
-    if cfg.train_size > 0:
-        train_task = train_task[:cfg.train_size]
-    if cfg.val_size > 0:
-        val_task = val_task[:cfg.val_size]
-    loader = ChatPackingLoader(tokenizer, train_task, cfg.device_batch_size, T, ctx.device, ctx.rank,
-                               ctx.world_size, overflow=cfg.overflow, loop=True)
-
-    def val_loader():
-        return ChatPackingLoader(tokenizer, val_task, cfg.device_batch_size, T, ctx.device, ctx.rank, ctx.world_size,
-                                 overflow=cfg.overflow, loop=False)
-
-    # --- optimizer: the source's LRs x init_lr_frac, no weight decay ----------------------------
-    lrs = {k: v * cfg.init_lr_frac for k, v in base_learning_rates(src_meta).items()}
-    extra = {"orth_dtype": ctx.orth_dtype}
-    optimizer = build_optimizer(model, weight_decay=cfg.weight_decay, **lrs, **extra)
-    for group in optimizer.param_groups:
-        group["initial_weight_decay"] = group.get("weight_decay", 0.0)
-
-    state = LoopState()
-    evals: dict = {}  # val_loss_start, val_loss: travel in the checkpoint meta
-    resume_step = None
-    if cfg.resume_from_step is not None:
-        if not ckpt.list_steps(out_dir):
-            raise ConfigError(f"--resume {cfg.resume_from_step}: no checkpoint in {out_dir} yet")
-        resume_step, state, resumed_meta = restore_training_checkpoint(out_dir, cfg.resume_from_step, ctx, model,
-                                                                       optimizer, loader, model_config)
+    train_task, val_task, packer = _data(cfg, tokenizer, T, ctx)
+    loader = packer(train_task, True)
+    src_run = rd.read_run_json(rd.run_dir(cfg.source, run.source_tag))  # older source checkpoints lack sizing
+    plan = FinetunePlan(sizing.pretraining_lrs(src_meta, src_run), cfg.init_lr_frac, cfg.weight_decay,
+                        ctx.world_size, cfg.device_batch_size, T, cfg.grad_accum,
+                        cfg.num_iterations if cfg.num_iterations > 0 else None, cfg.num_epochs, len(train_task),
+                        len(val_task))
+    optimizer = build_optimizer(model, weight_decay=plan.weight_decay, **plan.lrs, orth_dtype=ctx.orth_dtype)
+    state, evals, resume_step = LoopState(), {}, None  # evals: val_loss_start, val_loss, chatcore (in the metas)
+    if run.resume is not None:
+        resume_step, state, resumed_meta = restore_training_checkpoint(out_dir, run.resume, ctx, model, optimizer,
+                                                                       loader, model_config)
         evals = dict(resumed_meta.get("sft_evals") or {})
-        say(f"resumed from step {resume_step} ({out_dir})")
-    run_info = {"config": cfg.to_dict(), "model_config": model_config,
-                "source": {"phase": cfg.source, "tag": src_tag, "step": src_meta.get("step")},
-                "sizing": {**lrs, "base_lrs": base_learning_rates(src_meta), "device_batch_size": cfg.device_batch_size,
-                           "max_seq_len": T, "grad_accum_steps": cfg.grad_accum, "world_size": ctx.world_size,
-                           "conversations": len(train_task), "val_conversations": len(val_task),
-                           "tokens_per_step": cfg.device_batch_size * T * cfg.grad_accum * ctx.world_size},
-                "resumed_from": resume_step}
-    if ctx.is_master:
-        rd.write_run_json(out_dir, run_info)
-    metrics = rd.MetricsWriter(out_dir, resume_step if resume_step is not None else 0, ctx.is_master)
-    say(f"SFT from {cfg.source}/{src_tag} step {src_meta.get('step')}: mix {cfg.mix} ({len(train_task):,} "
-        f"conversations), rows {cfg.device_batch_size} x {T}, accumulation {cfg.grad_accum}, "
-        f"{ctx.world_size} rank(s), LRs {', '.join(f'{k} {v:.3g}' for k, v in lrs.items())}")
-
-    fixed = cfg.num_iterations > 0
+    run.write_record(cfg.to_dict(), model_config, plan.to_dict(), resume_step)
+    metrics = run.metrics(resume_step)
+    say(f"SFT from {cfg.source}/{run.source_tag} step {run.source['step']}: mix {cfg.mix} ({len(train_task):,} "
+        f"conversations), rows {cfg.device_batch_size} x {T}, accumulation {cfg.grad_accum}, {ctx.world_size} "
+        f"rank(s), LRs {', '.join(f'{k} {v:.3g}' for k, v in plan.lrs.items())}")
 
     def progress() -> float:  # fraction of the horizon done, identical on every rank
-        if fixed:
-            return state.step / cfg.num_iterations
+        if plan.num_iterations:
+            return state.step / plan.num_iterations
         return _max_across_ranks(ctx, loader.progress()) / cfg.num_epochs
 
-    def due(every: int, last: bool) -> bool:
-        return every != 0 and (last or (every > 0 and state.step % every == 0))
-
     def save(reason: str) -> None:
-        meta = {"model_config": model_config, "config": cfg.to_dict(), "phase": "sft",
-                "source": run_info["source"], "val_loss": evals.get("val_loss"), "sft_evals": evals,
-                "finished": reason == "final"}
+        meta = run.checkpoint_meta(val_loss=evals.get("val_loss"), sft_evals=evals, finished=reason == "final")
         pruned = save_training_checkpoint(out_dir, state.step, model, optimizer, loader, state, ctx, meta,
                                           keep_last=cfg.keep_last)
         say(f"saved checkpoint step {state.step} ({reason}) to {out_dir}" + (f"; removed {pruned}" if pruned else ""))
 
-    def batches():
-        while True:
-            yield next(loader)
-
-    hooks = TestHooks.from_env()  # NANOCHAT_TEST_NAN_STEP / NANOCHAT_TEST_HANG_STEP, as in base training
-    p = progress()
+    hooks, p = TestHooks.from_env(), progress()  # NANOCHAT_TEST_NAN_STEP / _HANG_STEP, as in base training
     with StopSignal() as stop, contextlib.closing(loader):
         if state.step == 0 and cfg.eval_every != 0:
-            evals["val_loss_start"] = masked_val_loss(model, val_loader(), cfg.eval_steps, ctx)
+            evals["val_loss_start"] = masked_val_loss(model, packer(val_task, False), cfg.eval_steps, ctx)
             say(f"step 0 | val loss {evals['val_loss_start']:.4f} (masked, before SFT)")
         while p < 1.0:
-            t0 = time.time()
-            lrm = lr_multiplier(p, cfg.warmdown_ratio, cfg.final_lr_frac)
-            apply_schedule(optimizer, lrm, 1.0, muon_momentum(state.step, cfg.momentum_warmup_steps))
-            targets_before = loader.counts["target_tokens"]
+            t0, targets_before = time.time(), loader.counts["target_tokens"]
+            lrm = sizing.sft_lr_multiplier(p, cfg.warmdown_ratio, cfg.final_lr_frac)
+            apply_schedule(optimizer, lrm, 1.0, sizing.sft_muon_momentum(state.step, cfg.momentum_warmup_steps))
             try:
-                result = train_step(model, optimizer, batches(), cfg.grad_accum, ctx, stop, step=state.step,
-                                    hooks=hooks)
+                result = train_step(model, optimizer, loader, cfg.grad_accum, ctx, stop, step=state.step, hooks=hooks)
             except torch.OutOfMemoryError:
-                print(f"[rank {ctx.rank}] CUDA out of memory at step {state.step} with --device-batch-size="
-                      f"{cfg.device_batch_size} (x {T} tokens): lower --device-batch-size and raise --grad-accum",
-                      file=sys.stderr, flush=True)
-                return EXIT_OOM
+                return exit_oom(ctx, oom_message(cfg.device_batch_size, T, where=f"step {state.step}",
+                                                 remedy="lower --device-batch-size and raise --grad-accum as much"))
             except NonFiniteLoss as e:
                 last = ckpt.list_steps(out_dir)
-                say(f"stopping: {e} at step {state.step}; no update was applied. Last good checkpoint: "
+                say(f"stopping: {e}; no update was applied. Last good checkpoint: "
                     f"{f'step {last[-1]} in {out_dir}' if last else 'none'}. Try a lower --init-lr-frac")
                 return EXIT_NONFINITE
-            ctx.synchronize()
             dt = time.time() - t0
             state.step += 1
             state.train_time += dt
@@ -241,21 +204,16 @@ def _run(cfg: SFTConfig, ctx: RuntimeContext) -> int:
             p = progress()
             last = p >= 1.0
             record = {"step": state.step, "loss": state.smooth_loss, "raw_loss": result.loss, "lr": lrm,
-                      "progress": p * (cfg.num_epochs if not fixed else 1.0), "dt": dt,
-                      "tok_per_sec": cfg.device_batch_size * T * cfg.grad_accum * ctx.world_size / dt,
+                      "progress": p * (1.0 if plan.num_iterations else cfg.num_epochs), "dt": dt,
+                      "tok_per_sec": plan.tokens_per_step / dt, "tokens": state.step * plan.tokens_per_step,
                       "target_tokens": loader.counts["target_tokens"] - targets_before}
             stopping = result.stop_requested or stop.received is not None
-            if not stopping and due(cfg.eval_every, last):
-                record["val_loss"] = evals["val_loss"] = masked_val_loss(model, val_loader(), cfg.eval_steps, ctx)
-            if not stopping and due(cfg.chatcore_every, last):
-                from nanochat.chat_eval import run_chat_eval
-
-                names = [t.strip() for t in cfg.chatcore_tasks.split(",") if t.strip()] or None
-                out = run_chat_eval(model, tokenizer, ctx, tasks=names, task_data=cfg.task_data,
-                                    max_problems=cfg.chatcore_max_problems, quiet=True)
-                record["chatcore"] = evals["chatcore"] = out["chatcore"]
-                record["chat_accuracy"] = {k: v["accuracy"] for k, v in out["tasks"].items()}
-                model.train()
+            if not stopping and due(cfg.eval_every, state.step, last):
+                record["val_loss"] = evals["val_loss"] = masked_val_loss(model, packer(val_task, False),
+                                                                         cfg.eval_steps, ctx)
+            if not stopping and due(cfg.chatcore_every, state.step, last):
+                record.update(_chatcore(cfg, model, tokenizer, ctx))
+                evals["chatcore"] = record["chatcore"]
             metrics.write(record)
             say(f"step {state.step:05d} | loss {state.smooth_loss:.4f} (raw {result.loss:.4f}) | lrm {lrm:.3f} | "
                 f"epoch {record['progress']:.3f} | dt {dt * 1000:.0f}ms"

@@ -22,7 +22,8 @@ from nanochat import cpu_threads
 
 # the artifact directory and rank-aware printing live in the torch-free nanochat.env (readers of text
 # and the tokenizer scripts use them without importing torch); re-exported here
-from nanochat.env import env_rank, get_base_dir, get_logger, print0  # noqa: E402,F401 (re-exported)
+from nanochat.env import (NotWritable, atomic_write_text, env_rank, get_base_dir, get_logger, print0,  # noqa: E402,F401 (re-exported)
+                          require_writable)
 
 # ---------------------------------------------------------------------------------------------
 # device and dtype policy
@@ -181,9 +182,7 @@ def probe_cpu_dtype(shapes=None, *, refresh: bool = False, budget_s: float = 0.3
     cache[key] = {"dtype": str(dtype).replace("torch.", ""), "gflops": gflops,
                   "measured_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     try:  # atomic: concurrent runs on one machine may both write
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(cache, indent=1) + "\n")
     except OSError:
         pass  # a read-only base dir only costs a re-measure next time
     return DtypeProbe(dtype=dtype, gflops=gflops, shapes=shapes, key=key, cached=False, seconds=seconds)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
 
-from nanochat.sizing import COMPUTE_OPTIMAL_RATIO
+from nanochat.sizing import BASE_LRS, COMPUTE_OPTIMAL_RATIO
 
 # `--eval-tokens -1` on CUDA: the reference's 10 x 2^19 validation tokens
 GPU_EVAL_TOKENS = 10 * 2 ** 19
@@ -80,10 +80,10 @@ class TrainConfig(RunConfig):
     target_flops: float = -1.0  # -1: off
     num_iterations: int = -1  # -1: from FLOPs or the ratio
     # optimizer
-    matrix_lr: float = 0.02
-    embedding_lr: float = 0.3
-    unembedding_lr: float = 0.008
-    scalar_lr: float = 0.5
+    matrix_lr: float = BASE_LRS["matrix_lr"]  # all four at the anchor batch and width (sizing.learning_rates)
+    embedding_lr: float = BASE_LRS["embedding_lr"]
+    unembedding_lr: float = BASE_LRS["unembedding_lr"]
+    scalar_lr: float = BASE_LRS["scalar_lr"]
     weight_decay: float = -1.0  # -1: from batch and horizon
     warmup_steps: int = 40
     warmdown_ratio: float = 0.65

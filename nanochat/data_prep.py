@@ -20,6 +20,7 @@ Sources:
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures as cf
 import json
 import os
@@ -35,8 +36,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from nanochat.dataset import (EMBEDDED_PACKAGE, EMBEDDED_VERSION, MANIFEST, PREPARED_VAL_NAME, ROWS_PER_GROUP,
-                              SOURCES, DataError, file_kind, get_data_dir, list_text_files, read_documents,
-                              read_manifest, write_manifest)
+                              SOURCES, DataError, describe, file_kind, get_data_dir, list_text_files,
+                              read_documents, read_manifest, write_manifest)
+from nanochat.env import NotWritable, require_writable
 
 # ---------------------------------------------------------------------------------------------
 # writing shards (`prepare`)
@@ -300,3 +302,53 @@ def download(num_shards: int, source: str = "climbmix", data_dir: str | Path | N
 
 # ---------------------------------------------------------------------------------------------
 # command line
+
+
+# ---------------------------------------------------------------------------------------------
+# the command line (`python -m nanochat.dataset ...`, `python scripts/dataset.py ...`)
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = ("download", "prepare", "embedded", "info")
+    command = argv.pop(0) if argv and argv[0] in commands else "download"
+    p = argparse.ArgumentParser(
+        prog=f"python -m nanochat.dataset {command}", description="Download or prepare pretraining data",
+        epilog="commands: [download] -n N [--source climbmix|fineweb-edu] | prepare --input PATH "
+               "[--val-fraction F] | embedded | info  (each takes --data-dir; see --help after the command)")
+    p.add_argument("--data-dir", default=None, help="data folder (default <base>/base_data)")
+    if command == "download":
+        p.add_argument("-n", "--num-shards", type=int, required=True, help="number of train shards")
+        p.add_argument("--source", default="climbmix", choices=sorted(SOURCES))
+        p.add_argument("--workers", type=int, default=4)
+        p.add_argument("--retries", type=int, default=5)
+    if command in ("prepare", "embedded"):
+        p.add_argument("--val-fraction", type=float, default=0.05)
+        p.add_argument("--seed", type=int, default=42)
+        p.add_argument("--force", action="store_true", help="replace existing shards in the data folder")
+    if command == "prepare":
+        p.add_argument("--input", required=True, help="txt/jsonl/parquet file or folder, or a `datasets` name")
+        p.add_argument("--text-field", default="text")
+        p.add_argument("--encoding-errors", default="strict", choices=["strict", "replace", "ignore"])
+        p.add_argument("--rows-per-group", type=int, default=ROWS_PER_GROUP)
+        p.add_argument("--docs-per-shard", type=int, default=100_000)
+        p.add_argument("--hf-config", default=None, help="`datasets` config name")
+        p.add_argument("--hf-split", default="train", help="`datasets` split")
+    args = p.parse_args(argv)
+    try:
+        data_dir = Path(args.data_dir) if args.data_dir else get_data_dir()
+        if command != "info":
+            require_writable(data_dir, "the data folder")
+        if command == "download":
+            download(args.num_shards, args.source, data_dir, args.workers, args.retries)
+        elif command == "prepare":
+            prepare(args.input, data_dir, args.val_fraction, args.seed, args.rows_per_group, args.docs_per_shard,
+                    args.text_field, args.encoding_errors, args.force, hf_config=args.hf_config,
+                    hf_split=args.hf_split)
+        elif command == "embedded":
+            prepare_embedded(data_dir, args.val_fraction, args.seed, args.force)
+        print(describe(data_dir))
+    except (DataError, NotWritable) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+

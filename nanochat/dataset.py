@@ -21,14 +21,12 @@ the same document. A `.txt` file is cut into documents at lines `<|endoftext|>` 
 otherwise at blank lines, merging consecutive paragraphs up to ~4,000 characters per document.
 
 Preparing data (hub downloads, local files, the embedded corpus) is nanochat/data_prep.py; the command
-line is `python -m nanochat.dataset` (an alias of scripts/dataset.py).
+line is `python -m nanochat.dataset` (nanochat/data_prep.py's `main`; scripts/dataset.py is the same).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -36,7 +34,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from nanochat.env import get_base_dir
+from nanochat.env import atomic_write_text, get_base_dir
 
 MANIFEST = "manifest.json"
 PREPARED_VAL_NAME = "val_shard.parquet"
@@ -98,13 +96,7 @@ def read_manifest(data_dir: Path) -> dict | None:
 
 def write_manifest(data_dir: Path, source: str, train: list[str], val: list[str], **extra) -> None:
     manifest = {"format": 1, "source": source, "train": train, "val": val, **extra}
-    _atomic_write_text(data_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    atomic_write_text(data_dir / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
 def list_shards(split: str, data_dir: str | Path | None = None) -> list[Path]:
@@ -352,10 +344,7 @@ def describe(data_dir: Path) -> str:
     return "\n".join(lines)
 
 
-if __name__ == "__main__":  # `python -m nanochat.dataset ...`: the documented command line, kept as an alias
-    import sys
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from scripts.dataset import main
+if __name__ == "__main__":  # `python -m nanochat.dataset ...`: the documented command line
+    from nanochat.data_prep import main
 
     main()

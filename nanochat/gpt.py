@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from nanochat.attention import Attention, auto_backend, resolve_attention, sdpa_attend
+from nanochat.attention import Attention, resolve_attention, sdpa_attend
 from nanochat.lm_loss import linear_softcap_cross_entropy
 from nanochat.model_config import VE_GATE_CHANNELS, GPTConfig
 from nanochat.sizing import flops_per_token
@@ -61,20 +61,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 # ---------------------------------------------------------------------------------------------
 # attention kernels live in nanochat/attention.py, resolved once per model (GPT.set_attention)
-
-
-def attend(q, k, v, window: int, q_offset: int = 0) -> torch.Tensor:
-    """Causal (optionally sliding-window) attention through SDPA, the reference every backend is
-    tested against. q: (B, T, H, D) at positions q_offset.., k, v: (B, S, K, D). Returns (B, T, H, D)."""
-    return sdpa_attend(q, k, v, window, q_offset)
-
-
-def attention_backend(q: torch.Tensor) -> str:
-    """The backend `--attention auto` picks for a windowed model computing on q's device and dtype."""
-    return auto_backend(q.device.type, q.dtype, windowed=True)
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 class CausalSelfAttention(nn.Module):

@@ -341,11 +341,15 @@ def _fmt(x, spec=",") -> str:
 
 
 def run_records(run_folder: Path | None, meta: dict) -> dict:
-    """What the model card reports, from the run folder's run.json, metrics.jsonl, eval results and meta."""
-    from nanochat.run_dir import read_metrics, read_run_json
+    """What the model card reports, from the run folder's run.json (run_dir's record, the same in every
+    phase), metrics.jsonl, eval results and the checkpoint meta. A fine-tuned model (SFT, RL) also gets the
+    records of the pretraining run it descends from (`pretraining`), found through run.json's `source`."""
+    from nanochat.checkpoint_manager import CheckpointError, load_meta
+    from nanochat.run_dir import read_metrics, read_run_json, run_dir
 
     rec = {"step": meta.get("step"), "val_bpb": meta.get("val_bpb"), "core": None, "chatcore": None,
-           "tokens": None, "flops": None, "run": None}
+           "tokens": None, "flops": None, "val_loss": meta.get("val_loss"), "reward": meta.get("reward"),
+           "run": None, "phase": meta.get("phase"), "pretraining": None}
     if run_folder is None or not Path(run_folder).is_dir():
         return rec
     run_folder = Path(run_folder)
@@ -353,14 +357,15 @@ def run_records(run_folder: Path | None, meta: dict) -> dict:
         rec["run"] = read_run_json(run_folder)
     except ValueError:
         rec["run"] = None
+    run = rec["run"] or {}
+    rec["phase"] = run.get("phase") or rec["phase"]
     step = meta.get("step")
     for r in read_metrics(run_folder):
         if step is not None and r.get("step", 0) > step:
             continue
-        for key in ("tokens", "flops"):
-            if r.get(key) is not None:
-                rec[key] = r[key]
-        for key, name in (("val_bpb", "val_bpb"), ("core", "core"), ("chatcore", "chatcore"), ("chat_core", "chatcore")):
+        for key, name in (("tokens", "tokens"), ("flops", "flops"), ("val_bpb", "val_bpb"), ("core", "core"),
+                          ("chatcore", "chatcore"), ("chat_core", "chatcore"), ("val_loss", "val_loss"),
+                          ("reward", "reward")):
             if r.get(key) is not None:
                 rec[name] = r[key]
     for path in sorted(run_folder.glob("*eval*.json")):  # base_eval / chat_eval result files
@@ -375,9 +380,44 @@ def run_records(run_folder: Path | None, meta: dict) -> dict:
         for key, name in (("core", "core"), ("chatcore", "chatcore"), ("ChatCORE", "chatcore")):
             if isinstance(data.get(key), (int, float)):
                 rec[name] = data[key]
-    if rec["tokens"] is None and rec["run"]:
-        rec["tokens"] = (rec["run"].get("sizing") or {}).get("total_tokens")
+    if rec["tokens"] is None and rec["phase"] in (None, "base"):
+        rec["tokens"] = (run.get("sizing") or {}).get("total_tokens")
+    source = run.get("source") or meta.get("source")
+    if isinstance(source, dict) and source.get("phase") and source.get("tag"):
+        try:
+            folder = run_dir(source["phase"], source["tag"], run_folder.parent.parent)
+            src_meta = load_meta(folder, source["step"]) if source.get("step") is not None else {}
+        except (CheckpointError, ValueError):
+            folder, src_meta = None, {}
+        rec["source"] = source
+        if folder is not None:
+            rec["pretraining"] = run_records(folder, src_meta)
     return rec
+
+
+def _training_lines(records: dict) -> list[str]:
+    """The card's figures: pretraining's (tokens, FLOPs, val bpb, CORE), then a fine-tuning phase's own."""
+    phase = records.get("phase") or "base"
+    if phase in ("base", "mid"):
+        return [f"- training tokens: {_fmt(records.get('tokens'))}",
+                f"- training FLOPs: {_fmt(records.get('flops'), '.3e')}",
+                f"- validation bits per byte: {_fmt(records.get('val_bpb'), '.4f')}",
+                f"- CORE: {_fmt(records.get('core'), '.4f')}",
+                f"- ChatCORE: {_fmt(records.get('chatcore'), '.4f')}"]
+    lines = []
+    pre = records.get("pretraining")
+    src = records.get("source") or {}
+    if pre is not None:
+        lines += [f"Started from the {src.get('phase')} run `{src.get('tag')}`, step {_fmt(src.get('step'))}:", "",
+                  *_training_lines(pre), ""]
+    lines += [f"{'Fine-tuning (SFT)' if phase == 'sft' else 'Reinforcement learning (RL)'}, {_fmt(records.get('step'))} "
+              f"steps:", "", f"- tokens (slots per step x steps): {_fmt(records.get('tokens'))}"]
+    if phase == "sft":
+        lines.append(f"- validation loss (nats per trained token): {_fmt(records.get('val_loss'), '.4f')}")
+    else:
+        lines.append(f"- mean reward of the last step: {_fmt(records.get('reward'), '.4f')}")
+    lines.append(f"- ChatCORE: {_fmt(records.get('chatcore'), '.4f')}")
+    return lines
 
 
 def model_card(config: GPTConfig, num_params: dict, fmt: str, source: str, records: dict, dtype: str,
@@ -417,11 +457,7 @@ def model_card(config: GPTConfig, num_params: dict, fmt: str, source: str, recor
         f"- total: {num_params['total']:,}", f"- scaling (block matrices + head): {num_params['scaling']:,}",
         f"- embeddings (token + value): {num_params['embedding']:,}", f"- scalars: {num_params['scalar']:,}", "",
         "## Training and evaluation (from the run's records)", "",
-        f"- training tokens: {_fmt(records.get('tokens'))}",
-        f"- training FLOPs: {_fmt(records.get('flops'), '.3e')}",
-        f"- validation bits per byte: {_fmt(records.get('val_bpb'), '.4f')}",
-        f"- CORE: {_fmt(records.get('core'), '.4f')}",
-        f"- ChatCORE: {_fmt(records.get('chatcore'), '.4f')}", "",
+        *_training_lines(records), "",
         "## Tokenizer", "",
         "Byte-level BPE (GPT-4-style split, digits in groups of 1-2) with 9 special tokens: "
         + ", ".join(f"`{s}`" for s in SPECIAL_TOKENS) + ". `tokenizer(text)` prepends `<|bos|>`; the chat "

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
+from nanochat.sizing import BASE_LRS
+
 # Keller Jordan's Newton-Schulz quintic, tuned for a steep slope at 0 rather than exact convergence.
 QUINTIC_COEFFS = (3.4445, -4.7750, 2.0315)
 # Polar Express: a different (a, b, c) per iteration, optimal for the worst case over [eps, 1].
@@ -811,9 +813,9 @@ def _all_gather(full: torch.Tensor, shard: torch.Tensor):
 # ---------------------------------------------------------------------------------------------
 
 
-def build_optimizer(model, *, matrix_lr: float = 0.02, embedding_lr: float = 0.3, unembedding_lr: float = 0.008,
-                    scalar_lr: float = 0.5, weight_decay: float = 0.0, adam_betas=(0.8, 0.95),
-                    **muon_kwargs) -> MuonAdamW:
+def build_optimizer(model, *, matrix_lr: float = BASE_LRS["matrix_lr"], embedding_lr: float = BASE_LRS["embedding_lr"],
+                    unembedding_lr: float = BASE_LRS["unembedding_lr"], scalar_lr: float = BASE_LRS["scalar_lr"],
+                    weight_decay: float = 0.0, adam_betas=(0.8, 0.95), **muon_kwargs) -> MuonAdamW:
     """The standard optimizer for a model with `param_groups()` -> {"matrix", "embedding", "lm_head", "scalar"}.
 
     Weight decay applies to the Muon (matrix) group only; `muon_kwargs` go to `MuonAdamW`

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from nanochat.env import atomic_write_text
 from nanochat.sizing import count_params, flops_per_token, model_config
 
 SECTION_ORDER = ["environment", "tokenizer", "sizing", "training", "evaluation", "samples", "chat", "timing"]
@@ -46,15 +47,11 @@ class Report:
         self._write()
 
     def _write(self) -> None:
-        tmp = self.state_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.state, indent=2))
-        os.replace(tmp, self.state_path)
+        atomic_write_text(self.state_path, json.dumps(self.state, indent=2))
         names = [n for n in SECTION_ORDER if n in self.state["sections"]]
         names += sorted(n for n in self.state["sections"] if n not in SECTION_ORDER)
         body = [f"# {self.title}\n"] + [self.state["sections"][n] for n in names]
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("\n".join(body))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "\n".join(body))
 
 
 # ---------------------------------------------------------------------------------------------

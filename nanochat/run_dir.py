@@ -3,7 +3,9 @@
 One module owns the layout so that training (every phase), the speedrun, the report card, the doctor
 and the sweep all find the same files:
 
-    run.json        written once at the start of a run: flags, model config, the run plan, environment
+    run.json        written at the start of a run, the same record in every phase (`write_run_record`):
+                    phase, args (the flags), model_config, sizing (the run plan), env, source
+                    (the checkpoint a fine-tuning phase starts from)
     metrics.jsonl   one JSON object per optimizer step (see MetricsWriter)
     model_/meta_/optim_<step>...   checkpoints (nanochat/checkpoint_manager.py)
 
@@ -22,6 +24,7 @@ import sys
 from pathlib import Path
 
 from nanochat.common import get_base_dir
+from nanochat.env import atomic_write_text  # noqa: F401  (re-exported: run folders' files are written with it)
 
 PHASE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
               "rl": "chatrl_checkpoints"}
@@ -43,28 +46,29 @@ def run_dir(phase: str, tag: str, base_dir: str | os.PathLike | None = None) -> 
     return phase_dir(phase, base_dir) / tag
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` to `<path>.tmp<pid>`, fsync and rename over `path` (readers never see half a file)."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_run_json(folder: str | os.PathLike, info: dict) -> Path:
     path = Path(folder) / RUN_JSON
     atomic_write_text(path, json.dumps(info, indent=2, default=str) + "\n")
     return path
 
 
+def write_run_record(folder: str | os.PathLike, *, phase: str, args: dict, model_config: dict, sizing: dict,
+                     env: dict, source: dict | None = None) -> Path:
+    """run.json, one schema for every phase, so that every reader (the doctor, the report card, the Hugging
+    Face model card, the speedrun) finds the same keys: `phase`; `args`, the run's flags (its config);
+    `model_config`; `sizing`, the run plan (sizing.RunPlan for pretraining, sizing.FinetunePlan for SFT and
+    RL); `env` (device, dtype, torch, git commit, argv, resumed_from, ...); `source`, the checkpoint a
+    fine-tuning phase starts from ({"phase", "tag", "step"}), None for pretraining."""
+    if phase not in PHASE_DIRS:
+        raise ValueError(f"unknown phase {phase!r}: use one of {', '.join(sorted(PHASE_DIRS))}")
+    return write_run_json(folder, {"phase": phase, "args": args, "model_config": model_config, "sizing": sizing,
+                                   "env": env, "source": source})
+
+
 def read_run_json(folder: str | os.PathLike) -> dict | None:
-    """run.json as a dict; None when absent. ValueError (with the path) when it is not a JSON object."""
+    """run.json as a dict in the schema of `write_run_record`; None when absent. ValueError (with the path)
+    when it is not a JSON object. Records of older versions read the same: SFT and RL kept the flags under
+    "config" and `resumed_from` at the top level."""
     path = Path(folder) / RUN_JSON
     if not path.exists():
         return None
@@ -74,6 +78,10 @@ def read_run_json(folder: str | os.PathLike) -> dict | None:
         raise ValueError(f"{path} is not valid JSON ({e})") from e
     if not isinstance(info, dict):
         raise ValueError(f"{path} is not a JSON object")
+    if "args" not in info and isinstance(info.get("config"), dict):
+        info = {**info, "args": info["config"]}
+    if "resumed_from" in info and "resumed_from" not in (info.get("env") or {}):
+        info = {**info, "env": {**(info.get("env") or {}), "resumed_from": info["resumed_from"]}}
     return info
 
 

@@ -26,6 +26,9 @@ REF_BATCH = 2 ** 19  # tokens per step at the anchor (Power Lines, arXiv 2505.13
 BATCH_EXPONENT = 0.383  # B* grows as D^0.383
 BASE_WEIGHT_DECAY = 0.28  # Muon, at the anchor batch and horizon
 MAX_DECAY_PER_STEP = 0.035  # cap on matrix lr x weight decay (see weight_decay)
+# The learning rates at the anchor (2^19 tokens per step, width 768; REFERENCE s2), the one home of their
+# defaults: the flags, TrainConfig, build_optimizer and the fine-tuning phases all read them from here.
+BASE_LRS = {"matrix_lr": 0.02, "embedding_lr": 0.3, "unembedding_lr": 0.008, "scalar_lr": 0.5}
 
 
 def model_config(depth: int, aspect_ratio: int = 64, head_dim: int = 128, max_seq_len: int = 2048,
@@ -79,8 +82,9 @@ def auto_total_batch_size(tokens: float, ref_tokens: float) -> int:
     return 2 ** round(math.log2(REF_BATCH * (tokens / ref_tokens) ** BATCH_EXPONENT))
 
 
-def learning_rates(total_batch_size: int, n_embd: int, matrix_lr: float = 0.02, embedding_lr: float = 0.3,
-                   unembedding_lr: float = 0.008, scalar_lr: float = 0.5) -> dict[str, float]:
+def learning_rates(total_batch_size: int, n_embd: int, matrix_lr: float = BASE_LRS["matrix_lr"],
+                   embedding_lr: float = BASE_LRS["embedding_lr"], unembedding_lr: float = BASE_LRS["unembedding_lr"],
+                   scalar_lr: float = BASE_LRS["scalar_lr"]) -> dict[str, float]:
     """All LRs scale with sqrt(B / 2^19); the AdamW groups also with (width / 768)^-0.5."""
     batch = math.sqrt(total_batch_size / REF_BATCH)
     width = (n_embd / 768) ** -0.5
@@ -89,7 +93,7 @@ def learning_rates(total_batch_size: int, n_embd: int, matrix_lr: float = 0.02, 
 
 
 def weight_decay(total_batch_size: int, tokens: float, ref_tokens: float, base: float = BASE_WEIGHT_DECAY,
-                 matrix_lr: float = 0.02) -> float:
+                 matrix_lr: float = BASE_LRS["matrix_lr"]) -> float:
     """Muon weight decay 0.28 * sqrt(B / 2^19) * (D_ref / D): longer runs need less decay per step.
 
     The rule was fitted for horizons near the reference's (d8-d26). For far shorter runs (CPU demos,
@@ -150,6 +154,28 @@ def muon_momentum(step: int, start: float = 0.85, end: float = 0.97, ramp_steps:
 def weight_decay_multiplier(step: int, num_iterations: int) -> float:
     """Cosine decay of the weight decay to zero over training."""
     return 0.5 * (1 + math.cos(math.pi * min(step, num_iterations) / max(1, num_iterations)))
+
+
+# fine-tuning (REFERENCE section 11): SFT's horizon is a fraction of the data (epochs), so its LR follows the
+# progress through it; RL's is a number of steps
+
+
+def sft_lr_multiplier(progress: float, warmdown_ratio: float = 0.5, final_lr_frac: float = 0.0) -> float:
+    """SFT: 1 (no warmup) until 1 - warmdown_ratio of the horizon, then linear to final_lr_frac at the end."""
+    if warmdown_ratio <= 0 or progress < 1 - warmdown_ratio:
+        return 1.0
+    left = max(0.0, (1 - progress) / warmdown_ratio)
+    return left + (1 - left) * final_lr_frac
+
+
+def sft_muon_momentum(step: int, warmup_steps: int = 300) -> float:
+    """SFT: Muon momentum 0.85 -> 0.95 over the first `warmup_steps` steps."""
+    return muon_momentum(step, start=0.85, end=0.95, ramp_steps=warmup_steps)
+
+
+def rl_lr_multiplier(step: int, num_iterations: int) -> float:
+    """RL: linear from 1 to 0 over the run."""
+    return 1.0 - step / num_iterations
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,6 +241,53 @@ class RunPlan:
         d.update(total_tokens=self.total_tokens, total_flops=self.total_flops,
                  tokens_per_scaling_param=self.tokens_per_scaling_param)
         return d
+
+
+@dataclass
+class FinetunePlan:
+    """What a fine-tuning phase (SFT, RL) will do: its LRs (the pretraining run's x `init_lr_frac`, as the
+    reference, whose SFT and RL both scale the base LRs), batch split and horizon. `to_dict()` is run.json's
+    "sizing" and the checkpoint metas' "sizing" of these phases, with RunPlan's key names where they mean
+    the same; `base_lrs` is what a later phase starting from this one scales (`pretraining_lrs`)."""
+
+    base_lrs: dict
+    init_lr_frac: float
+    weight_decay: float
+    world_size: int
+    device_batch_size: int  # rows (SFT) or sampled replies (RL) per forward/backward
+    max_seq_len: int
+    grad_accum_steps: int  # micro-batches per optimizer step and rank (RL: per problem; see chat_rl)
+    num_iterations: int | None  # None: until `num_epochs` of the data are done (SFT)
+    num_epochs: float
+    examples: int  # training conversations (SFT) or problems (RL)
+    val_examples: int | None = None
+
+    @property
+    def lrs(self) -> dict[str, float]:
+        return {k: v * self.init_lr_frac for k, v in self.base_lrs.items()}
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Token slots per optimizer step (padding and prompt included)."""
+        return self.device_batch_size * self.max_seq_len * self.grad_accum_steps * self.world_size
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in dataclass_fields(self)}
+        d.update(self.lrs, tokens_per_step=self.tokens_per_step)
+        return d
+
+
+def pretraining_lrs(*records: dict | None) -> dict[str, float]:
+    """The learning rates of the pretraining run a checkpoint descends from, from its meta or run record
+    (the first that has them): a fine-tuned one records them as sizing.base_lrs, a base one's sizing holds
+    them; BASE_LRS where none does."""
+    for rec in records:
+        sizing = (rec or {}).get("sizing") or {}
+        if isinstance(sizing.get("base_lrs"), dict):
+            return {k: float(sizing["base_lrs"].get(k, v)) for k, v in BASE_LRS.items()}
+        if all(k in sizing for k in BASE_LRS):
+            return {k: float(sizing[k]) for k in BASE_LRS}
+    return dict(BASE_LRS)
 
 
 def plan_run(cfg, vocab_size: int, world_size: int = 1) -> RunPlan:

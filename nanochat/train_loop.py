@@ -26,10 +26,8 @@ prints "hanging at step k" and waits for a signal, so a test can SIGKILL or SIGT
 from __future__ import annotations
 
 import contextlib
-import sys
 import time
 from dataclasses import replace
-from pathlib import Path
 
 import torch
 
@@ -39,18 +37,18 @@ from nanochat.attention import windowed_kernel_available
 from nanochat.autobatch import find_device_batch_size, oom_message
 from nanochat.common import RuntimeContext, init_runtime, matmul_probe_shapes
 from nanochat.config import ConfigError, TrainConfig
-from nanochat.core_eval import EvalBundleError, check_bundle, evaluate_core
+from nanochat.core_eval import evaluate_core
 from nanochat.dataloader import DataLoader, default_streams, divisors
+from nanochat.eval_bundle import EvalBundleError, check_bundle
 from nanochat.engine import Engine
 from nanochat.gpt import GPT
 from nanochat.loss_eval import check_eval_data, evaluate_loss_and_bpb
 from nanochat.optim import build_optimizer
-from nanochat.run_dir import MetricsWriter, remove_if_unused, run_dir, write_run_json
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (EXIT_CONFIG, EXIT_EVAL, EXIT_NONFINITE, EXIT_OK, EXIT_OOM, LoopState, NonFiniteLoss,
-                               StopSignal, TestHooks, apply_schedule, git_commit, peak_memory_mb,
-                               open_run_folder, restore_training_checkpoint, save_training_checkpoint,
-                               train_step, update_checkpoint_meta)
+                               PhaseRun, StopSignal, TestHooks, apply_schedule, due, exit_oom, peak_memory_mb,
+                               phase_run, restore_training_checkpoint, save_training_checkpoint, train_step,
+                               update_checkpoint_meta)
 
 __all__ = ["ConfigError", "EXIT_CONFIG", "EXIT_EVAL", "EXIT_NONFINITE", "EXIT_OK", "EXIT_OOM", "train"]
 
@@ -126,11 +124,6 @@ def make_loader(cfg: TrainConfig, tokenizer, split: str, ctx: RuntimeContext, gr
 
 # ---------------------------------------------------------------------------------------------
 # evaluations
-
-
-def due(every: int, step: int, last: int) -> bool:
-    """every > 0: every `every` steps and at the last; -1: at the last step only; 0: never."""
-    return every != 0 and (step == last or (every > 0 and step % every == 0))
 
 
 def evaluate_val(model, tokenizer, ctx: RuntimeContext, token_bytes, cfg: TrainConfig, eval_tokens: int,
@@ -220,7 +213,7 @@ class Evaluations:
 
     def any_due(self, step: int) -> bool:
         c = self.cfg
-        return self.on and any(due(e, step, self.last) for e in (c.eval_every, c.core_metric_every, c.sample_every))
+        return self.on and any(due(e, step, step == self.last) for e in (c.eval_every, c.core_metric_every, c.sample_every))
 
     def _failed(self, name: str, step: int, e: BaseException) -> None:
         self.failed[name] = f"{type(e).__name__}: {e}"
@@ -231,7 +224,7 @@ class Evaluations:
         """Run what is due at `step` into `record` and `state`; False if a stop signal abandoned one."""
         cfg, ctx = self.cfg, self.ctx
         should_stop = stop_check(ctx, stop)
-        if self.on and "val bpb" not in self.failed and due(cfg.eval_every, step, self.last):
+        if self.on and "val bpb" not in self.failed and due(cfg.eval_every, step, step == self.last):
             # a signal during the pass abandons it (before each batch; every rank at the same one)
             try:
                 if self.token_bytes is None:
@@ -246,7 +239,7 @@ class Evaluations:
                 state.record_val(val["bpb"])
                 record["val_bpb"], record["val_loss"] = val["bpb"], val["loss"]  # val_loss: nats/token, like loss
                 ctx.print0(f"step {step:05d} | val bpb {val['bpb']:.6f} | val loss {val['loss']:.4f}")
-        if self.core_on and "CORE" not in self.failed and due(cfg.core_metric_every, step, self.last):
+        if self.core_on and "CORE" not in self.failed and due(cfg.core_metric_every, step, step == self.last):
             try:
                 core = run_core(model, self.tokenizer, ctx, cfg.core_metric_max_per_task, should_stop)
                 if core is None:
@@ -258,7 +251,7 @@ class Evaluations:
                     self.failed["CORE tasks"] = "; ".join(core["failed"].values())
             except (Exception, torch.OutOfMemoryError) as e:
                 self._failed("CORE", step, e)
-        if self.on and ctx.is_master and "samples" not in self.failed and due(cfg.sample_every, step, self.last):
+        if self.on and ctx.is_master and "samples" not in self.failed and due(cfg.sample_every, step, step == self.last):
             try:
                 print_samples(model, self.tokenizer)
             except Exception as e:
@@ -298,7 +291,79 @@ def sizing_table(plan: sizing.RunPlan, ctx: RuntimeContext, model) -> str:
     ]
     width = max(len(k) for k, _ in rows)
     lines = ["=" * 80, "sizing"] + [f"  {k:<{width}}  {v}" for k, v in rows] + ["model:", str(model), "=" * 80]
+    decay_per_step = plan.matrix_lr * plan.weight_decay
+    if decay_per_step > 0.05:  # the horizon rule D_ref / D explodes for very short runs
+        lines.append(f"WARNING: Muon weight decay x matrix LR = {decay_per_step:.3g} per step shrinks the weights "
+                     f"by that fraction each step (the run is very short for this model): set --weight-decay")
     return "\n".join(lines)
+
+
+def build_train_model(cfg: TrainConfig, plan: sizing.RunPlan, ctx: RuntimeContext):
+    """(model, the module training calls: compiled or the model itself, whether it is compiled)."""
+    mc = plan.model_config  # --dtype auto on CPU: the GEMM probe again at this model's shapes (cached)
+    ctx.probe_at(matmul_probe_shapes(mc.n_embd, plan.device_batch_size * plan.max_seq_len, mc.padded_vocab_size))
+    with torch.device("meta"):
+        model = GPT(plan.model_config, compute_dtype=ctx.dtype, attention=cfg.attention)
+    model.to_empty(device=ctx.device)
+    model.init_weights()
+    try:
+        model.set_attention()  # once per run; printed in the sizing table and run.json
+        if cfg.fp8:
+            from nanochat.fp8 import enable_fp8
+
+            model.fp8 = bool(enable_fp8(model))
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
+    model.fused_loss = {"auto": None, "on": True, "off": False}[cfg.fused_loss]
+    if ctx.device_type == "cuda":
+        model.fused_loss_chunk_rows = 4096  # fewer eager chunk iterations (it runs outside the compiled graph)
+    compile_model = cfg.compile if cfg.compile is not None else ctx.device_type == "cuda"
+    if compile_model and cfg.compile_scope == "blocks":
+        train_model = model.compile_blocks(dynamic=False)  # in place: model is train_model
+    elif compile_model:
+        model.before_compile()
+        train_model = torch.compile(model, dynamic=False)
+    else:
+        train_model = model
+    return model, train_model, compile_model
+
+
+def build_train_optimizer(cfg: TrainConfig, plan: sizing.RunPlan, ctx: RuntimeContext, model, compile_model: bool):
+    """MuonAdamW with the plan's LRs and weight decay (the schedule scales them from these initial values)."""
+    # Muon's orthogonalisation: bf16 on GPUs and where the CPU probe chose bf16; fp32 on other CPUs, whose
+    # emulated bf16 matmuls run ~10x slower (measured: Muon step 24 s vs 2 s at depth 4)
+    extra = {} if ctx.device_type == "cpu" else {"compile": compile_model}
+    optimizer = build_optimizer(model, weight_decay=plan.weight_decay, **plan.lrs, orth_dtype=ctx.orth_dtype,
+                                reduce_dtype=torch.bfloat16 if cfg.grad_reduce_dtype == "bf16" else torch.float32,
+                                **extra)
+    for group in optimizer.param_groups:
+        group["initial_weight_decay"] = group.get("weight_decay", 0.0)
+    return optimizer
+
+
+def report_overlap(optimizer, ctx: RuntimeContext, whole_model_compiled: bool) -> None:
+    stats = optimizer.overlap_stats
+    ctx.print0(f"gradient reductions: {stats['in_backward']} of {stats['total']} started during backward"
+               + (" (a whole-model torch.compile finishes every gradient at the end of backward: "
+                  "--compile-scope blocks lets them overlap it)" if whole_model_compiled else ""))
+
+
+def step_record(plan: sizing.RunPlan, ctx: RuntimeContext, state: LoopState, raw_loss: float, lrm: float, dt: float,
+                first_timed: int) -> dict:
+    """The metrics record of the step just done (state.step), printed as the step's console line."""
+    step, N = state.step, plan.num_iterations
+    smooth_loss = state.update_loss(raw_loss)
+    tok_per_sec = plan.tokens_per_step / dt
+    mfu = plan.flops_per_token * tok_per_sec / (ctx.peak_flops * ctx.world_size) if ctx.peak_flops else None
+    timed = step - first_timed
+    eta = (N - step) * (state.train_time / timed if timed > 0 else dt)
+    record = {"step": step, "loss": smooth_loss, "raw_loss": raw_loss, "lr": lrm, "dt": dt,
+              "tok_per_sec": tok_per_sec, "mfu": mfu, "tokens": step * plan.tokens_per_step,
+              "flops": step * plan.tokens_per_step * plan.flops_per_token, "peak_mem_mb": peak_memory_mb(ctx)}
+    ctx.print0(f"step {step:05d}/{N} | loss {smooth_loss:.4f} (raw {raw_loss:.4f}) | lrm {lrm:.3f} | "
+               f"dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | mfu {f'{100 * mfu:.2f}%' if mfu is not None else 'n/a'}"
+               f" | mem {record['peak_mem_mb']:.0f}MB | eta {eta / 60:.1f}m")
+    return record
 
 
 def train(cfg: TrainConfig) -> int:
@@ -339,48 +404,16 @@ def _train(cfg: TrainConfig, ctx: RuntimeContext) -> int:
         plan = sizing.plan_run(replace(cfg, device_batch_size=1) if auto_batch else cfg, vocab_size, ctx.world_size)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    out_dir = run_dir("base", cfg.tag)
-    lock, resume_which = open_run_folder(out_dir, cfg.resume_from_step, ctx, "base_train")
-    try:
-        return _train_locked(cfg, ctx, tokenizer, vocab_size, plan, out_dir, resume_which)
-    except BaseException:
-        if ctx.is_master:
-            remove_if_unused(out_dir)  # a command that failed before its first checkpoint leaves no empty folder
-        raise
-    finally:
-        if lock is not None:
-            lock.release()
+    with phase_run("base", cfg.tag, cfg.resume_from_step, ctx, "base_train") as run:
+        return _train_locked(cfg, ctx, tokenizer, vocab_size, plan, run)
 
 
 def _train_locked(cfg: TrainConfig, ctx: RuntimeContext, tokenizer, vocab_size: int, plan: sizing.RunPlan,
-                  out_dir: Path, resume_which) -> int:
+                  run: PhaseRun) -> int:
     auto_batch = cfg.device_batch_size == "auto"
+    out_dir, resume_which = run.out_dir, run.resume
 
-    mc = plan.model_config  # --dtype auto on CPU: the GEMM probe again at this model's shapes (cached)
-    ctx.probe_at(matmul_probe_shapes(mc.n_embd, plan.device_batch_size * plan.max_seq_len, mc.padded_vocab_size))
-    with torch.device("meta"):
-        model = GPT(plan.model_config, compute_dtype=ctx.dtype, attention=cfg.attention)
-    model.to_empty(device=ctx.device)
-    model.init_weights()
-    try:
-        model.set_attention()  # once per run; printed in the sizing table and run.json
-        if cfg.fp8:
-            from nanochat.fp8 import enable_fp8
-
-            model.fp8 = bool(enable_fp8(model))
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
-    model.fused_loss = {"auto": None, "on": True, "off": False}[cfg.fused_loss]
-    if ctx.device_type == "cuda":
-        model.fused_loss_chunk_rows = 4096  # fewer eager chunk iterations (it runs outside the compiled graph)
-    compile_model = cfg.compile if cfg.compile is not None else ctx.device_type == "cuda"
-    if compile_model and cfg.compile_scope == "blocks":
-        train_model = model.compile_blocks(dynamic=False)  # in place: model is train_model
-    elif compile_model:
-        model.before_compile()
-        train_model = torch.compile(model, dynamic=False)
-    else:
-        train_model = model
+    model, train_model, compile_model = build_train_model(cfg, plan, ctx)
     if auto_batch:
         # a resume probes again: the loader's state is per logical stream, so another micro-batch continues exactly
         found = find_device_batch_size(model, train_model, cfg.max_seq_len, vocab_size, plan.tokens_per_step,
@@ -388,14 +421,7 @@ def _train_locked(cfg: TrainConfig, ctx: RuntimeContext, tokenizer, vocab_size: 
         cfg = replace(cfg, device_batch_size=int(found))
         plan = sizing.plan_run(replace(cfg, total_batch_size=plan.tokens_per_step), vocab_size, ctx.world_size)
     N, A = plan.num_iterations, plan.grad_accum_steps
-    # Muon's orthogonalisation: bf16 on GPUs and where the CPU probe chose bf16; fp32 on other CPUs, whose
-    # emulated bf16 matmuls run ~10x slower (measured: Muon step 24 s vs 2 s at depth 4)
-    extra = {} if ctx.device_type == "cpu" else {"compile": compile_model}
-    optimizer = build_optimizer(model, weight_decay=plan.weight_decay, **plan.lrs, orth_dtype=ctx.orth_dtype,
-                                reduce_dtype=torch.bfloat16 if cfg.grad_reduce_dtype == "bf16" else torch.float32,
-                                **extra)
-    for group in optimizer.param_groups:
-        group["initial_weight_decay"] = group.get("weight_decay", 0.0)
+    optimizer = build_train_optimizer(cfg, plan, ctx, model, compile_model)
     train_loader = make_loader(cfg, tokenizer, "train", ctx, A, vocab_size)
 
     state, resume_step = LoopState(), None
@@ -408,24 +434,15 @@ def _train_locked(cfg: TrainConfig, ctx: RuntimeContext, tokenizer, vocab_size: 
     if streams:
         ctx.print0(f"data: {streams} logical streams, {streams // ctx.world_size} per rank (each rank reads and "
                    f"tokenises only its own); resumable on {', '.join(map(str, divisors(streams)))} ranks")
-    decay_per_step = plan.matrix_lr * plan.weight_decay
-    if decay_per_step > 0.05:  # the horizon rule D_ref / D explodes for very short runs
-        ctx.print0(f"WARNING: Muon weight decay x matrix LR = {decay_per_step:.3g} per step shrinks the weights "
-                   f"by that fraction each step (the run is very short for this model): set --weight-decay")
-    if ctx.is_master:
-        write_run_json(out_dir, {"args": cfg.to_dict(), "model_config": plan.model_config.to_dict(),
-                                 "sizing": plan.to_dict(), "data_streams": getattr(train_loader, "streams", None),
-                                 "env": {"device_name": ctx.device_name, "peak_flops": ctx.peak_flops,
-                                         "dtype": str(ctx.dtype).replace("torch.", ""), "torch": torch.__version__,
-                                         "git_commit": git_commit(), "argv": sys.argv, "resumed_from": resume_step,
-                                         "attention": model.attention_backend, "fp8": bool(getattr(model, "fp8", False)),
-                                         "mfu_peak": "dense bf16"}})
-    metrics = MetricsWriter(out_dir, resume_step if resume_step is not None else 0, ctx.is_master)
+    # the logical streams are part of how a step's rows are cut: recorded with the rest of the step's sizing
+    run.write_record(cfg.to_dict(), plan.model_config.to_dict(), {**plan.to_dict(), "data_streams": streams},
+                     resume_step, attention=model.attention_backend, fp8=bool(getattr(model, "fp8", False)),
+                     mfu_peak="dense bf16")
+    metrics = run.metrics(resume_step)
     wandb_run = _start_wandb(cfg, plan, ctx)
     evals = Evaluations(cfg, plan, ctx, tokenizer)
     hooks = TestHooks.from_env()
-    meta = {"model_config": plan.model_config.to_dict(), "args": cfg.to_dict(), "num_iterations": N,
-            "sizing": plan.to_dict()}
+    meta = run.checkpoint_meta(num_iterations=N)
 
     first_timed = state.step + 1  # the first step of a (re)start pays compilation and warm-up: not timed
     ctx.print0(f"training steps {state.step} -> {N}")
@@ -438,9 +455,7 @@ def _train_locked(cfg: TrainConfig, ctx: RuntimeContext, tokenizer, vocab_size: 
                 result = train_step(train_model, optimizer, train_loader, A, ctx, stop, state.step, hooks,
                                     overlap_reductions=cfg.overlap_reductions)
             except torch.OutOfMemoryError:
-                print(f"[rank {ctx.rank}] " + oom_message(cfg.device_batch_size, cfg.max_seq_len, where=f"step {state.step}"),
-                      file=sys.stderr, flush=True)
-                return EXIT_OOM
+                return exit_oom(ctx, oom_message(cfg.device_batch_size, cfg.max_seq_len, where=f"step {state.step}"))
             except NonFiniteLoss as e:
                 last = ckpt.list_steps(out_dir)
                 ctx.print0(f"stopping: {e}; no update was applied. Last good checkpoint: "
@@ -456,23 +471,8 @@ def _train_locked(cfg: TrainConfig, ctx: RuntimeContext, tokenizer, vocab_size: 
             elif compile_model:
                 ctx.print0(f"first step {dt:.1f}s (torch.compile + warm-up)")
             if ctx.ddp and step == first_timed + 1 and cfg.overlap_reductions:
-                stats = optimizer.overlap_stats
-                ctx.print0(f"gradient reductions: {stats['in_backward']} of {stats['total']} started during backward"
-                           + (" (a whole-model torch.compile finishes every gradient at the end of backward: "
-                              "--compile-scope blocks lets them overlap it)"
-                              if compile_model and cfg.compile_scope == "model" else ""))
-            smooth_loss = state.update_loss(result.loss)
-            tok_per_sec = plan.tokens_per_step / dt
-            mfu = plan.flops_per_token * tok_per_sec / (ctx.peak_flops * ctx.world_size) if ctx.peak_flops else None
-            timed = step - first_timed
-            eta = (N - step) * (state.train_time / timed if timed > 0 else dt)
-            record = {"step": step, "loss": smooth_loss, "raw_loss": result.loss, "lr": lrm, "dt": dt,
-                      "tok_per_sec": tok_per_sec, "mfu": mfu, "tokens": step * plan.tokens_per_step,
-                      "flops": step * plan.tokens_per_step * plan.flops_per_token, "peak_mem_mb": peak_memory_mb(ctx)}
-            ctx.print0(f"step {step:05d}/{N} | loss {smooth_loss:.4f} (raw {result.loss:.4f}) | lrm {lrm:.3f} | "
-                       f"dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f} | mfu {f'{100 * mfu:.2f}%' if mfu is not None else 'n/a'}"
-                       f" | mem {record['peak_mem_mb']:.0f}MB | eta {eta / 60:.1f}m")
-
+                report_overlap(optimizer, ctx, compile_model and cfg.compile_scope == "model")
+            record = step_record(plan, ctx, state, result.loss, lrm, dt, first_timed)
             # a stop signal (all ranks agree through result.stop_requested) skips the evaluations: preemption
             # grace periods are short and the checkpoint matters more
             stopping = result.stop_requested or (not ctx.ddp and stop.received is not None)

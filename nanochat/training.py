@@ -10,6 +10,7 @@ kernels such as Inductor's embedding backward are not deterministic; docs/multin
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import math
 import os
@@ -258,7 +259,8 @@ def save_training_checkpoint(out_dir: Path, step: int, model, optimizer, loader,
                 dataloader_state=ctx.all_gather_object(loader.state_dict()),
                 rng_state=ctx.all_gather_object(rng_state(ctx.device_type)))
     ckpt.save_checkpoint(out_dir, step, model.state_dict() if ctx.is_master else None, optimizer.state_dict(),
-                         full, rank=ctx.rank, barrier=ctx.barrier, tokenizer=tokenizer if ctx.is_master else None)
+                         full, rank=ctx.rank, barrier=ctx.barrier, gather=ctx.all_gather_object,
+                         tokenizer=tokenizer if ctx.is_master else None)
     return ckpt.prune_checkpoints(out_dir, keep_last) if ctx.is_master else []
 
 
@@ -347,11 +349,15 @@ def open_run_folder(out_dir: Path, resume, ctx: RuntimeContext, what: str) -> tu
             resume = "latest" if existing else None
             ctx.print0(f"--resume auto: resuming from step {existing[-1]}" if existing
                        else f"--resume auto: no checkpoint in {out_dir}, starting fresh")
+        if resume is not None and not existing:
+            raise ConfigError(f"--resume {resume}: no complete checkpoint in {out_dir} yet: drop --resume (or use "
+                              f"--resume auto) to start a fresh run")
         if resume is None and existing:
             raise ConfigError(f"{out_dir} already holds checkpoints of an earlier run (steps {existing[-3:]}): pass "
                               f"--resume latest to continue it, choose another --model-tag, or delete the folder")
     except BaseException:
-        if lock is not None:
+        if lock is not None:  # refused while holding the lock: a folder this call created goes again
+            rd.remove_if_unused(out_dir)
             lock.release()
         raise
     if ctx.is_master:
@@ -359,25 +365,100 @@ def open_run_folder(out_dir: Path, resume, ctx: RuntimeContext, what: str) -> tu
     return lock, resume
 
 
-def run_in_run_folder(cfg, ctx: RuntimeContext | None, phase: str, what: str,
-                      body: Callable[[object, RuntimeContext], int], errors: tuple = ()) -> int:
-    """The frame of a chat phase (SFT, RL): the runtime unless `ctx` is given, the run folder
-    <base>/<phase>_checkpoints/<tag> (tag: --model-tag, else the source's) taken by `open_run_folder`, then
-    `body(cfg with its resume resolved, ctx)`. Bad input (config, checkpoint, missing file, `errors`) is one
-    line on stderr and EXIT_CONFIG; the lock is released and an own runtime torn down either way."""
+@dataclass
+class PhaseRun:
+    """The frame of one training run, resolved once for every phase: the run folder (locked by
+    `phase_run`), the checkpoint to resume (a step, "latest" or None), and for a fine-tuning phase the
+    checkpoint it starts from (`source`: {"phase", "tag", "step"}, the step set once it is loaded).
+    `write_record` writes run.json (run_dir.write_run_record) and keeps what every checkpoint meta repeats."""
+
+    phase: str
+    out_dir: Path
+    resume: int | str | None
+    ctx: RuntimeContext
+    source: dict | None = None
+    _record: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def source_tag(self) -> str | None:
+        return self.source["tag"] if self.source else None
+
+    def write_record(self, args: dict, model_config: dict, sizing: dict, resumed_from: int | None,
+                     **env) -> None:
+        self._record = {"phase": self.phase, "args": args, "model_config": model_config, "sizing": sizing,
+                        "source": self.source}
+        if self.ctx.is_master:
+            rd.write_run_record(self.out_dir, **self._record, env=run_env(self.ctx, resumed_from, **env))
+
+    def checkpoint_meta(self, **extra) -> dict:
+        """What a checkpoint meta of this run holds: the run record's phase, args, model_config, sizing and
+        source, and `extra` (the phase's own results)."""
+        return {**self._record, **extra}
+
+    def metrics(self, resume_step: int | None) -> rd.MetricsWriter:
+        return rd.MetricsWriter(self.out_dir, resume_step if resume_step is not None else 0, self.ctx.is_master)
+
+
+def run_env(ctx: RuntimeContext, resumed_from: int | None, **extra) -> dict:
+    """run.json's "env": where and how the run ran."""
+    return {"device_name": ctx.device_name, "peak_flops": ctx.peak_flops, "dtype": str(ctx.dtype).replace("torch.", ""),
+            "threads": ctx.threads if ctx.device_type == "cpu" else None, "world_size": ctx.world_size,
+            "torch": torch.__version__, "git_commit": git_commit(), "argv": sys.argv, "resumed_from": resumed_from,
+            **extra}
+
+
+@contextlib.contextmanager
+def phase_run(phase: str, tag: str | None, resume, ctx: RuntimeContext, what: str, source_phase: str | None = None,
+              source_tag: str | None = None):
+    """Take the run folder <base>/<phase>_checkpoints/<tag> for one run (`open_run_folder`: lock, leftovers,
+    --resume auto, refusals) and yield its `PhaseRun`. A fine-tuning phase names the phase it starts from:
+    its tag defaults to that phase's most recent, and the run's own tag to the source's. A run that fails
+    before writing anything of its own leaves no folder behind (`remove_if_unused`); the lock is released
+    however it ends."""
+    source = None
+    if source_phase is not None:
+        source = {"phase": source_phase, "tag": source_tag or ckpt.find_last_tag(rd.phase_dir(source_phase)),
+                  "step": None}
+    out_dir = rd.run_dir(phase, tag or (source["tag"] if source else None))
+    lock, resume = open_run_folder(out_dir, resume, ctx, what)
+    try:
+        yield PhaseRun(phase, out_dir, resume, ctx, source)
+    except BaseException:
+        if ctx.is_master:
+            rd.remove_if_unused(out_dir)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def due(every: int, step: int, last: bool) -> bool:
+    """Whether an every-N-steps action (evaluation, samples) is due at `step`: every > 0: every `every` steps
+    and at the last; -1: at the last step only; 0: never."""
+    return every != 0 and (last or (every > 0 and step % every == 0))
+
+
+def exit_oom(ctx: RuntimeContext, message: str) -> int:
+    """Report a CUDA OOM (autobatch.oom_message) on stderr, naming the rank; EXIT_OOM."""
+    print(f"[rank {ctx.rank}] {message}", file=sys.stderr, flush=True)
+    return EXIT_OOM
+
+
+def run_chat_phase(cfg, ctx: RuntimeContext | None, phase: str, what: str,
+                   body: Callable[[object, PhaseRun], int], errors: tuple = ()) -> int:
+    """The frame of a fine-tuning phase (SFT, RL): the runtime unless `ctx` is given, the run folder taken by
+    `phase_run` (tag: --model-tag, else the source's), then `body(cfg, run)`. Bad input (config,
+    checkpoint, missing file, `errors`) is one line on stderr and EXIT_CONFIG; an own runtime is torn down
+    either way."""
     own_ctx = ctx is None
     if own_ctx:
         ctx = init_runtime(cfg.device_type, cfg.dtype, seed=cfg.seed, threads=cfg.threads)
-    lock = None
     try:
-        out_dir = rd.run_dir(phase, cfg.model_tag or cfg.source_tag or ckpt.find_last_tag(rd.phase_dir(cfg.source)))
-        lock, resume = open_run_folder(out_dir, cfg.resume_from_step, ctx, what)
-        return body(dataclasses.replace(cfg, resume_from_step=resume), ctx)
+        with phase_run(phase, cfg.model_tag, cfg.resume_from_step, ctx, what, cfg.source, cfg.source_tag) as run:
+            return body(cfg, run)
     except (ConfigError, ckpt.CheckpointError, FileNotFoundError, ValueError, *errors) as e:
         print(f"{what}: {e}", file=sys.stderr, flush=True)
         return EXIT_CONFIG
     finally:
-        if lock is not None:
-            lock.release()
         if own_ctx:
             ctx.teardown()

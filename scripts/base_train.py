@@ -68,10 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target-flops", type=float, default=-1.0, help="training FLOPs budget (-1: off)")
     g.add_argument("--num-iterations", type=int, default=-1, help="optimizer steps (-1: from FLOPs or ratio)")
     g = p.add_argument_group("optimizer")
-    g.add_argument("--matrix-lr", type=float, default=0.02, help="Muon LR at 2^19 tokens per step")
-    g.add_argument("--embedding-lr", type=float, default=0.3, help="AdamW LR at 2^19 tokens, width 768")
-    g.add_argument("--unembedding-lr", type=float, default=0.008)
-    g.add_argument("--scalar-lr", type=float, default=0.5)
+    g.add_argument("--matrix-lr", type=float, default=sizing.BASE_LRS["matrix_lr"],
+                   help="Muon LR at 2^19 tokens per step")
+    g.add_argument("--embedding-lr", type=float, default=sizing.BASE_LRS["embedding_lr"],
+                   help="AdamW LR at 2^19 tokens, width 768")
+    g.add_argument("--unembedding-lr", type=float, default=sizing.BASE_LRS["unembedding_lr"])
+    g.add_argument("--scalar-lr", type=float, default=sizing.BASE_LRS["scalar_lr"])
     g.add_argument("--weight-decay", type=float, default=-1.0, help="Muon weight decay (-1: auto from batch, horizon)")
     g.add_argument("--warmup-steps", type=int, default=40)
     g.add_argument("--warmdown-ratio", type=float, default=0.65)

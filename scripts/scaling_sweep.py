@@ -14,6 +14,7 @@ empty val_bpb and the sweep goes on. Anything after `--` is passed to base_train
 
 import argparse
 import csv
+import io
 import os
 import subprocess
 import sys
@@ -24,6 +25,7 @@ if not __package__:  # `python scripts/scaling_sweep.py`: make the repo root imp
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from nanochat.common import get_base_dir
+from nanochat.env import atomic_write_text
 from nanochat.run_dir import run_dir
 from nanochat.diagnose import load_run, run_summary
 
@@ -72,13 +74,12 @@ def collect(run_dirs) -> list[dict]:
 def write_csv(rows, path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, fieldnames=CSV_COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_COLUMNS})
+    atomic_write_text(path, text.getvalue())
 
 
 def train_command(depth: int, flops: float, tag: str, nproc: int, extra: list[str]) -> list[str]:

@@ -25,7 +25,7 @@ if not __package__:  # `python scripts/speedrun.py`: make the repo root importab
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nanochat import report as rc  # noqa: E402
-from nanochat.common import get_base_dir  # noqa: E402
+from nanochat.common import NotWritable, get_base_dir, require_writable  # noqa: E402
 from nanochat.run_dir import read_metrics, read_run_json  # noqa: E402
 from nanochat.run_dir import run_dir as run_dir_of  # noqa: E402
 
@@ -237,7 +237,7 @@ def stage_eval(p: Preset, tag: str, nproc: int, report: rc.Report) -> dict:
     out = run_dir / f"base_eval_{step:06d}.json"
     bundle_error = None
     try:  # resolve (or download) the CORE bundle up front: without one, CORE is skipped with a note
-        from nanochat.core_eval import resolve_eval_bundle
+        from nanochat.eval_bundle import resolve_eval_bundle
 
         bundle = resolve_eval_bundle()
     except Exception as e:  # EvalBundleError offline; anything else is reported the same way
@@ -372,7 +372,10 @@ def main(argv: list[str] | None = None) -> int:
         p = replace(p, data=args.data)
     nproc = args.nproc or max(1, gpus)
     tag = args.model_tag or f"{name}_d{p.depth}"
-    base = get_base_dir()
+    try:  # every stage writes there: a read-only or full base dir stops here, in one line
+        base = require_writable(get_base_dir())
+    except NotWritable as e:
+        usage_error(str(e))
     run_dir = run_dir_of("base", tag, base)
     report = rc.Report(run_dir / "report", title=f"nanochat report card: {tag} ({name} preset)")
     log(f"preset {name}: depth {p.depth}, data {p.data}, {nproc} process(es), base dir {base}, run {run_dir}")

@@ -220,7 +220,7 @@ def test_tiny_run_writes_metrics_checkpoints_and_evals(env_base, capsys, monkeyp
     assert run["sizing"]["num_iterations"] == 6 and run["sizing"]["grad_accum_steps"] == 2
     assert run["sizing"]["tokens_per_step"] == 256 and run["model_config"]["n_layer"] == 2
     assert run["env"]["dtype"] == "float32"
-    assert run["data_streams"] == 8 and "data: 8 logical streams, 8 per rank" in out  # 8 rows per step
+    assert run["sizing"]["data_streams"] == 8 and "data: 8 logical streams, 8 per rank" in out  # 8 rows per step
     assert load_meta_streams(d, 6) == 8
     model, tok, meta = load_model("base", "cpu", model_tag="tiny")
     assert meta["step"] == 6 and meta["val_bpb"] == records[-1]["val_bpb"]

@@ -122,3 +122,25 @@ def test_an_empty_reply_is_fine(base, capsys):
     assert capsys.readouterr().out == "\n"
     messages += [{"role": "assistant", "content": ""}, {"role": "user", "content": "again"}]
     assert fit_prompt(tok, messages, 64, 16).tokens[:len(prompt)] == prompt
+
+
+def test_garbage_written_into_the_model_file_is_a_clear_error_not_gibberish(base, tmp_path):
+    """28 KB of garbage in the middle of the model file (tensor data: torch.load alone takes it): chat_cli
+    refuses it in one line naming the file, exit 2, instead of chatting with the damaged weights."""
+    import shutil
+    import subprocess
+
+    from tests.chat_fixtures import subprocess_env
+    from tests.test_checkpoint_manager import overwrite_middle
+
+    own = tmp_path / "base"
+    shutil.copytree(base, own)
+    path = own / "base_checkpoints" / "long" / "model_000001.pt"
+    overwrite_middle(path)
+    out = subprocess.run([sys.executable, "-m", "scripts.chat_cli", "--source", "base", "--model-tag", "long",
+                          "-p", "hi", "-t", "0"], cwd=REPO_ROOT, env=subprocess_env(own), capture_output=True,
+                         text=True, timeout=120, check=False)
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 2 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert lines[0].startswith("chat_cli: cannot load a base model: ") and out.stdout == ""
+    assert f"{path} is corrupt: its CRC-32 is" in lines[0] and "restore it, or load another step" in lines[0]

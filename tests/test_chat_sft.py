@@ -8,7 +8,9 @@ import torch
 
 from nanochat import checkpoint_manager as ckpt
 from nanochat import run_dir as rd
-from nanochat.chat_sft import SFTConfig, lr_multiplier, muon_momentum, run_sft
+from nanochat.chat_sft import SFTConfig, run_sft
+from nanochat.sizing import sft_lr_multiplier as lr_multiplier
+from nanochat.sizing import sft_muon_momentum as muon_momentum
 from nanochat.tasks import TaskDataError
 from scripts import chat_sft as cli
 from tests.chat_helpers import make_base_checkpoint
@@ -98,7 +100,7 @@ def test_bad_configs_are_one_line_errors(base, capsys):
     assert cli.main(["--mix", "embedded", "--source-tag", "d9", "--device-type", "cpu"]) == 2
     assert "d9" in capsys.readouterr().err
     assert cli.main(["--mix", "embedded", "--resume", "latest", "--device-type", "cpu"]) == 2
-    assert "no checkpoint" in capsys.readouterr().err
+    assert "no complete checkpoint" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -189,3 +191,52 @@ def test_one_writer_per_run_folder_and_no_fresh_run_over_checkpoints(base, capsy
     assert run_sft(cfg(model_tag="held", num_iterations=2, train_size=32, eval_every=0)) == 2
     assert "already holds checkpoints" in capsys.readouterr().err
     assert run_sft(cfg(model_tag="held", num_iterations=3, train_size=32, eval_every=0, resume_from_step="auto")) == 0
+
+
+@pytest.mark.slow
+def test_sft_run_record_reaches_the_model_card_and_the_doctor(base, tmp_path):
+    """SFT writes the run record every phase writes (flags under "args", a FinetunePlan as "sizing", its source):
+    the doctor's run-folder reader sees the flags, and an export's model card shows the SFT figures and the
+    pretraining run's, not "n/a"."""
+    from nanochat.diagnose import load_run
+    from nanochat.sizing import BASE_LRS
+    from scripts import export_hf
+
+    base_run = rd.run_dir("base", "d2")  # what base training records (a real one is tests/test_base_train.py's)
+    rd.write_run_record(base_run, phase="base", args={"depth": 2}, model_config={}, env={},
+                        sizing={"total_tokens": 123_456, **{k: 2 * v for k, v in BASE_LRS.items()}})
+    (base_run / "metrics.jsonl").write_text(json.dumps({"step": 0, "tokens": 123_456, "flops": 7.5e12,
+                                                        "val_bpb": 2.3456, "core": 0.0123}) + "\n")
+    assert run_sft(cfg(num_iterations=3, eval_every=-1, init_lr_frac=0.5)) == 0
+    folder = rd.run_dir("sft", "d2")
+    record = rd.read_run_json(folder)
+    assert record["phase"] == "sft" and record["args"]["mix"] == "embedded"
+    assert record["source"] == {"phase": "base", "tag": "d2", "step": 0}
+    assert record["sizing"]["base_lrs"] == {k: 2 * v for k, v in BASE_LRS.items()}  # the base run's, not defaults
+    assert record["sizing"]["matrix_lr"] == pytest.approx(2 * BASE_LRS["matrix_lr"] * 0.5)
+    meta = ckpt.load_meta(folder, 3)
+    assert meta["args"] == record["args"] and meta["sizing"] == record["sizing"] and meta["phase"] == "sft"
+
+    run = load_run(folder)  # the doctor
+    assert run.args["mix"] == "embedded" and run.args["num_iterations"] == 3 and run.sizing["grad_accum_steps"] == 1
+
+    out = tmp_path / "hf"
+    assert export_hf.main(["--source", "sft", "--out", str(out)]) == 0
+    card = (out / "README.md").read_text()
+    figures = card.split("## Training and evaluation")[1].split("## Tokenizer")[0]
+    last = rd.read_metrics(folder)[-1]
+    assert "Started from the base run `d2`, step 0" in figures
+    assert "- training tokens: 123,456" in figures and "- validation bits per byte: 2.3456" in figures
+    assert "- CORE: 0.0123" in figures and "- training FLOPs: 7.500e+12" in figures
+    assert "Fine-tuning (SFT), 3 steps" in figures and f"- tokens (slots per step x steps): {last['tokens']:,}" in figures
+    assert f"- validation loss (nats per trained token): {meta['val_loss']:.4f}" in figures
+    assert '"mix": "embedded"' in card.split("## Training flags")[1]
+
+
+def test_older_sft_records_with_config_read_as_args(tmp_path):
+    from nanochat.foreign_runs import parse_nanochat_dir
+
+    (tmp_path / "run.json").write_text(json.dumps({"config": {"mix": "embedded"}, "resumed_from": 4, "sizing": {}}))
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    parsed = parse_nanochat_dir(tmp_path)
+    assert parsed.info["args"] == {"mix": "embedded"} and parsed.info["env"]["resumed_from"] == 4

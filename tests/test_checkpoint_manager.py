@@ -187,4 +187,112 @@ def test_meta_is_plain_json(tmp_path):
     model = tiny_model()
     cm.save_checkpoint(tmp_path, 1, model.state_dict(), None, {"model_config": model.config.to_dict(), "x": [1, 2]})
     meta = json.loads((tmp_path / "meta_000001.json").read_text())
-    assert meta == {"model_config": model.config.to_dict(), "x": [1, 2], "step": 1}
+    size = (tmp_path / "model_000001.pt").stat().st_size
+    assert meta == {"model_config": model.config.to_dict(), "x": [1, 2], "step": 1,
+                    "checksums": {"model_000001.pt": {"crc32": meta["checksums"]["model_000001.pt"]["crc32"],
+                                                      "bytes": size}}}
+
+
+# ---------------------------------------------------------------------------------------------
+# checksums: computed while writing, checked on load
+
+
+def wide_model():
+    """Big enough (~1.1 MB of weights) that 28 KB written into the middle of its file hit tensor data only,
+    which torch.load itself does not notice."""
+    return tiny_model(n_embd=128, n_head=4, n_kv_head=4, n_layer=2, vocab_size=512)
+
+
+def overwrite_middle(path, n=28 * 1024, seed=0):
+    data = bytearray(path.read_bytes())
+    mid = len(data) // 2
+    data[mid:mid + n] = torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed),
+                                      dtype=torch.uint8).numpy().tobytes()
+    path.write_bytes(bytes(data))
+
+
+def test_checksums_are_those_of_the_files_as_written(tmp_path):
+    import zlib
+
+    model = tiny_model()
+    opt = trained_state(model)
+    save(tmp_path, 5, model, opt)
+    sums = json.loads((tmp_path / "meta_000005.json").read_text())["checksums"]
+    assert set(sums) == {"model_000005.pt", "optim_000005_rank0.pt"}
+    for name, rec in sums.items():
+        data = (tmp_path / name).read_bytes()  # an independent reference: zlib over the whole file at once
+        assert rec == {"crc32": f"{zlib.crc32(data):08x}", "bytes": len(data)}
+
+
+def test_garbage_in_the_middle_of_a_model_file_is_refused_by_name(tmp_path):
+    model = wide_model()
+    opt = trained_state(model)
+    save(tmp_path, 5, model, opt)
+    save(tmp_path, 10, model, opt)
+    meta = json.loads((tmp_path / "meta_000010.json").read_text())
+    path = tmp_path / "model_000010.pt"
+    overwrite_middle(path)
+    # torch alone loads it, with wrong weights: what the checksum is for
+    damaged = torch.load(path, weights_only=True)
+    assert any(not torch.equal(damaged[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(cm.CorruptCheckpoint, match=r"model_000010\.pt is corrupt: its CRC-32 is [0-9a-f]{8} where "
+                                                   rf"{meta['checksums']['model_000010.pt']['crc32']} was recorded") as e:
+        cm.load_checkpoint(tmp_path, 10)
+    assert str(e.value).endswith("restore it, or load another step")
+    # --resume latest falls back past it as past a truncated file
+    logged = []
+    assert cm.newest_readable_step(tmp_path, log=logged.append) == 5
+    assert "model_000010.pt is corrupt" in logged[0] and "falling back to step 5" in logged[0]
+    # a file of another size (cut, or grown) is refused without reading it
+    path.write_bytes(path.read_bytes() + b"\0")
+    with pytest.raises(cm.CorruptCheckpoint, match="bytes where .* were written"):
+        cm.verify_checkpoint(tmp_path, 10)
+
+
+def test_checkpoints_written_before_checksums_still_load(tmp_path):
+    model = wide_model()
+    opt = trained_state(model)
+    save(tmp_path, 5, model, opt)
+    meta_file = tmp_path / "meta_000005.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["checksums"]
+    meta_file.write_text(json.dumps(meta))
+    state, optim_state, _ = cm.load_checkpoint(tmp_path, 5, load_optimizer=True)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items()) and optim_state["state"]
+    assert cm.newest_readable_step(tmp_path) == 5
+
+
+def test_every_ranks_checksum_reaches_the_meta_through_gather(tmp_path):
+    """Distributed, rank 0 writes the meta with the checksums of every rank's optimizer file (gather)."""
+    model = tiny_model()
+    opt = trained_state(model)
+    other = {"optim_000005_rank1.pt": {"crc32": "0badc0de", "bytes": 7}}
+    cm.save_checkpoint(tmp_path, 5, model.state_dict(), opt.state_dict(), {"model_config": model.config.to_dict()},
+                       gather=lambda own: [own, other])
+    sums = json.loads((tmp_path / "meta_000005.json").read_text())["checksums"]
+    assert set(sums) == {"model_000005.pt", "optim_000005_rank0.pt", "optim_000005_rank1.pt"}
+
+
+def test_unreadable_file_messages_end_in_a_whole_sentence(tmp_path):
+    model = tiny_model()
+    opt = trained_state(model)
+    save(tmp_path, 5, model, opt)
+    meta_file = tmp_path / "meta_000005.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["checksums"]  # an old checkpoint: torch's own error is what the user sees
+    meta_file.write_text(json.dumps(meta))
+    path = tmp_path / "model_000005.pt"
+    data = bytearray(path.read_bytes())
+    for start in range(0, len(data), 4096):  # damage every zip header torch reads
+        data[start:start + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+    with pytest.raises(cm.UnreadableCheckpoint) as e:
+        cm.load_checkpoint(tmp_path, 5)
+    msg = str(e.value)
+    assert msg.startswith(f"{path} cannot be read (truncated or corrupt: ") and msg.endswith(")")
+    reason = msg[len(f"{path} cannot be read (truncated or corrupt: "):-1]
+    assert "your checkpoint f" not in reason and "weights_only" not in reason and not reason.endswith((" is", " f"))
+    assert cm._short(RuntimeError("PytorchStreamReader failed reading file data/6: invalid header or archive is "
+                                  "corrupted. This is an internal miniz error. If you are seeing this error, there "
+                                  "is a high likelihood that your checkpoint file is corrupted.")) == (
+        "PytorchStreamReader failed reading file data/6: invalid header or archive is corrupted")

@@ -5,14 +5,9 @@ reference implementation, a bigram "model" whose losses are computed by hand, th
 (one example per forward) and a single-process run.
 """
 
-import http.server
 import json
 import math
 import random
-import threading
-import time
-import zipfile
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -394,60 +389,6 @@ def test_two_process_core_and_bpb_equal_one_process(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# the bundle: explicit path, env var, download (served locally), offline failure
-
-
-def test_bundle_resolution_order(tmp_path, monkeypatch):
-    bundle = make_bundle(tmp_path)
-    monkeypatch.delenv(ce.EVAL_BUNDLE_ENV, raising=False)
-    assert ce.resolve_eval_bundle(bundle, base_dir=tmp_path / "base", download=False) == bundle
-    monkeypatch.setenv(ce.EVAL_BUNDLE_ENV, str(bundle))
-    assert ce.resolve_eval_bundle(None, base_dir=tmp_path / "base", download=False) == bundle
-    with pytest.raises(ce.EvalBundleError, match="is not a CORE eval bundle"):
-        ce.resolve_eval_bundle(tmp_path / "nowhere", base_dir=tmp_path / "base")
-    monkeypatch.delenv(ce.EVAL_BUNDLE_ENV)
-    with pytest.raises(ce.EvalBundleError, match="NANOCHAT_EVAL_BUNDLE"):
-        ce.resolve_eval_bundle(None, base_dir=tmp_path / "base", download=False)
-
-
-def test_bundle_download_unpacks_atomically(tmp_path, monkeypatch):
-    monkeypatch.delenv(ce.EVAL_BUNDLE_ENV, raising=False)
-    bundle = make_bundle(tmp_path / "src")
-    serve = tmp_path / "www"
-    serve.mkdir()
-    with zipfile.ZipFile(serve / "eval_bundle.zip", "w") as zf:
-        for p in bundle.rglob("*"):
-            zf.write(p, Path("eval_bundle") / p.relative_to(bundle))
-    handler = partial(http.server.SimpleHTTPRequestHandler, directory=str(serve))
-    handler.log_message = lambda *a: None
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{server.server_address[1]}/eval_bundle.zip"
-        base = tmp_path / "base"
-        got = ce.resolve_eval_bundle(None, base_dir=base, url=url)
-    finally:
-        server.shutdown()
-    assert got == base / "eval_bundle"
-    assert (got / "eval_data" / "synthetic" / "mc.jsonl").read_bytes() == (bundle / "eval_data" / "synthetic" / "mc.jsonl").read_bytes()
-    assert sorted(p.name for p in base.iterdir()) == ["eval_bundle", "eval_bundle.lock"]  # no temp leftovers
-    assert ce.resolve_eval_bundle(None, base_dir=base, url="http://127.0.0.1:1/x.zip") == got  # no second download
-
-
-def test_offline_download_fails_fast_with_instructions(tmp_path, monkeypatch):
-    monkeypatch.delenv(ce.EVAL_BUNDLE_ENV, raising=False)
-    port = free_port()  # nothing listens there: connection refused, like a machine without network
-    t0 = time.time()
-    with pytest.raises(ce.EvalBundleError) as err:
-        ce.resolve_eval_bundle(None, base_dir=tmp_path, url=f"http://127.0.0.1:{port}/eval_bundle.zip", timeout=2)
-    assert time.time() - t0 < 10
-    msg = str(err.value)
-    assert "--eval-bundle" in msg and "NANOCHAT_EVAL_BUNDLE" in msg and str(tmp_path / "eval_bundle") in msg
-    assert not (tmp_path / "eval_bundle").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["eval_bundle.lock"]
-
-
-# ---------------------------------------------------------------------------------------------
 # scripts/base_eval.py: our checkpoints and Hugging Face models through the same code
 
 
@@ -479,10 +420,14 @@ def _tiny_hf_dir(tmp_path) -> Path:
 
 
 def test_hf_wrappers_token_bytes_and_bpb(tmp_path):
-    from nanochat.loss_eval import evaluate_bpb
-    from scripts.base_eval import load_hf
+    import transformers
 
-    model, tok = load_hf(str(_tiny_hf_dir(tmp_path)), "cpu")
+    from nanochat.hf_adapters import HFModel, HFTokenizer
+    from nanochat.loss_eval import evaluate_bpb
+
+    folder = _tiny_hf_dir(tmp_path)
+    model = HFModel(transformers.AutoModelForCausalLM.from_pretrained(folder).eval(), 64)
+    tok = HFTokenizer(transformers.AutoTokenizer.from_pretrained(folder))
     assert model.max_seq_len == 64 and tok.get_bos_token_id() == 257
     tb = tok.token_bytes()
     assert tb[:256].tolist() == [1] * 256 and tb[256] == 2 and tb[257] == 0

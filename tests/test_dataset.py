@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanochat import data_prep, dataset
-from scripts import dataset as dataset_cli
+from nanochat import data_prep as dataset_cli
 from nanochat.dataset import DataError
 
 

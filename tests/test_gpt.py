@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nanochat.gpt import GPT, GPTConfig, attend, attention_backend
+from nanochat.attention import auto_backend, sdpa_attend
+from nanochat.gpt import GPT, GPTConfig
 from nanochat.sizing import count_params, flops_per_token, model_config
 
 
@@ -126,13 +127,13 @@ def naive_attention(q, k, v, window):
 def test_attention_matches_naive(n_kv, window):
     q = torch.randn(2, 12, 4, 8)
     k, v = torch.randn(2, 12, n_kv, 8), torch.randn(2, 12, n_kv, 8)
-    torch.testing.assert_close(attend(q, k, v, window), naive_attention(q, k, v, window), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(sdpa_attend(q, k, v, window), naive_attention(q, k, v, window), atol=1e-5, rtol=1e-5)
 
 
 def test_flash_attention_falls_back_to_sdpa_on_cpu():
     q = torch.randn(1, 4, 2, 8)
-    assert attention_backend(q) == "sdpa"
-    assert attention_backend(q.bfloat16()) == "sdpa"
+    assert auto_backend(q.device.type, q.dtype, windowed=True) == "sdpa"
+    assert auto_backend(q.device.type, torch.bfloat16, windowed=True) == "sdpa"
 
 
 def test_sliding_window_limits_receptive_field():

@@ -133,7 +133,9 @@ def test_truncated_newest_checkpoint_is_named_and_resume_falls_back(tmp_path, vi
     path = tmp_path / victim
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(cm.UnreadableCheckpoint, match=f"{victim} cannot be read"):
+    # the meta does not parse; a data file is shorter than its recorded size
+    why = "cannot be read" if victim.endswith(".json") else r"is corrupt: it holds .* bytes where .* were written \(cut short\)"
+    with pytest.raises(cm.UnreadableCheckpoint, match=f"{victim} {why}"):
         cm.verify_checkpoint(tmp_path, 15)
     logged = []
     assert cm.newest_readable_step(tmp_path, log=logged.append) == 10
@@ -189,6 +191,10 @@ def test_disk_full_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tm
     assert "\n" not in msg and "enforce" not in msg
     assert msg.startswith(f"No space left on device while writing {tmp_path / 'model_000010.pt'}")
     assert "previous checkpoint step 5 kept" in msg
+    # what would help: the space one more checkpoint needs, and another base dir (--keep-last cannot make a
+    # disk that holds one checkpoint hold the second a save writes before it prunes)
+    need = cm._gb(cm.checkpoint_bytes(tmp_path, 5))
+    assert f"room for one more checkpoint beside the kept one ({need} each" in msg and "NANOCHAT_BASE_DIR" in msg
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temp file, no half step 10
     monkeypatch.undo()
     assert cm.list_steps(tmp_path) == [5] and cm.load_checkpoint(tmp_path, 5, load_optimizer=True)[2]["step"] == 5
@@ -284,6 +290,41 @@ def test_speedrun_bad_environment_is_one_line(tmp_path, env, needle):
     assert out.returncode == 2
     assert needle in one_line_error(out.stderr, "speedrun: error:")
     assert not any(tmp_path.iterdir())  # nothing was started
+
+
+def run_on_read_only(folder: Path, cmd: list[str], env: dict) -> subprocess.CompletedProcess:
+    """`cmd` with `folder` read-only: a private read-only bind mount (root: chmod does not stop root), or
+    mode 555 (other users). Skips where neither works."""
+    if os.geteuid() == 0:
+        mount = (f'mount --bind "{folder}" "{folder}" && mount -o remount,ro,bind "{folder}" "{folder}" && '
+                 f'exec "$@"')
+        probe = subprocess.run(["unshare", "-m", "sh", "-c", mount, "sh", "touch", str(folder / "x")],
+                               capture_output=True, text=True, check=False)
+        if probe.returncode == 0 or "Read-only" not in probe.stderr:
+            pytest.skip(f"cannot make a read-only folder here (unshare -m + remount: {probe.stderr.strip()[:100]})")
+        cmd = ["unshare", "-m", "sh", "-c", mount, "sh", *cmd]
+    else:
+        folder.chmod(0o555)
+    try:
+        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120, check=False)
+    finally:
+        folder.chmod(0o755)
+
+
+@pytest.mark.parametrize("command,where", [(["scripts.speedrun"], "the base dir {base}"),
+                                           (["nanochat.dataset", "embedded"], "the data folder {base}/base_data"),
+                                           (["scripts.speedrun"], "the base dir {base}/sub")])
+def test_read_only_base_dir_is_one_line(tmp_path, command, where):
+    base = tmp_path / "ro"
+    base.mkdir()
+    target = base / "sub" if where.endswith("sub") else base
+    out = run_on_read_only(base, [sys.executable, "-m", *command],
+                           py_env(target, NANOCHAT_PRESET="cpu"))
+    prefix = "speedrun: error:" if command[0] == "scripts.speedrun" else "error:"
+    line = one_line_error(out.stderr, prefix)
+    assert out.returncode == (2 if prefix.startswith("speedrun") else 1)
+    assert f"cannot write {where.format(base=base)}: " in line and "NANOCHAT_BASE_DIR" in line, line
+    assert not any(base.iterdir())
 
 
 @pytest.mark.parametrize("flags,needle", [(["--device-type", "cuda"], "cuda"), (["--dtype", "fp8"], "fp8")])
@@ -484,7 +525,7 @@ def test_truncated_newest_checkpoint_resume_falls_back_and_tokenizer_swap_is_ref
     model4.write_bytes(model4.read_bytes()[:1000])  # a copy cut short
     out = train_here(own_base, *flags, "--resume", "auto")
     assert out.returncode == 0, out.stderr
-    assert "model_000004.pt cannot be read" in out.stdout and "falling back to step 3" in out.stdout
+    assert "model_000004.pt is corrupt" in out.stdout and "falling back to step 3" in out.stdout
     after = read_metrics(own_base, "t")
     assert [r["step"] for r in after] == [1, 2, 3, 4] and after[3]["raw_loss"] == before[3]["raw_loss"]
 
@@ -600,6 +641,8 @@ def test_disk_full_during_training_is_one_line_and_keeps_the_last_checkpoint(own
     d = run_dir(own_base, "full")
     assert out.returncode == 2
     assert f"No space left on device while writing {d / 'model_000002.pt'}, previous checkpoint step 1 kept" in line
+    # what can help when the disk holds one checkpoint only: the space a save needs, another base dir
+    assert f"({cm._gb(cm.checkpoint_bytes(d, 1))} each" in line and "set NANOCHAT_BASE_DIR to a disk with" in line
     assert cm.list_steps(d) == [1] and not list(d.glob("*.tmp*")) and not (d / "model_000002.pt").exists()
     monkeypatch.setattr(cm, "_open_for_write", real_open)
     again = train_here(own_base, *TINY, "--num-iterations", "3", "--save-every", "1", "--model-tag", "full",
