@@ -381,12 +381,13 @@ class SlotScriptedModel(ScriptedModel):
     def forward(self, idx, kv_cache=None):
         B, T = idx.shape
         pos = kv_cache.pos
+        prefill = not isinstance(pos, torch.Tensor) and pos == 0
         pos = pos.tolist() if isinstance(pos, torch.Tensor) else [pos] * B
         logits = torch.full((B, T, self.config.vocab_size), -10.0)
-        if not isinstance(kv_cache, SlotKVCache):  # a batch-1 prefill: the row's plan key travels in its cache
+        if prefill:  # a batch-1 prefill: the row's plan key travels in its cache
             kv_cache.k[0, 0, 0, 0, 0] = float(int(idx[0, 0]))
-        for b in range(B):
-            key = int(kv_cache.k[0, b, 0, 0, 0]) if isinstance(kv_cache, SlotKVCache) else int(idx[0, 0])
+        for b in range(B):  # decoding (a SlotKVCache, or a plain view when all rows sit at one position)
+            key = int(idx[0, 0]) if prefill else int(kv_cache.k[0, b, 0, 0, 0])
             plan = self.plans.get(key)
             for t in range(T):
                 if plan is not None:
@@ -435,11 +436,11 @@ def _drive(decoder, jobs, drop_after=None):
                 done.add(j)
             else:
                 key_of[key] = j
-        for key, t, m, finished in decoder.step():
-            j = key_of[key]
-            got[j][0].append(t)
-            got[j][1].append(m)
-            if finished:
+        for ev in decoder.step():
+            key, j = ev.key, key_of[ev.key]
+            got[j][0].append(ev.token)
+            got[j][1].append(ev.mask)
+            if ev.finished:
                 done.add(j)
             elif drop_after is not None and j == drop_after[0] and len(got[j][0]) == drop_after[1]:
                 decoder.drop(key)
