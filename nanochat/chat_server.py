@@ -167,7 +167,8 @@ class Worker:
 
 class WorkerPool:
     """Rows of the workers' batches, handed to requests: `await acquire(n)` waits (first come, first
-    served) until one worker has n free rows, preferring the least loaded; `release` runs on the event loop."""
+    served) until one worker has n free rows, preferring the least loaded; `release` runs on the event loop.
+    `check_queue()` (before a request is accepted) refuses it with a 503 when `max_queue` already wait."""
 
     def __init__(self, engines: list, rows: int = 8, max_queue: int = 256):
         if not engines:
@@ -202,7 +203,6 @@ class WorkerPool:
         worker = None if self._waiters else self._pick(n)
         if worker is not None:
             return self._take(worker, n)
-        self.check_queue()
         fut = asyncio.get_running_loop().create_future()
         self._waiters.append((n, fut))
         try:
@@ -213,7 +213,7 @@ class WorkerPool:
             raise
 
     def check_queue(self) -> None:
-        if self.waiting >= self.max_queue:
+        if self.waiting >= self.max_queue and self._pick(1) is None:
             raise RequestError(f"the server is busy: {self.waiting} requests are queued (limit {self.max_queue}); "
                                f"retry later", status=503, kind="server_error")
 
@@ -775,8 +775,11 @@ def create_app(engines: list, model_name: str, temperature: float = 0.6, top_k: 
             score = s.logprobs if (self.req.echo and s.logprobs is not None) else None
 
             async def one(p: int):
-                self.gens.append(await _start(s, self.req.prompts[p][0], False, _Tagged(self.events, p),
-                                              p * s.n, score, self.t0))
+                try:
+                    self.gens.append(await _start(s, self.req.prompts[p][0], False, _Tagged(self.events, p),
+                                                  p * s.n, score, self.t0))
+                except Exception as e:  # reported on the response instead of lost in a task
+                    self.events.put_nowait(("error", p, f"{type(e).__name__}: {e}"))
 
             self.tasks = [asyncio.create_task(one(p)) for p in range(len(self.req.prompts))]
 

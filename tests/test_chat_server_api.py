@@ -407,3 +407,31 @@ def test_client_gone_during_upload_is_one_log_line(server):
     assert out.count("went away while uploading") == before + 1
     assert "Traceback" not in out
     assert httpx.get(server.url + "/health", timeout=30).json()["ready"]
+
+
+def test_full_queue_is_a_503_in_openai_shape(base):
+    """In process: one row, no queue: while a reply streams, the next request is refused at once."""
+    from fastapi.testclient import TestClient
+
+    from nanochat.chat_server import create_app
+    from nanochat.engine import Engine
+    from nanochat.tokenizer import get_tokenizer
+    from tests.chat_fixtures import _endless_model
+
+    tok = get_tokenizer(base)
+    app = create_app([Engine(_endless_model(tok), tok)], "endless", batch_size=1, max_queue=0)
+    with TestClient(app) as client:
+        body = {"messages": HI, "max_tokens": 4000, "stream": True}
+        with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            while "content" not in next(lines):
+                pass
+            busy = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+            assert busy.status_code == 503 and busy.json()["error"]["type"] == "server_error"
+            assert "queued" in busy.json()["error"]["message"]
+        deadline = time.time() + 30
+        while client.get("/health").json()["slots"]["busy"] and time.time() < deadline:
+            time.sleep(0.1)
+        ok = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
+        assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] == 2
