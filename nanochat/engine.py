@@ -13,9 +13,14 @@ the engine evaluates `expr` and forces `<|output_start|>result<|output_end|>` in
 token per step, with mask 0 (the model did not choose them; SFT does not train on them). A refused
 expression forces nothing and the model goes on.
 
-Stops: a sample ends at a stop token (`<|assistant_end|>` or `<|bos|>` by default), after
-`max_tokens`, or when prompt + reply fill the model's context (`config.sequence_len`), whichever comes
-first; a caller's `should_stop()` ends all samples (a web client that went away).
+Stops: a sample ends at a stop token (`<|assistant_end|>` or `<|bos|>` by default), at a stop string
+(matched on its decoded text, across token boundaries: `StopText`), after `max_tokens`, or when
+prompt + reply fill the model's context (`config.sequence_len`), whichever comes first; a caller's
+`should_stop()` ends all samples (a web client that went away).
+
+Per sequence, too: presence / frequency penalties (OpenAI's definition, on the counts of the tokens
+generated so far) and logprobs, which are the model's own distribution (log-softmax of the raw
+logits, before penalties, temperature and top-k / top-p).
 
 `StreamDecoder` turns a token stream into text without ever splitting a multi-byte UTF-8 character
 (byte-level BPE tokens may end mid-character: an emoji is often 2-4 tokens).
