@@ -254,6 +254,21 @@ def test_echo_logprobs_equal_our_per_token_losses(long_server, long_client, long
     assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
 
 
+def test_streamed_echo_logprobs_equal_the_whole_response(long_client, long_model):
+    model, tok = long_model
+    ids = tok.encode(TEXT, prepend="<|bos|>")
+    kw = dict(model="m", prompt=ids, max_tokens=3, echo=True, logprobs=1, temperature=0)
+    whole = long_client.completions.create(**kw).choices[0]
+    text, lps, tops = "", [], []
+    for chunk in long_client.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            text += c.text
+            if c.logprobs is not None:
+                lps += c.logprobs.token_logprobs
+                tops += c.logprobs.top_logprobs
+    assert text == whole.text and lps == whole.logprobs.token_logprobs and tops == whole.logprobs.top_logprobs
+
+
 def test_completions_text_prompts_list_n_stream_and_seed(long_client, long_model):
     model, tok = long_model
     prompts = ["Hello there", "The quick brown fox"]
