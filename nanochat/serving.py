@@ -292,7 +292,7 @@ class Generation:
                  chat: bool, events: asyncio.Queue, first_index: int = 0, score: int | None = None,
                  t0: float | None = None):
         self.pool, self.stats, self.worker, self.sampling, self.prompt = pool, stats, worker, sampling, prompt
-        self.chat, self.events, self.score = chat, events, score
+        self.events, self.score = events, score
         tok = worker.engine.tokenizer
         self.tokenizer = tok
         self.choices = [Choice(first_index + i, tok, chat, sampling.stop) for i in range(sampling.n)]
