@@ -1,28 +1,29 @@
 """Chat serving speed: time to first token and tokens/s for 1, 4 and 8 concurrent streams through the real
-server (uvicorn + nanochat.chat_server, streamed SSE read from the socket), against batch-1 generation of
-the same replies with the Engine directly (no server, one after another).
+server (`python -m scripts.chat_web` in a subprocess, streamed SSE read from the socket), against batch-1
+generation of the same replies with the Engine directly (no server, one after another).
 
     python benchmarks/bench_chat_serve.py                                  # a synthetic d4 model on CPU
-    python benchmarks/bench_chat_serve.py --workers 1,2 --rounds 3 --out benchmarks/results/chat_serve.md
-    python benchmarks/bench_chat_serve.py --batch-sizes 1,8              # one at a time vs decoded together
+    python benchmarks/bench_chat_serve.py --batch-sizes 1,8 --rounds 3 --out benchmarks/results/chat_serve.md
+    python benchmarks/bench_chat_serve.py --trees .,/tmp/old-nanochat      # this code against another checkout
     python benchmarks/bench_chat_serve.py --source sft --model-tag d12    # a trained checkpoint
 
 The synthetic model (random weights, a tokenizer trained on this package's source) never samples a stop
-token, so every reply is exactly --max-tokens long and the measurements compare like with like. Rounds
-interleave the baseline and every concurrency, so load from other processes hits them alike.
+token, so every reply is exactly --max-tokens long and the measurements compare like with like; it is
+saved as a checkpoint so that every server under test loads the same one, as a user would start it.
+`--trees` starts one server per source tree and batch size (e.g. a checkout of an older commit made
+with `git archive`), so two versions of the server are measured side by side. Rounds interleave the
+baseline and every server, so load from other processes hits them alike.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import json
 import os
 import statistics
 import socket
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -56,21 +57,44 @@ def synthetic_model(depth: int, seq_len: int):
     return model.eval(), tok
 
 
-def start_server(engines, name, batch_size):
-    import uvicorn
+def save_synthetic(model, tok, base: Path, tag: str) -> None:
+    from nanochat.checkpoint_manager import save_checkpoint
 
-    from nanochat.chat_server import create_app
+    tok.save(base / "tokenizer")
+    save_checkpoint(base / "base_checkpoints" / tag, 1, model.state_dict(), None,
+                    {"model_config": model.config.to_dict(), "model_tag": tag})
+
+
+def start_server(tree: Path, base: Path, source: str, tag: str | None, step: int | None, batch_size: int,
+                 threads: int, log: Path):
+    """`python -m scripts.chat_web` from source tree `tree` on a free port; (process, url)."""
+    import subprocess
+
+    import httpx
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    app = create_app(engines, name, temperature=1.0, top_k=50, max_tokens=64, batch_size=batch_size)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, thread, f"http://127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NANOCHAT_")}
+    env.update(NANOCHAT_BASE_DIR=str(base), PYTHONPATH=str(tree), OMP_NUM_THREADS=str(threads),
+               NANOCHAT_DEVICE="cpu", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "scripts.chat_web", "--port", str(port), "--batch-size", str(batch_size),
+           "--source", source, "-t", "1.0", "-k", "50", "--device-type", "cpu"]
+    cmd += ["--model-tag", tag] if tag else []
+    cmd += ["--step", str(step)] if step is not None else []
+    proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"chat_web from {tree} exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"chat_web from {tree} did not start: {log.read_text()[-2000:]}")
 
 
 async def one_stream(client, url, max_tokens, seed):
@@ -132,62 +156,70 @@ def main():
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--max-tokens", type=int, default=64, help="tokens per reply")
     p.add_argument("--concurrency", default="1,4,8")
-    p.add_argument("--workers", default="1", help="comma-separated worker counts to measure (CPU: model copies)")
+    p.add_argument("--trees", default=".", help="comma-separated source trees to start servers from (default: this one)")
     p.add_argument("--batch-sizes", default="8",
-                   help="comma-separated --batch-size values to measure (requests a worker decodes together)")
+                   help="comma-separated --batch-size values to measure (rows a worker decodes together)")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads (1: on a loaded 2-core machine, 2 OpenMP threads decoded ~30x slower)")
     p.add_argument("--out", default=None, help="write the markdown table here too")
     args = p.parse_args()
+    import tempfile
+
     if args.threads:
         torch.set_num_threads(args.threads)
     levels = [int(x) for x in args.concurrency.split(",")]
-    worker_counts = [int(x) for x in args.workers.split(",")]
     batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
+    trees = [Path(t).resolve() for t in args.trees.split(",")]
+    workdir = Path(tempfile.mkdtemp(prefix="bench_chat_serve_"))
 
     if args.source:
         from nanochat.chat_session import load_chat_model
 
         model, tok, _, name = load_chat_model(args.source, "cpu", args.model_tag, args.step)
+        base, source, tag, step = Path(os.environ.get("NANOCHAT_BASE_DIR", "")), args.source, args.model_tag, args.step
     else:
         model, tok = synthetic_model(args.depth, args.seq_len)
         name = f"synthetic-d{args.depth}"
+        base, source, tag, step = workdir, "base", name, None
+        save_synthetic(model, tok, base, tag)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model {name}: {n_params / 1e6:.1f}M parameters, context {model.config.sequence_len}, "
           f"{args.max_tokens} tokens per reply, torch threads {torch.get_num_threads()}", flush=True)
-    base_engine = Engine(model, tok)
+    engine = Engine(model, tok)
     servers = {}
-    for w in worker_counts:
-        engines = [base_engine] + [Engine(copy.deepcopy(model), tok) for _ in range(w - 1)]
+    for t, tree in enumerate(trees):
         for b in batch_sizes:
-            servers[(w, b)] = start_server(engines, name, b)
+            label = f"{tree.name or tree}" if len(trees) > 1 else "server"
+            servers[(label, b)] = start_server(tree, base, source, tag, step, b, args.threads,
+                                               workdir / f"server_{t}_{b}.log")
 
     rows: dict[tuple, list] = {}
-    for r in range(args.rounds):
-        for n in levels:
-            b = baseline(base_engine, tok, model.config.sequence_len, n, args.max_tokens, r)
-            rows.setdefault(("batch-1 engine", (1, 1), n), []).append(b)
-            for wb, (_, _, url) in servers.items():
-                res = asyncio.run(concurrent(url, n, args.max_tokens, r))
-                rows.setdefault(("server", wb, n), []).append(res)
-            print(f"round {r + 1}/{args.rounds}, {n} streams done", flush=True)
-    for server, thread, _ in servers.values():
-        server.should_exit = True
-        thread.join(10)
+    try:
+        for r in range(args.rounds):
+            for n in levels:
+                b = baseline(engine, tok, model.config.sequence_len, n, args.max_tokens, r)
+                rows.setdefault(("batch-1 engine", "-", n), []).append(b)
+                for (label, bs), (_, url) in servers.items():
+                    res = asyncio.run(concurrent(url, n, args.max_tokens, r))
+                    rows.setdefault((label, bs, n), []).append(res)
+                print(f"round {r + 1}/{args.rounds}, {n} streams done", flush=True)
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(30)
 
     load = os.getloadavg()
     lines = [f"model {name} ({n_params / 1e6:.1f}M params, context {model.config.sequence_len}), "
              f"{args.max_tokens} tokens per reply, {args.rounds} interleaved rounds, torch threads "
              f"{torch.get_num_threads()}, load average at the end {load[0]:.1f} / {load[1]:.1f} (1 / 5 min)", "",
-             "| path | workers | batch | streams | TTFT median ms | TTFT max ms | aggregate tok/s | per-stream tok/s |",
-             "|---|---|---|---|---|---|---|---|"]
-    for (path, (w, bs), n), rs in rows.items():
+             "| path | batch | streams | TTFT median ms | TTFT max ms | aggregate tok/s | per-stream tok/s |",
+             "|---|---|---|---|---|---|---|"]
+    for (path, bs, n), rs in rows.items():
         ttft = [t for rr in rs for t in rr["ttft"]]
         agg = statistics.median(rr["tokens"] / rr["wall"] for rr in rs)
-        per = statistics.median(x for rr in rs for x in rr["per_stream"]) if path == "server" else agg
-        lines.append(f"| {path} | {w if path == 'server' else '-'} | {bs if path == 'server' else '-'} | {n} | "
-                     f"{statistics.median(ttft) * 1e3:.0f} | "
+        per = statistics.median(x for rr in rs for x in rr["per_stream"]) if "per_stream" in rs[0] else agg
+        lines.append(f"| {path} | {bs} | {n} | {statistics.median(ttft) * 1e3:.0f} | "
                      f"{max(ttft) * 1e3:.0f} | {agg:.0f} | {per:.0f} |")
     table = "\n".join(lines)
     print("\n" + table)

@@ -9,7 +9,8 @@ one-at-a-time ones (tested).
 
 Generative (GSM8K, HumanEval, the embedded mix): `num_samples` replies per problem sampled with the
 engine (temperature 0 = greedy by default; calculator tool use on), all replies of all problems
-decoded together in rows of `decode_batch` (continuous batching, each reply with its own seed), each
+decoded together in rows of `decode_batch` (continuous batching on engine.BatchDecoder, the decode
+loop the chat server shares, each reply with its own seed), each
 scored by the task;
 pass@k is the unbiased estimator of Chen et al. (2021) from n samples with c correct, and the
 accuracy is pass@1.

@@ -1,7 +1,7 @@
-"""Serve a trained model: a chat page at / and an OpenAI-compatible API at /v1/chat/completions.
+"""Serve a trained model: a chat page at / and an OpenAI-compatible API (/v1/chat/completions, /v1/completions).
 
     python -m scripts.chat_web                          # latest SFT model on http://127.0.0.1:8000
-    python -m scripts.chat_web --source base --model-tag d12 --step 5000 --port 8080
+    python -m scripts.chat_web --source base --model-tag d12 --step 5000 --port 8080   # a base model: completions
     python -m scripts.chat_web --num-workers 8          # 8 GPUs: one model each, requests queued
 
 Any OpenAI client works against it:
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import socket
 import sys
 from pathlib import Path
 
@@ -40,8 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=None,
                    help="models serving requests in parallel: one per GPU (default: all), copies on CPU (default 1)")
     p.add_argument("--batch-size", type=int, default=8,
-                   help="requests each worker decodes together (continuous batching; capped so its KV cache "
-                        "fits the memory budget; 1: one at a time)")
+                   help="rows each worker decodes together (continuous batching: a request's n choices are rows; "
+                        "capped so its KV cache fits the memory budget; 1: one request at a time)")
+    p.add_argument("--max-queue", type=int, default=256,
+                   help="requests that may wait for free rows; beyond that a request gets a 503 (default 256)")
     p.add_argument("-t", "--temperature", type=float, default=0.6, help="default temperature of requests (0.6)")
     p.add_argument("-k", "--top-k", type=int, default=50, help="default top-k of requests (50)")
     p.add_argument("--max-tokens", type=int, default=512, help="default max_tokens of requests (512)")
@@ -73,6 +76,8 @@ def load_engines(args) -> tuple[list[Engine], str]:
 def main(argv=None) -> int:
     p = build_parser()
     args = p.parse_args(argv)
+    if args.max_queue < 0:
+        p.error(f"--max-queue {args.max_queue} must be >= 0")
     if args.num_workers is not None and args.num_workers < 1:
         p.error(f"--num-workers {args.num_workers} must be >= 1")
     if not 0 <= args.port <= 65535:
@@ -81,20 +86,43 @@ def main(argv=None) -> int:
 
     from nanochat.chat_server import create_app
 
+    try:  # the port first: a busy one should not cost a model load to find out
+        sock = bind(args.host, args.port)
+    except OSError as e:
+        print(f"chat_web: cannot listen on {args.host}:{args.port}: {e.strerror or e} (is another server running "
+              f"there? pick another --port)", file=sys.stderr)
+        return 2
     try:
         engines, name = load_engines(args)
         app = create_app(engines, name, temperature=args.temperature, top_k=args.top_k, max_tokens=args.max_tokens,
-                         batch_size=args.batch_size)
+                         batch_size=args.batch_size, max_queue=args.max_queue)
     except (ChatError, ValueError, RuntimeError) as e:
         print(f"chat_web: {e}", file=sys.stderr)
+        sock.close()
         return 2
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"chat_web: WARNING: listening on {args.host}: anyone who can reach this machine can use the model "
               f"(there is no authentication)", flush=True)
     print(f"chat_web: {len(engines)} worker(s) x {app.state.pool.workers[0].rows} request(s) decoded together; open http://{args.host}:{args.port}/ "
           f"(API: http://{args.host}:{args.port}/v1)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    server.run(sockets=[sock])
     return 0
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, handed to uvicorn (so nothing can take the port meanwhile)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
 
 
 if __name__ == "__main__":

@@ -180,7 +180,17 @@ BAD = {
     "max_tokens 0": {"messages": HI, "max_tokens": 0},
     "max_tokens above 4096": {"messages": HI, "max_tokens": 4097},
     "top_p 0": {"messages": HI, "top_p": 0},
-    "n 2": {"messages": HI, "n": 2},
+    "n beyond the limit": {"messages": HI, "n": 9},
+    "tools with tool_choice required": {"messages": HI, "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]},
+    "response_format json_object": {"messages": HI, "response_format": {"type": "json_object"}},
+    "logit_bias": {"messages": HI, "logit_bias": {"5": 10}},
+    "five stop strings": {"messages": HI, "stop": ["a", "b", "c", "d", "e"]},
+    "stop not a string": {"messages": HI, "stop": [1]},
+    "top_logprobs without logprobs": {"messages": HI, "top_logprobs": 3},
+    "top_logprobs above 20": {"messages": HI, "logprobs": True, "top_logprobs": 21},
+    "presence_penalty above 2": {"messages": HI, "presence_penalty": 2.5},
+    "frequency_penalty below -2": {"messages": HI, "frequency_penalty": -3},
     "stream not a bool": {"messages": HI, "stream": "yes"},
     "system not first": {"messages": HI + [{"role": "assistant", "content": "x"}, {"role": "system", "content": "s"}]
                          + HI},

@@ -4,8 +4,9 @@ import json
 
 import pytest
 
-from nanochat.chat_server import RequestError, SSEReader, normalize_messages, validate_request
+from nanochat.chat_server import SSEReader
 from nanochat.chat_session import ChatError, ReplyStream, fit_prompt, parse_tool_spans, pieces_text
+from nanochat.openai_api import RequestError, normalize_messages, validate_chat
 from nanochat.tokenizer import Tokenizer
 
 TEXTS = ["Hello there, how are you today? I am fine.", "What is 12 times 3? It is 36."] * 20
@@ -87,17 +88,17 @@ DEFAULTS = dict(temperature=0.6, top_k=50, max_tokens=512)
 
 
 def test_validate_request_defaults_and_fields():
-    req = validate_request({"messages": [{"role": "user", "content": "hi"}]}, DEFAULTS)
-    assert (req.temperature, req.top_k, req.max_tokens, req.stream, req.top_p) == (0.6, 50, 512, False, None)
-    req = validate_request({"messages": [{"role": "developer", "content": "sys"},
+    s = validate_chat({"messages": [{"role": "user", "content": "hi"}]}, DEFAULTS).sampling
+    assert (s.temperature, s.top_k, s.max_tokens, s.stream, s.top_p) == (0.6, 50, 512, False, None)
+    req = validate_chat({"messages": [{"role": "developer", "content": "sys"},
                                          {"role": "user", "content": [{"type": "text", "text": "a"},
                                                                       {"type": "text", "text": "b"}]},
                                          {"role": "user", "content": "c"}],
                             "temperature": 0, "top_k": 0, "max_completion_tokens": 7, "top_p": 0.9, "seed": 3,
                             "stream": True, "stream_options": {"include_usage": True}, "user": "ignored"}, DEFAULTS)
     assert req.messages == [{"role": "system", "content": "sys"}, {"role": "user", "content": "ab\n\nc"}]
-    assert (req.temperature, req.top_k, req.max_tokens, req.top_p, req.seed, req.include_usage) == \
-        (0.0, None, 7, 0.9, 3, True)
+    s = req.sampling
+    assert (s.temperature, s.top_k, s.max_tokens, s.top_p, s.seed, s.include_usage) == (0.0, None, 7, 0.9, 3, True)
     with pytest.raises(RequestError, match="messages\\[1\\].role 'tool'"):
         normalize_messages([{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}])
 

@@ -1,5 +1,7 @@
 """KV-cache generation against naive full recompute; sampling determinism and stop tokens."""
 
+import math
+
 import pytest
 import torch
 
@@ -381,12 +383,13 @@ class SlotScriptedModel(ScriptedModel):
     def forward(self, idx, kv_cache=None):
         B, T = idx.shape
         pos = kv_cache.pos
+        prefill = not isinstance(pos, torch.Tensor) and pos == 0
         pos = pos.tolist() if isinstance(pos, torch.Tensor) else [pos] * B
         logits = torch.full((B, T, self.config.vocab_size), -10.0)
-        if not isinstance(kv_cache, SlotKVCache):  # a batch-1 prefill: the row's plan key travels in its cache
+        if prefill:  # a batch-1 prefill: the row's plan key travels in its cache
             kv_cache.k[0, 0, 0, 0, 0] = float(int(idx[0, 0]))
-        for b in range(B):
-            key = int(kv_cache.k[0, b, 0, 0, 0]) if isinstance(kv_cache, SlotKVCache) else int(idx[0, 0])
+        for b in range(B):  # decoding (a SlotKVCache, or a plain view when all rows sit at one position)
+            key = int(idx[0, 0]) if prefill else int(kv_cache.k[0, b, 0, 0, 0])
             plan = self.plans.get(key)
             for t in range(T):
                 if plan is not None:
@@ -435,11 +438,11 @@ def _drive(decoder, jobs, drop_after=None):
                 done.add(j)
             else:
                 key_of[key] = j
-        for key, t, m, finished in decoder.step():
-            j = key_of[key]
-            got[j][0].append(t)
-            got[j][1].append(m)
-            if finished:
+        for ev in decoder.step():
+            key, j = ev.key, key_of[ev.key]
+            got[j][0].append(ev.token)
+            got[j][1].append(ev.mask)
+            if ev.finished:
                 done.add(j)
             elif drop_after is not None and j == drop_after[0] and len(got[j][0]) == drop_after[1]:
                 decoder.drop(key)
@@ -515,3 +518,113 @@ def test_batch_decoder_forces_tool_output_per_row(tok):
                            (prompt, 40, dict(temperature=0.0))])
     assert got[0] == (reply + [end], masks + [1]) and got[2] == got[0]
     assert got[1] == (other_reply + [end], [1] * (len(other_reply) + 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# the per-row rules every generator shares: stop strings, logprobs, penalties, forks, prompt scores
+
+import random  # noqa: E402
+
+from nanochat.engine import StopText  # noqa: E402
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_stop_text_releases_exactly_the_text_before_the_first_stop(seed):
+    rng = random.Random(seed)
+    text = "".join(rng.choice("ab c") for _ in range(40))
+    stops = ["".join(rng.choice("ab c") for _ in range(rng.randint(1, 4))) for _ in range(rng.randint(1, 4))]
+    cuts = [text.find(s) for s in stops if s in text]
+    expect = text[:min(cuts)] if cuts else text
+    m, out, i = StopText(stops), "", 0
+    while i < len(text):  # pieces of random sizes, as tokens decode
+        j = i + rng.randint(1, 5)
+        out += m.push(text[i:j])
+        assert expect.startswith(out)  # never more than the answer, at any point of the stream
+        i = j
+    if not m.hit:
+        out += m.flush()
+    assert out == expect and m.hit == bool(cuts)
+
+
+def test_stop_strings_end_generation_on_decoded_text(tok):
+    model = model_for(vocab_size=tok.get_vocab_size())
+    prompt = tok.encode("Hello", prepend="<|bos|>")
+    steps = [ids[0] for ids, _ in Engine(model, tok).generate(prompt, max_tokens=30, temperature=0.0, stop_tokens=[])]
+    full = tok.decode(steps)
+    stop = full[7:10]  # three characters somewhere in the middle, likely across a token boundary
+    got = [ids[0] for ids, _ in Engine(model, tok).generate(prompt, max_tokens=30, temperature=0.0, stop_tokens=[],
+                                                             stop=[stop])]
+    assert got == steps[:len(got)] and stop in tok.decode(got) and stop not in tok.decode(got[:-1])
+
+
+def test_logprobs_are_the_raw_model_distribution_and_greedy_picks_the_argmax():
+    model = model_for()
+    prompt = [1, 5, 9]
+    decoder = BatchDecoder(Engine(model), 2, stop_tokens=[])
+    greedy = decoder.add(prompt, 8, temperature=0.0, logprobs=5)
+    decoder.add(prompt, 8, temperature=1.5, top_k=3, seed=1, logprobs=0)
+    events = {greedy: [], 1 - greedy: []}
+    while decoder.seqs:
+        for ev in decoder.step():
+            events[ev.key].append(ev)
+    for key, evs in events.items():
+        ids = prompt + [e.token for e in evs]
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([ids]))[0].float(), dim=-1)[len(prompt) - 1:-1]
+        for k, e in enumerate(evs):  # before temperature and top-k, whatever the row sampled with
+            assert e.logprob == pytest.approx(float(logp[k, e.token]), abs=1e-4)
+            if key == greedy:
+                assert e.top[0][0] == e.token and len(e.top) == 5
+                assert sum(math.exp(v) for _, v in e.top) <= 1 + 1e-6
+            else:
+                assert e.top is None
+
+
+def _reference_penalized_greedy(model, prompt, steps, presence, frequency):
+    seq, counts = list(prompt), torch.zeros(model.config.vocab_size)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(torch.tensor([seq]))[0, -1].float()
+            t = int((logits - counts * frequency - (counts > 0).float() * presence).argmax())
+            counts[t] += 1
+            seq.append(t)
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("presence,frequency", [(1.0, 0.0), (0.0, 0.8), (-0.5, 1.2)])
+def test_penalties_follow_openais_formula(presence, frequency):
+    model = model_for(vocab_size=12)  # a small vocabulary: tokens repeat, so the penalties bite
+    prompt = [1, 2, 3]
+    expect = _reference_penalized_greedy(model, prompt, 25, presence, frequency)
+    assert expect != _reference_penalized_greedy(model, prompt, 25, 0.0, 0.0)
+    got = [ids[0] for ids, _ in Engine(model).generate(prompt, max_tokens=25, temperature=0.0, stop_tokens=[],
+                                                        presence_penalty=presence, frequency_penalty=frequency)]
+    assert got == expect
+
+
+def test_forked_samples_equal_separately_added_ones():
+    model = model_for()
+    jobs = [([3, 1, 4], 15, dict(temperature=1.0, top_k=20, seed=s)) for s in (5, 6, 7)]
+    alone = _drive(BatchDecoder(Engine(model), 3, stop_tokens=[]), jobs)
+    decoder = BatchDecoder(Engine(model), 3, stop_tokens=[])
+    first = decoder.add([3, 1, 4], 15, temperature=1.0, top_k=20, seed=5)
+    keys = [first, decoder.fork(first, 6), decoder.fork(first, 7)]
+    got = {k: [] for k in keys}
+    while decoder.seqs:
+        for ev in decoder.step():
+            got[ev.key].append(ev.token)
+    assert [got[k] for k in keys] == [alone[j][0] for j in range(3)]
+    with pytest.raises(ValueError, match="not in the batch"):
+        decoder.fork(first, 1)
+
+
+def test_score_equals_per_token_loss():
+    from nanochat.loss_eval import per_token_loss
+
+    model = model_for(n_kv_head=2)
+    ids = [1, 5, 9, 2, 33, 7, 7, 40, 2]
+    scores = BatchDecoder(Engine(model), 1).score(ids, top=3)
+    with torch.no_grad():
+        loss = per_token_loss(model, torch.tensor([ids[:-1]]), torch.tensor([ids[1:]]))[0]
+    assert [lp for lp, _ in scores] == pytest.approx((-loss).tolist(), abs=1e-5)
+    assert all(len(top) == 3 and top[0][1] >= lp for lp, top in scores)
