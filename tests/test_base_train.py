@@ -585,6 +585,16 @@ def test_two_node_launch_trains_checkpoints_and_resumes_on_another_world_size(en
     assert one[2]["val_bpb"] == pytest.approx(before[2]["val_bpb"], rel=1e-5)
 
 
+def wait_for_record(base: Path, tag: str, step: int, timeout: float = 120) -> None:
+    """Until rank 0 has written step `step`'s metrics record (it follows the step's checkpoint)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run_dir(base, tag) / "metrics.jsonl").exists() and any(r["step"] == step for r in read_metrics(base, tag)):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"no metrics record of step {step} in {tag} after {timeout} s")
+
+
 @pytest.mark.slow
 def test_real_data_steps_match_on_1_2_4_ranks_and_a_run_killed_on_4_continues_on_2_then_1(env_base):
     """Logical streams on the real loader: 1 process x accumulation 4, 2 x 2 and 4 x 1 train every step on
@@ -603,6 +613,7 @@ def test_real_data_steps_match_on_1_2_4_ranks_and_a_run_killed_on_4_continues_on
     four = torchrun(env_base, 4, *flags, "--model-tag", "elastic", "--save-every", "2",
                     NANOCHAT_TEST_HANG_STEP=2)
     wait_for_line(four, "hanging at step 2", timeout=300)
+    wait_for_record(env_base, "elastic", 2)  # another rank may hang before rank 0 has written step 2's record
     kill_all(four)
     from nanochat.checkpoint_manager import list_steps, load_meta
 
@@ -612,6 +623,7 @@ def test_real_data_steps_match_on_1_2_4_ranks_and_a_run_killed_on_4_continues_on
     resumed = torchrun(env_base, 2, *flags, "--model-tag", "elastic", "--save-every", "1", "--resume", "latest",
                        NANOCHAT_TEST_HANG_STEP=3)
     seen = wait_for_line(resumed, "hanging at step 3", timeout=300)
+    wait_for_record(env_base, "elastic", 3)
     kill_all(resumed)
     assert "resumed from" in seen and "it was written by 4" in seen
     assert list_steps(d) == [2, 3]
