@@ -234,9 +234,12 @@ def test_sft_run_record_reaches_the_model_card_and_the_doctor(base, tmp_path):
 
 
 def test_older_sft_records_with_config_read_as_args(tmp_path):
-    from nanochat.foreign_runs import parse_nanochat_dir
+    """An SFT run folder written before the one record (flags under "config", resumed_from at the top): the
+    record reader and the doctor see it as a current one."""
+    from nanochat.diagnose import load_run
 
     (tmp_path / "run.json").write_text(json.dumps({"config": {"mix": "embedded"}, "resumed_from": 4, "sizing": {}}))
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
-    parsed = parse_nanochat_dir(tmp_path)
-    assert parsed.info["args"] == {"mix": "embedded"} and parsed.info["env"]["resumed_from"] == 4
+    record = rd.read_run_json(tmp_path)
+    assert record["args"] == {"mix": "embedded"} and record["env"]["resumed_from"] == 4
+    assert load_run(tmp_path).args == {"mix": "embedded"}
