@@ -379,6 +379,7 @@ def _evaluate(args, ctx, base) -> dict:
                 bpb = evaluate_split_bpb(model, tokenizer, token_bytes, ctx, split, args.split_tokens,
                                          args.device_batch_size, seq_len)
             result[f"{split}_bpb"] = bpb
+            result["split_tokens"] = args.split_tokens
             ctx.print0(f"{split} bpb: {bpb:.4f} ({args.split_tokens:,} tokens)")
 
     if "core" in args.parts:
