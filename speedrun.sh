@@ -12,7 +12,10 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${NANOCHAT_VENV:-.venv}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc 2>/dev/null || echo 1)}
+# Threads: no OMP_NUM_THREADS here. Each stage's `--threads auto` uses every core and fewer while other
+# processes keep some busy (nanochat/cpu_threads.py); a count fixed to every core (an exported
+# OMP_NUM_THREADS=$(nproc)) made steps several times slower while other work shared the cores.
+# Set NANOCHAT_THREADS=N to fix the count on purpose.
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[speedrun] creating virtual environment $VENV"

@@ -295,19 +295,12 @@ def readable_reply(text: str) -> str:
     for stop in STOP_MARKERS:
         text = text.split(stop, 1)[0]
     out, i = [], 0
-    pattern = "|".join(re.escape(k) for k in TOOL_MARKERS)
-    after_call = False
-    for m in re.finditer(pattern, text):
-        out.append(text[i:m.start()])
-        name = m.group(0)
-        if after_call and name != "<|output_start|>":  # a call with no result (the calculator refused)
-            out.append(">>")
-        after_call = name == "<|python_end|>"
-        out.append(TOOL_MARKERS[name])
+    for m in re.finditer("|".join(re.escape(k) for k in TOOL_MARKERS), text):
+        out.append(text[i:m.start()] + TOOL_MARKERS[m.group(0)])
         i = m.end()
+        if m.group(0) == "<|python_end|>" and not text.startswith("<|output_start|>", i):
+            out.append(">>")  # a call with no result (the calculator refused): closed at once, as ReplyStream does
     out.append(text[i:])
-    if after_call:
-        out.append(">>")
     return "".join(out)
 
 
