@@ -47,10 +47,23 @@ def test_ci_preset_end_to_end(tmp_path, shared_data_optional):
                   for ph, d in (("base", "base_checkpoints"), ("sft", "chatsft_checkpoints"))}
     assert all(r["tasks"]["EmbeddedChat"]["n"] == 8 for r in chat_evals.values())
     assert "SFT masked validation loss" in report and "| EmbeddedChat |" in report
+    # the held-out multi-turn chats are scored on their own row
+    assert all("multiturn" in r["tasks"]["EmbeddedChat"]["by_kind"] for r in chat_evals.values())
+    assert "| EmbeddedChat: multi-turn (last reply of a 2-3 exchange chat) |" in report
+    # one labelled figure per quantity: the final val bpb once, with its step and tokens
+    assert report.count("val bpb, final checkpoint (step 30, 8,192 tokens)") == 1
+    assert "training text used | " in report and "| compute dtype (training) |" in report
+    assert "matrix_lr as passed (--matrix-lr) | 0.02 |" in report
 
+    def wall_time(text):
+        return text[text.index("## Wall time"):]
+
+    first_times = wall_time(report)
     # re-running skips every finished stage
     again = run_speedrun(env, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
+    # ... and keeps the stage times of the run that did the work
+    assert wall_time((run_dir / "report" / "report.md").read_text()) == first_times
     assert "sft finished earlier" in again.stdout and "chat evaluation of sft" in again.stdout
     assert "skipping training" in again.stdout and "training finished earlier" in again.stdout
     assert "exists" in again.stdout and "skipping" in again.stdout
