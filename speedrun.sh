@@ -2,7 +2,9 @@
 # nanochat speedrun: set up everything on a fresh machine, then run the whole pipeline
 # (data -> tokenizer -> pretraining -> evaluation -> report card).
 #
-#   bash speedrun.sh                      # GPU recipe on CUDA machines, ~10 min CPU demo otherwise
+#   bash speedrun.sh                      # GPU recipe on CUDA machines, the CPU demo otherwise
+#     CPU demo on a quiet 2-core Xeon: ~2 min with AMX, ~3.5 min with AVX-512 (no AMX), ~4.7 min with
+#     AVX2 only; longer while other work shares the cores (benchmarks/results/cpu_dtype.md)
 #   NANOCHAT_PRESET=cpu bash speedrun.sh  # force a preset: gpu | cpu | ci
 #
 # Knobs (environment): NANOCHAT_PRESET, NANOCHAT_DEPTH, NANOCHAT_DATA (climbmix | fineweb-edu |

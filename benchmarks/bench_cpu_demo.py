@@ -4,7 +4,8 @@
         --eval-bundle ../shared/data/eval_bundle
 
 Each run gets a fresh NANOCHAT_BASE_DIR under --work-dir and no OMP_NUM_THREADS (the product's
-`--threads auto` decides). `avx2` runs the same machine as an AVX2-only CPU would: ATen's own kernels
+`--threads auto` decides). `avx512` limits oneDNN to AVX-512 without its bf16 extensions and AMX
+(ONEDNN_MAX_CPU_ISA=AVX512_CORE), as on Skylake to Ice Lake Xeons. `avx2` runs the same machine as an AVX2-only CPU would: ATen's own kernels
 (ATEN_CPU_CAPABILITY=avx2), oneDNN's (ONEDNN_MAX_CPU_ISA=AVX2: its bf16 matmuls lose AMX / AVX512-BF16
 and are emulated, so `--dtype auto` picks fp32) and MKL's fp32 GEMMs (MKL_ENABLE_INSTRUCTIONS=AVX2).
 Prints, per run, the wall clock, the report card's stage times, the load average before and after, the
@@ -28,8 +29,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-ISA_ENV = {"native": {}, "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
-                                  "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
+ISA_ENV = {"native": {},
+           # AVX-512 without AMX and without AVX512-BF16 (Skylake to Ice Lake servers): oneDNN's bf16 loses both
+           "avx512": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"},
+           "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
 
 
 def cpu_name() -> str:
@@ -46,7 +49,7 @@ def one_run(isa: str, base: Path, venv: str | None, bundle: str | None, log: Pat
     if base.exists():
         shutil.rmtree(base)
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "NANOCHAT_THREADS", "NANOCHAT_DTYPE",
-                                                             *ISA_ENV["avx2"])}
+                                                             *ISA_ENV["avx2"], *ISA_ENV["avx512"])}
     env.update(ISA_ENV[isa], NANOCHAT_PRESET="cpu", NANOCHAT_BASE_DIR=str(base))
     if venv:
         env["NANOCHAT_VENV"] = venv
@@ -79,7 +82,7 @@ def fmt_min(s: float) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--isa", default="native,avx2", help="comma-separated: native, avx2")
+    ap.add_argument("--isa", default="native,avx2", help="comma-separated: native, avx512, avx2")
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--venv", default=None, help="NANOCHAT_VENV for speedrun.sh")
     ap.add_argument("--eval-bundle", default=None, help="NANOCHAT_EVAL_BUNDLE (CORE on 16 examples per task)")
