@@ -2,7 +2,9 @@
 # nanochat speedrun: set up everything on a fresh machine, then run the whole pipeline
 # (data -> tokenizer -> pretraining -> evaluation -> report card).
 #
-#   bash speedrun.sh                      # GPU recipe on CUDA machines, ~10 min CPU demo otherwise
+#   bash speedrun.sh                      # GPU recipe on CUDA machines, the CPU demo otherwise
+#     CPU demo on a quiet 2-core Xeon: ~2 min with AMX, ~3.5 min with AVX-512 (no AMX), ~4.7 min with
+#     AVX2 only; longer while other work shares the cores (benchmarks/results/cpu_dtype.md)
 #   NANOCHAT_PRESET=cpu bash speedrun.sh  # force a preset: gpu | cpu | ci
 #
 # Knobs (environment): NANOCHAT_PRESET, NANOCHAT_DEPTH, NANOCHAT_DATA (climbmix | fineweb-edu |
@@ -12,7 +14,10 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=${NANOCHAT_VENV:-.venv}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc 2>/dev/null || echo 1)}
+# Threads: no OMP_NUM_THREADS here. Each stage's `--threads auto` uses every core and fewer while other
+# processes keep some busy (nanochat/cpu_threads.py); a count fixed to every core (an exported
+# OMP_NUM_THREADS=$(nproc)) made steps several times slower while other work shared the cores.
+# Set NANOCHAT_THREADS=N to fix the count on purpose.
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[speedrun] creating virtual environment $VENV"

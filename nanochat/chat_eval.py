@@ -152,7 +152,9 @@ def run_generative(task, model, tokenizer, ctx=None, num_samples: int = 1, max_n
             by_kind[2 * kind] += c / num_samples
             by_kind[2 * kind + 1] += 1
         if examples is not None and len(examples) < 2:
-            examples.append({"prompt": conv["messages"][0]["content"], "reply": replies[i][0], "correct": c > 0})
+            user = [m["content"] for m in conv["messages"] if m.get("role") == "user"]  # the question replied to
+            examples.append({"prompt": user[-1] if user else conv["messages"][0]["content"], "reply": replies[i][0],
+                             "correct": c > 0, "earlier_turns": max(0, len(user) - 1)})
     totals = _all_reduce_sum(ctx, sums + by_kind + [len(indices)])
     total = totals[-1]
     out = {f"pass@{k}": (totals[j] / total if total else 0.0) for j, k in enumerate(ks)}

@@ -396,11 +396,13 @@ def run_examples(model, examples: list[PreparedExample], pad_id: int, device, ba
 def evaluate_task(model, tokenizer, data: list[dict], device, spec: TaskSpec, max_seq_len: int | None = None,
                   batched: bool = True, batch_tokens: int = 8192, collect_examples: bool = False,
                   share_prefix: bool = False, ctx: RuntimeContext | None = None,
-                  progress_every: float | None = None) -> dict:
+                  progress_every: float | None = None, progress=None) -> dict:
     """Accuracy of `model` on one task's (already shuffled/truncated) `data`, across all ranks.
 
     Returns {accuracy, correct, n, examples (rank 0, when collect_examples: every example's decision)}.
     `progress_every`: seconds between rank 0's `label: done/total examples, rate, ETA` lines (None: silent).
+    `progress`: a `nanochat.progress.Progress` to advance instead (evaluate_core's overall one; this rank's
+    examples are counted, scaled by the world size so that the count reads as all ranks').
     """
     from nanochat.progress import Progress
 
@@ -409,6 +411,8 @@ def evaluate_task(model, tokenizer, data: list[dict], device, spec: TaskSpec, ma
     prepared = prepare_examples(data, indices, spec, tokenizer, max_seq_len)
     bar = (Progress(spec.label, len(prepared), "examples", every=progress_every, enabled=ctx.is_master)
            if progress_every is not None else None)
+    if progress is not None:
+        bar = _Scaled(progress, len(data) / max(1, len(prepared)))
     decisions = run_examples(model, prepared, tokenizer.get_bos_token_id(), device, batched, batch_tokens,
                              share_prefix=share_prefix, progress=bar)
     correct = float(sum(d["correct"] for d in decisions))
@@ -421,6 +425,16 @@ def evaluate_task(model, tokenizer, data: list[dict], device, spec: TaskSpec, ma
         decisions = sorted((d for part in gathered for d in part), key=lambda d: d["idx"])
         out["examples"] = decisions
     return out
+
+
+class _Scaled:
+    """Advances a Progress by `factor` per unit (one rank's examples counted as all ranks')."""
+
+    def __init__(self, progress, factor: float):
+        self.progress, self.factor = progress, factor
+
+    def update(self, n: float = 1) -> None:
+        self.progress.update(n * self.factor)
 
 
 def centered_score(accuracy: float, random_baseline_percent: float) -> float:
@@ -448,7 +462,8 @@ def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task: int =
                   batch_tokens: int = 8192, share_prefix: bool | None = None,
                   dump_examples: str | os.PathLike | None = None,
                   base_dir=None, verbose: bool = True, ctx: RuntimeContext | None = None,
-                  progress_every: float = 5.0, should_stop=None) -> dict | None:
+                  progress_every: float = 5.0, should_stop=None, done: dict | None = None,
+                  on_task=None) -> dict | None:
     """Evaluate CORE. Returns {core, tasks: {label: {accuracy, centered, n, ...}}, missing, n_tasks,
     n_examples, seconds, examples_per_second}.
 
@@ -465,6 +480,10 @@ def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task: int =
     None = on for CPU devices with a KV-cache model, off elsewhere (GPUs prefer the packed forwards).
     `should_stop`: a callable checked before each task (distributed: every rank calls it equally often);
     when it answers True the evaluation is abandoned and None returned.
+    Progress: one line every `progress_every` s over all tasks: `CORE (task k/n label): done/total examples,
+    rate, elapsed, ETA`. `done`: {label: result} of tasks finished by an earlier, stopped evaluation with the
+    same model and settings; they are reused, not run. `on_task(label, result)`: called (every rank) as each
+    task finishes, so a caller can keep finished tasks on disk (scripts/base_eval.py).
     """
     bundle = resolve_eval_bundle(bundle_dir, base_dir=base_dir)
     specs = load_task_specs(bundle)
@@ -486,13 +505,15 @@ def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task: int =
     was_training = getattr(model, "training", False)
     if hasattr(model, "eval"):
         model.eval()
+    from nanochat.progress import Progress
+
     results, missing, failed, dump = {}, [], {}, []
+    done = dict(done or {})
     t_start = time.time()
-    for spec in specs:
-        if should_stop is not None and should_stop():
-            if was_training and hasattr(model, "train"):
-                model.train()
-            return None
+    datasets = {}
+    for spec in specs:  # all tasks' data first: the overall progress needs the total
+        if spec.label in done:
+            continue
         try:
             data = load_task_data(bundle, spec, max_per_task)
         except TaskDataError as e:
@@ -503,17 +524,41 @@ def evaluate_core(model, tokenizer, device, bundle_dir=None, max_per_task: int =
             missing.append(spec.label)
             log(f"{spec.label:<34} MISSING: no data file {bundle / 'eval_data' / spec.dataset_uri}", flush=True)
             continue
+        datasets[spec.label] = data
+    total = sum(len(d) for d in datasets.values())
+    reused = [s.label for s in specs if s.label in done]
+    log(f"CORE: {len(datasets)} task(s) to run, {total:,} examples"
+        + (f" ({max_per_task} per task at most)" if max_per_task > 0 else "")
+        + (f"; {len(reused)} finished earlier, reused: {', '.join(reused)}" if reused else ""), flush=True)
+    overall = (Progress("CORE", total, "examples", every=progress_every, enabled=ctx.is_master)
+               if progress_every is not None else None)
+    for k, spec in enumerate(specs):
+        if spec.label in done:
+            results[spec.label] = done[spec.label]
+            continue
+        if spec.label not in datasets:
+            continue
+        if should_stop is not None and should_stop():
+            if was_training and hasattr(model, "train"):
+                model.train()
+            return None
+        data = datasets.pop(spec.label)
+        if overall is not None:
+            overall.what = f"CORE (task {k + 1}/{len(specs)} {spec.label})"
         t0 = time.time()
         res = evaluate_task(model, tokenizer, data, device, spec, max_seq_len=max_seq_len, batched=batched,
                             batch_tokens=batch_tokens, collect_examples=dump_examples is not None,
-                            share_prefix=share_prefix, ctx=ctx, progress_every=progress_every)
+                            share_prefix=share_prefix, ctx=ctx, progress=overall)
         seconds = time.time() - t0
         centered = centered_score(res["accuracy"], spec.random_baseline)
         results[spec.label] = {"accuracy": res["accuracy"], "centered": centered, "n": res["n"],
                                "correct": res["correct"], "cropped": res["cropped"], "seconds": seconds,
                                "task_type": spec.task_type, "num_fewshot": spec.num_fewshot}
         log(f"{spec.label:<34} {spec.num_fewshot:>2}-shot {spec.task_type:<17} n={res['n']:<6} "
-            f"acc={res['accuracy']:.4f} centered={centered:+.4f} ({seconds:.1f}s)", flush=True)
+            f"acc={res['accuracy']:.4f} centered={centered:+.4f} ({seconds:.1f}s)"
+            + (f"  [overall {int(overall.done):,}/{total:,} examples]" if overall is not None else ""), flush=True)
+        if on_task is not None:
+            on_task(spec.label, results[spec.label])
         for d in res.get("examples", []):
             dump.append({"task": spec.label, **d})
     seconds = time.time() - t_start

@@ -1,10 +1,17 @@
 """The planner: from a compute budget and an inference volume to (N, D), a nanochat depth and flags.
 
+Every view answers one question, `question(out)`: which model reaches the predicted loss of the
+compute-optimal model for the training budget C, at the lowest lifetime cost (training 6ND plus
+serving 2N per token for D_inf tokens)? (Sardana et al. 2024.) The compute-optimal plan is the N whose
+training cost for that loss is lowest (it spends exactly C); the inference-aware plan the N whose
+lifetime cost is lowest. It is smaller and trained longer, so its training alone can need more than
+C: `make_plan` measures that (`over_budget`) and every view says so.
+
 Used by scripts/plan.py: `make_plan` (the numbers), `print_table` (the side-by-side table), `memo`
 (a markdown memo with the closed-form derivation, the constants, the three loss terms, both plans,
-the break-even inference volumes and a plot) and `html_page` (one self-contained page with sliders:
-loss against N for the training-only and the inference-aware objective, both optima marked, as in
-Sardana et al. 2024; template nanochat/assets/planner.html).
+the break-even inference volumes and a plot) and `html_page` (one self-contained page with sliders
+that opens at the command's C and D_inf; template nanochat/assets/planner.html). The plot and the page
+draw the same two curves: FLOPs to reach that loss against N, training only and training + serving.
 """
 
 from __future__ import annotations
@@ -104,7 +111,9 @@ def make_plan(law: sc.LossLaw, law_note: str, C: float, budget_note: str, infere
     N0, D0 = plans["chinchilla"]["N"], plans["chinchilla"]["D"]
     terms = dict(E=law.E, params_term=law.A / N0 ** law.alpha, data_term=law.B / D0 ** law.beta)
     breakeven = sc.breakeven_inference_tokens(law, C, saving_pct / 100)
-    return dict(budget_flops=C, budget=budget_note, law=law.to_dict(), law_note=law_note, G=law.G,
+    # the inference-aware model is trained past the budget when it is smaller: how far (1.0 = exactly C)
+    over_budget = plans["inference_aware"]["train_flops_6ND"] / C
+    return dict(budget_flops=C, budget=budget_note, over_budget=over_budget, law=law.to_dict(), law_note=law_note, G=law.G,
                 n_exponent=law.n_exponent, inference_tokens=inference_tokens, gpu=gpu, mfu=mfu, num_gpus=num_gpus,
                 peak_flops=peak, predicted_loss=ia["loss"], loss_terms=terms, saving=ia["saving"],
                 saving_pct=saving_pct, breakeven_inference_tokens=breakeven,
@@ -119,9 +128,29 @@ def _f(x: float) -> str:
     return f"{x:.3g}"
 
 
+def question(out: dict) -> str:
+    """The one question the table, the memo, the plot and the page answer."""
+    return (f"Which model reaches the predicted loss of the compute-optimal model for {_f(out['budget_flops'])} "
+            f"training FLOPs at the lowest lifetime cost, serving D_inf = {_f(out['inference_tokens'])} tokens?")
+
+
+def budget_warning(out: dict) -> str | None:
+    """A line when the inference-aware plan's training alone needs more than the budget (None otherwise)."""
+    ratio = out.get("over_budget", 0.0)
+    if ratio <= 1.01:  # (the depth rows' rounding to a whole depth is not what this is about)
+        return None
+    ia = out["plans"]["inference_aware"]
+    hours = (f" (as nanochat depth {ia['depth']}: {_f(ia['train_flops'])} FLOPs, ~{ia['gpu_hours']:.3g} GPU-hours on "
+             f"{out['gpu']} at MFU {out['mfu']:g})" if ia.get("gpu_hours") is not None else "")
+    return (f"warning: the inference-aware plan trains for {_f(ia['train_flops_6ND'])} FLOPs, {ratio:.2g}x the "
+            f"budget {_f(out['budget_flops'])}{hours}: it reaches the same loss more cheaply over the model's life only if that "
+            f"extra training can be paid. Within the budget, train the compute-optimal plan, or plan with a smaller "
+            f"budget until the inference-aware plan's training fits (at a higher loss).")
+
+
 def print_table(out: dict) -> str:
     unit = out["law"]["loss_unit"]
-    lines = [f"budget: {out['budget']}", f"law:    {out['law_note']}",
+    lines = [f"question: {question(out)}", f"budget: {out['budget']}", f"law:    {out['law_note']}",
              f"        E={out['law']['E']:.4g} A={out['law']['A']:.4g} B={out['law']['B']:.4g} "
              f"alpha={out['law']['alpha']:.4g} beta={out['law']['beta']:.4g}",
              f"serving D_inf = {_f(out['inference_tokens'])} tokens; both plans reach predicted loss "
@@ -155,6 +184,8 @@ def print_table(out: dict) -> str:
     lines.append("(depth rows: Chinchilla takes the nearest depth at 6ND = C; inference-aware the cheapest depth near N "
                  "trained to the same loss)")
     lines.append(f"inference-aware saves {out['saving']:.1%} of lifetime FLOPs at D_inf = {_f(out['inference_tokens'])}")
+    if budget_warning(out):
+        lines.append(budget_warning(out))
     be = out["breakeven_inference_tokens"]
     lines.append(f"break-even: {out['breakeven_definition']}: "
                  + (f"D_inf = {_f(be)} tokens" if be else "never reached (the saving saturates below it)"))
@@ -162,18 +193,17 @@ def print_table(out: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# loss against N at a fixed lifetime budget (the plot and the HTML page)
+# FLOPs to reach the plan's loss against N (the plot and the HTML page)
 
 
-def loss_vs_n(law: sc.LossLaw, C: float, inference_tokens: float, N) -> tuple[np.ndarray, np.ndarray]:
-    """At lifetime budget C: training-only loss L(N, C/6N) (all of C trains), and the inference-aware
-    loss L(N, (C - 2N D_inf)/6N) (serving D_inf tokens is paid from C too; inf where nothing is left)."""
+def cost_vs_n(law: sc.LossLaw, loss: float, inference_tokens: float, N) -> tuple[np.ndarray, np.ndarray]:
+    """(training FLOPs 6N D(N), lifetime FLOPs 6N D(N) + 2N D_inf) for a model of N parameters trained on the
+    D(N) tokens that bring it to `loss` (inf where N alone cannot reach it). The training curve's minimum is
+    the compute-optimal N for the budget whose loss this is; the lifetime curve's, the inference-aware N."""
     N = np.asarray(N, dtype=float)
-    train_only = law.loss(N, C / (6 * N))
-    D = (C - 2 * N * inference_tokens) / (6 * N)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        aware = np.where(D > 0, law.E + law.A / N ** law.alpha + law.B / np.where(D > 0, D, 1.0) ** law.beta, np.inf)
-    return train_only, aware
+    D = sc.tokens_for_loss(law, N, loss)
+    train = 6.0 * N * D
+    return train, train + 2.0 * N * inference_tokens
 
 
 def plot(out: dict, path) -> Path:
@@ -183,21 +213,23 @@ def plot(out: dict, path) -> Path:
     import matplotlib.pyplot as plt
 
     law = sc.LossLaw.from_dict(out["law"])
-    ch = out["plans"]["chinchilla"]
-    C_life = ch["lifetime_flops"]  # the Chinchilla plan's training + serving cost, as one lifetime budget
-    n_life = float(law.compute_optimal(C_life)[0])
-    Ns = np.geomspace(n_life / 1000, n_life * 10, 600)
-    tr, aw = loss_vs_n(law, C_life, out["inference_tokens"], Ns)
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    ax.plot(Ns, tr, label="training-only: all of the budget trains")
-    ax.plot(Ns, aw, label=f"inference-aware: serving {out['inference_tokens']:.2g} tokens is paid too")
-    for y, lab in ((tr, "training-only optimum"), (aw, "inference-aware optimum")):
-        i = int(np.argmin(y))
-        ax.plot(Ns[i], y[i], "o", label=f"{lab}: N={Ns[i]:.3g}")
-    finite = np.concatenate([tr, aw[np.isfinite(aw)]])
-    ax.set(xscale="log", xlabel=f"N ({law.param_count} parameters)", ylabel=f"predicted loss ({law.loss_unit})",
-           ylim=(finite.min() - 0.02 * abs(finite.min()), np.quantile(finite, 0.6)))
-    ax.set_title(f"lifetime budget {C_life:.3g} FLOPs")
+    ch, ia = out["plans"]["chinchilla"], out["plans"]["inference_aware"]
+    n_min = (law.A / (out["predicted_loss"] - law.E)) ** (1 / law.alpha)  # below this N the loss is out of reach
+    Ns = np.geomspace(max(n_min * 1.05, min(ia["N"], ch["N"]) / 30), ch["N"] * 30, 600)
+    train, life = cost_vs_n(law, out["predicted_loss"], out["inference_tokens"], Ns)
+    fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    ax.plot(Ns, train, color="tab:blue", label="training FLOPs to reach the loss")
+    ax.plot(Ns, life, color="tab:red", label=f"lifetime FLOPs: + serving {out['inference_tokens']:.3g} tokens")
+    ax.axhline(out["budget_flops"], color="gray", ls="--", lw=1, label=f"training budget C = {out['budget_flops']:.3g}")
+    ax.plot(ch["N"], ch["train_flops_6ND"], "o", color="tab:blue", label=f"compute-optimal: N={ch['N']:.3g}")
+    ax.plot(ia["N"], ia["lifetime_flops"], "o", color="tab:red", label=f"inference-aware: N={ia['N']:.3g}")
+    ax.plot(ia["N"], ia["train_flops_6ND"], "o", mfc="none", color="tab:red",
+            label=f"inference-aware training: {ia['train_flops_6ND']:.3g}")
+    finite = np.concatenate([train[np.isfinite(train)], life[np.isfinite(life)]])
+    ax.set(xscale="log", yscale="log", xlabel=f"N ({law.param_count} parameters)", ylabel="FLOPs",
+           ylim=(finite.min() / 2, min(finite.max(), finite.min() * 1e3)))
+    ax.set_title(f"FLOPs to reach loss {out['predicted_loss']:.4f} (the compute-optimal loss for C = "
+                 f"{out['budget_flops']:.3g})", fontsize=9)
     ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
@@ -219,6 +251,8 @@ def memo(out: dict, plot_path: str | None = None) -> str:
     be = out["breakeven_inference_tokens"]
     lines = [
         f"# Training plan for {C:.3g} FLOPs",
+        "",
+        f"Question: {question(out)}",
         "",
         f"Budget: {out['budget']}. Inference volume over the model's life: D_inf = {_f(out['inference_tokens'])} tokens.",
         "",
@@ -271,6 +305,7 @@ def memo(out: dict, plot_path: str | None = None) -> str:
         "",
         f"At D_inf = {_f(out['inference_tokens'])} the inference-aware plan saves {out['saving']:.1%} of lifetime FLOPs.",
         "",
+        *([f"**{budget_warning(out)[0].upper()}{budget_warning(out)[1:]}**", ""] if budget_warning(out) else []),
         "Break-even inference volumes:",
         "",
         f"- serving costs as much as training the compute-optimal model at D_inf = 3 D* = {_f(out['inference_equals_training_tokens'])} "
@@ -285,16 +320,19 @@ def memo(out: dict, plot_path: str | None = None) -> str:
         lines += ["", f"Wall time on {out['num_gpus']}x {out['gpu']} at MFU {out['mfu']:g}: {ch['wall_hours']:.3g} h "
                   f"(compute-optimal), {ia['wall_hours']:.3g} h (inference-aware)."]
     if plot_path:
-        lines += ["", f"![loss against N at the Chinchilla plan's lifetime budget]({plot_path})"]
+        lines += ["", "The plot answers the same question: FLOPs to reach that loss against N, training only (its "
+                  "minimum is the compute-optimal plan) and training + serving (its minimum is the inference-aware "
+                  "plan), with the training budget as a dashed line.",
+                  "", f"![FLOPs to reach the compute-optimal loss against N]({plot_path})"]
     lines += ["", "Caveats: the constants' absolute losses belong to their data and tokenizer; a law fitted to your "
               "own sweep (scripts/scaling_sweep.py, scripts/scaling_fit.py, then --fit) is the one to plan with."]
     return "\n".join(lines) + "\n"
 
 
 def html_page(out: dict) -> str:
-    """One self-contained HTML page (no network): sliders for the lifetime budget and the inference volume."""
+    """One self-contained HTML page (no network) answering `question`: sliders for the training budget and the
+    inference volume, opening at the command's values."""
     template = resources.files("nanochat").joinpath("assets/planner.html").read_text()
-    ch = out["plans"]["chinchilla"]
-    data = dict(law=out["law"], budget=ch["lifetime_flops"], inference_tokens=out["inference_tokens"],
+    data = dict(law=out["law"], budget=out["budget_flops"], inference_tokens=out["inference_tokens"],
                 law_note=out["law_note"])
     return template.replace("/*__PLAN_DATA__*/null", json.dumps(data))

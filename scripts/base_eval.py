@@ -26,6 +26,7 @@ if not __package__:  # `python scripts/base_eval.py`: make the repo root importa
 import torch
 
 from nanochat.common import get_base_dir, init_runtime  # noqa: E402
+from nanochat.env import atomic_write_text  # noqa: E402
 from nanochat.loss_eval import evaluate_split_bpb  # noqa: E402
 from nanochat.hf_adapters import HFModel, HFTokenizer  # noqa: E402
 
@@ -39,8 +40,62 @@ PROMPTS = [
     "If 5*x + 3 = 13, then x is",
 ]
 PARTS = ("core", "bpb", "sample")
+# CORE examples per task when none is asked for on CPU: 22 tasks x 100 = ~2,200 of the full ~83K (the full set
+# takes 40 min to hours on a laptop CPU); each task's accuracy then has a standard error of ~0.05, CORE ~0.01
+CPU_MAX_PER_TASK = 100
 GPU_SPLIT_TOKENS = 2 ** 20
 CPU_SPLIT_TOKENS = 2 ** 16  # the cpu speedrun preset's figure: ~1 min per split for a depth-4 model on 2 cores
+
+
+def partial_path(json_path: Path) -> Path:
+    return json_path.with_name(json_path.stem + ".core_partial.json")
+
+
+class FinishedTasks:
+    """CORE tasks finished so far, kept on disk as each one ends (`add`), so that a stopped evaluation
+    (SIGTERM, Ctrl-C, a crash) loses at most the task it was in: the same command resumes from them (`load`).
+    They are reused only for the same model, bundle, examples per task and context (`key`)."""
+
+    def __init__(self, path: Path, key: dict, enabled: bool = True):
+        self.path, self.key, self.enabled = Path(path), key, enabled
+        self.tasks: dict = {}
+
+    def load(self) -> dict:
+        try:
+            saved = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return {}
+        if not isinstance(saved, dict) or saved.get("key") != self.key:
+            return {}
+        self.tasks = dict(saved.get("tasks") or {})
+        return dict(self.tasks)
+
+    def add(self, label: str, result: dict) -> None:
+        self.tasks[label] = result
+        if not self.enabled:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path, json.dumps({"key": self.key, "tasks": self.tasks}, indent=1))
+
+    def discard(self) -> None:
+        if self.enabled:
+            self.path.unlink(missing_ok=True)
+
+
+STOP_NOTE: list = [None]  # the FinishedTasks of the CORE run in progress, for the message when stopped
+
+
+def _stop_on_sigterm() -> None:
+    """SIGTERM ends the evaluation like Ctrl-C: the finished CORE tasks are on disk already; say where."""
+    import signal
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread (e.g. called from a test harness thread)
+        pass
 
 
 def fail(msg: str, code: int = 2):
@@ -189,7 +244,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--trust-remote-code", action="store_true",
                    help="with --hf-path: run the model code in the folder (nanochat remote-code exports)")
     p.add_argument("--eval", default="core,bpb,sample", help="comma-separated parts: core, bpb, sample")
-    p.add_argument("--max-per-task", type=int, default=-1, help="CORE examples per task (-1 = all)")
+    p.add_argument("--max-per-task", type=int, default=None,
+                   help=f"CORE examples per task (-1 = all; default: all on GPUs, {CPU_MAX_PER_TASK} on CPU)")
     p.add_argument("--tasks", default="", help="comma-separated CORE task labels (default: all)")
     p.add_argument("--eval-bundle", default=None, help="CORE eval bundle folder (else NANOCHAT_EVAL_BUNDLE, "
                                                        "else <base>/eval_bundle, downloaded on first use)")
@@ -210,7 +266,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     bad = [s for s in parts if s not in PARTS]
     if bad or not parts:
         p.error(f"--eval got {args.eval!r}: use a comma-separated subset of {','.join(PARTS)}")
-    if args.max_per_task == 0 or args.max_per_task < -1:
+    if args.max_per_task is not None and (args.max_per_task == 0 or args.max_per_task < -1):
         p.error(f"--max-per-task {args.max_per_task}: use -1 (all examples) or a positive number")
     if args.split_tokens is not None and args.split_tokens < 1:
         p.error(f"--split-tokens {args.split_tokens}: use a positive number of tokens")
@@ -226,8 +282,17 @@ def main(argv=None) -> dict:
         ctx = init_runtime(args.device_type, args.dtype, threads=args.threads)
     except (ValueError, RuntimeError) as e:  # --device-type cuda without CUDA, --dtype fp8
         fail(str(e))
+    _stop_on_sigterm()
+    STOP_NOTE[0] = None
     try:
         return _main(args, ctx)
+    except KeyboardInterrupt:
+        kept = STOP_NOTE[0]
+        n = len(kept.tasks) if kept is not None else 0
+        where = (f"{n} finished CORE task(s) are kept in {kept.path}: run the same command again to resume"
+                 if n else "no CORE task had finished, nothing kept")
+        print(f"base_eval: stopped; {where}", file=sys.stderr, flush=True)
+        raise SystemExit(130)
     finally:
         ctx.teardown()
 
@@ -238,6 +303,11 @@ def _main(args, ctx) -> dict:
     from nanochat.tokenizer import TokenizerError
 
     base = get_base_dir()
+    if args.max_per_task is None:
+        args.max_per_task = CPU_MAX_PER_TASK if ctx.device_type == "cpu" else -1
+        if ctx.device_type == "cpu" and "core" in args.parts:
+            ctx.print0(f"base_eval: on CPU, CORE runs at most {CPU_MAX_PER_TASK} examples per task (~{22 * CPU_MAX_PER_TASK:,} "
+                       f"of ~83K; a quick estimate, CORE within ~0.01); --max-per-task -1 runs them all (hours on a CPU)")
     if "core" in args.parts:  # find (or download) the bundle and parse its tasks before any slow work
         from nanochat.core_eval import EvalBundleError, check_bundle
 
@@ -304,16 +374,29 @@ def _evaluate(args, ctx, base) -> dict:
                 bpb = evaluate_split_bpb(model, tokenizer, token_bytes, ctx, split, args.split_tokens,
                                          args.device_batch_size, seq_len)
             result[f"{split}_bpb"] = bpb
+            result["split_tokens"] = args.split_tokens
             ctx.print0(f"{split} bpb: {bpb:.4f} ({args.split_tokens:,} tokens)")
 
     if "core" in args.parts:
         from nanochat.core_eval import evaluate_core
 
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] or None
+        json_path = Path(args.out) if args.out else out_dir / f"{stem}.json"
+        kept = FinishedTasks(partial_path(json_path), dict(model=name, bundle=str(args.eval_bundle),
+                                                           max_per_task=args.max_per_task, max_seq_len=max_seq_len),
+                             enabled=ctx.is_master)
+        done = kept.load()
+        if done and args.dump_examples:
+            ctx.print0(f"--dump-examples: not reusing the {len(done)} CORE task(s) kept in {kept.path} (their "
+                       f"per-example decisions were not kept)")
+            done = {}
+        elif done:
+            ctx.print0(f"resuming CORE: {len(done)} task(s) finished by an earlier run are reused from {kept.path}")
+        STOP_NOTE[0] = kept
         with autocast:
             core = evaluate_core(model, tokenizer, ctx.device, args.eval_bundle, args.max_per_task,
                                  max_seq_len=max_seq_len, tasks=tasks, batch_tokens=args.batch_tokens,
-                                 dump_examples=args.dump_examples, ctx=ctx)
+                                 dump_examples=args.dump_examples, ctx=ctx, done=done, on_task=kept.add)
         result["core"] = core["core"]
         result["tasks"] = {k: {"accuracy": v["accuracy"], "centered": v["centered"], "n": v["n"],
                                "task_type": v["task_type"], "num_fewshot": v["num_fewshot"]}
@@ -331,6 +414,9 @@ def _evaluate(args, ctx, base) -> dict:
     if ctx.is_master:
         json_path = Path(args.out) if args.out else out_dir / f"{stem}.json"
         paths = write_results(result, json_path)
+        if STOP_NOTE[0] is not None:
+            STOP_NOTE[0].discard()  # the results are whole now
+        STOP_NOTE[0] = None
         ctx.print0("\n" + results_table(result) + "\n")
         ctx.print0("wrote " + ", ".join(str(p) for p in paths))
     failed = result.get("core_eval", {}).get("failed")

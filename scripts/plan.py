@@ -7,12 +7,15 @@
     python scripts/plan.py --flops 1e22 --inference-tokens 2e13 --html plan.html  # interactive page (no network)
     python scripts/plan.py --flops 3e17 --fit fit.json --json     # fit.json from scaling_fit.py --json
 
-Two plans side by side, from a loss law L(N, D) = E + A/N^alpha + B/D^beta:
+One question, in every view (table, memo, plot, page): which model reaches the predicted loss of the
+compute-optimal model for this training budget at the lowest lifetime cost? Two plans side by side,
+from a loss law L(N, D) = E + A/N^alpha + B/D^beta:
   chinchilla       the (N, D) with the lowest predicted loss for training compute C = 6ND;
   inference-aware  the (N, D) reaching that same predicted loss with the smallest lifetime cost
                    6ND + 2N D_inf (Sardana et al., arXiv 2401.00448): smaller, trained longer.
 Break-even inference volume := the smallest D_inf at which the inference-aware plan's lifetime cost is
---saving-pct percent below the Chinchilla plan's (both serving D_inf tokens). Logic: nanochat/planner.py.
+--saving-pct percent below the Chinchilla plan's (both serving D_inf tokens). The inference-aware model
+trains longer than the budget buys when it is smaller: a warning says by how much. Logic: nanochat/planner.py.
 """
 
 import argparse
@@ -84,6 +87,9 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    warning = planner.budget_warning(out)
+    if warning and (args.html or args.memo is not None or args.json):  # the table prints it in place
+        print(warning, file=sys.stderr)
     if args.html:
         Path(args.html).write_text(planner.html_page(out))
         print(f"wrote {args.html}", file=sys.stderr)

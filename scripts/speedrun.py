@@ -66,12 +66,14 @@ PRESETS = {
     # 1.73 at 8x). The KJV's chapters (~1,000 tokens)
     # are long against 257-token rows: discarding cropped tails threw away 62% of the text and repeated
     # chapter openings, so tails of >= 32 tokens are kept (same compute, val bpb 1.512 -> 1.482).
+    # The in-training evaluations use as many tokens as the final one (65,536), so the curve's last point and
+    # the report's val bpb measure the same thing.
     "cpu": Preset("cpu", data="embedded", num_shards=0, tok_first_shards=0, vocab_size=4096,
                   tok_max_chars=100_000_000, depth=4, max_seq_len=256, device_batch_size=8,
                   train_args=["--num-iterations=260", "--total-batch-size=2048", "--warmup-steps=10",
                               "--keep-remainder=32",
                               "--matrix-lr=0.16", "--embedding-lr=2.4", "--unembedding-lr=0.064", "--scalar-lr=1.0",
-                              "--eval-every=65", "--eval-tokens=32768", "--core-metric-every=0",
+                              "--eval-every=65", "--eval-tokens=65536", "--core-metric-every=0",
                               "--sample-every=-1", "--save-every=65", "--keep-last=2"],
                   core_max_per_task=16, eval_split_tokens=65536,
                   # the embedded chat mix (offline), scored on its held-out split before and after SFT
@@ -93,6 +95,15 @@ PRESETS = {
 
 def log(msg: str) -> None:
     print(f"[speedrun {time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+SKIPPED: set[str] = set()  # stages that found their work done on disk in this invocation
+
+
+def skip(stage: str, msg: str) -> None:
+    """Log that `stage` is already done; its wall time in the report stays the one of the run that did it."""
+    SKIPPED.add(stage)
+    log(msg)
 
 
 def run(cmd: list[str], env: dict | None = None) -> None:
@@ -134,7 +145,9 @@ def stage_data(p: Preset, base: Path) -> subprocess.Popen | None:
             return False
 
     if p.data == "embedded":
-        if not have_data():
+        if have_data():
+            skip("data", "embedded corpus prepared earlier, skipping")
+        else:
             run([sys.executable, "-m", "nanochat.dataset", "embedded"])
         return None
     if p.data in ("climbmix", "fineweb-edu"):
@@ -144,7 +157,9 @@ def stage_data(p: Preset, base: Path) -> subprocess.Popen | None:
         return subprocess.Popen([sys.executable, "-m", "nanochat.dataset", "-n", str(p.num_shards),
                                  "--source", p.data], cwd=REPO)
     # a local path or a `datasets` name
-    if not have_data():
+    if have_data():
+        skip("data", "data prepared earlier, skipping")
+    else:
         run([sys.executable, "-m", "nanochat.dataset", "prepare", "--input", p.data])
     return None
 
@@ -158,7 +173,7 @@ def stage_tokenizer(p: Preset, base: Path, report: rc.Report) -> None:
         if vocab != p.vocab_size:
             raise SystemExit(f"speedrun: {tok_dir} holds a tokenizer of vocab {vocab}, the {p.name} preset wants "
                              f"{p.vocab_size}. Use another NANOCHAT_BASE_DIR, or delete {tok_dir} to retrain.")
-        log(f"tokenizer exists ({tok_dir}), skipping training")
+        skip("tokenizer", f"tokenizer exists ({tok_dir}), skipping training")
     else:
         run([sys.executable, "-m", "scripts.tok_train", f"--vocab-size={p.vocab_size}",
              f"--max-chars={p.tok_max_chars}"])
@@ -177,7 +192,13 @@ def tokenizer_section(p: Preset) -> str:
         if i >= 300:
             break
     ratio = n_bytes / max(1, n_tokens)
-    rows = [["vocab size", tok.get_vocab_size()], ["training text (max chars)", p.tok_max_chars],
+    meta = getattr(tok, "meta", None) or {}
+    if meta.get("chars"):  # what the tokenizer was trained on (the cap is only an upper bound)
+        used = (f"{meta['chars']:,} characters in {meta.get('docs', 0):,} documents"
+                + (f" (cap --max-chars {meta['max_chars']:,})" if meta.get("max_chars") else ""))
+    else:
+        used = f"unknown (trained before tokenizers recorded it; cap --max-chars {p.tok_max_chars:,})"
+    rows = [["vocab size", tok.get_vocab_size()], ["training text used", used],
             ["compression on validation docs", f"{ratio:.3f} bytes/token ({n_bytes:,} bytes in {n_tokens:,} tokens)"]]
     return "## Tokenizer\n\n" + rc.md_table(["", ""], rows) + "\n"
 
@@ -198,7 +219,7 @@ def stage_train(p: Preset, tag: str, nproc: int, run_name: str, report: rc.Repor
 
     run_dir = run_dir_of("base", tag)
     if training_done(run_dir):
-        log(f"training finished earlier ({run_dir}), skipping")
+        skip("train", f"training finished earlier ({run_dir}), skipping")
     else:
         cmd = launcher(nproc, "scripts.base_train") + [
             f"--depth={p.depth}", f"--max-seq-len={p.max_seq_len}", f"--device-batch-size={p.device_batch_size}",
@@ -207,10 +228,13 @@ def stage_train(p: Preset, tag: str, nproc: int, run_name: str, report: rc.Repor
             log(f"resuming training from the latest checkpoint in {run_dir}")
             cmd.append("--resume-from-step=latest")
         run(cmd)
-    report.set("sizing", rc.sizing_section(read_run_json(run_dir)))
+    info = read_run_json(run_dir) or {}
+    report.set("sizing", rc.sizing_section(info))
+    dtype = (info.get("env") or {}).get("dtype")
+    report.set("environment", rc.environment_section(REPO, dtype=dtype))
     metrics = read_metrics(run_dir)
     plots = rc.plot_training(metrics, report.dir) if metrics else []
-    report.set("training", rc.training_section(metrics, plots))
+    report.set("training", rc.training_section(metrics, plots, eval_tokens=rc.run_flags(info).get("eval_tokens")))
 
 
 def untrained_val_bpb(run_dir: Path, split_tokens: int) -> float:
@@ -243,10 +267,11 @@ def stage_eval(p: Preset, tag: str, nproc: int, report: rc.Report) -> dict:
     except Exception as e:  # EvalBundleError offline; anything else is reported the same way
         bundle, bundle_error = None, str(e)
     if out.exists():
-        log(f"evaluation of step {step} exists ({out}), skipping")
+        skip("eval", f"evaluation of step {step} exists ({out}), skipping")
     else:
         cmd = launcher(nproc, "scripts.base_eval") + [f"--model-tag={tag}", f"--step={step}", f"--out={out}",
-                                                       f"--split-tokens={p.eval_split_tokens}"]
+                                                       f"--split-tokens={p.eval_split_tokens}",
+                                                       f"--device-batch-size={p.device_batch_size}"]
         if bundle is None:
             log("no CORE eval bundle: evaluating bpb and samples only")
             cmd.append("--eval=bpb,sample")
@@ -256,6 +281,8 @@ def stage_eval(p: Preset, tag: str, nproc: int, report: rc.Report) -> dict:
                 cmd.append(f"--max-per-task={p.core_max_per_task}")
         run(cmd)
     result = json.loads(out.read_text())
+    result.setdefault("step", step)
+    result.setdefault("split_tokens", p.eval_split_tokens)
     if "untrained_val_bpb" not in result and result.get("val_bpb") is not None:
         result["untrained_val_bpb"] = untrained_val_bpb(run_dir, p.eval_split_tokens)
         out.write_text(json.dumps(result, indent=2))
@@ -286,7 +313,7 @@ def stage_chat_train(phase: str, p: Preset, tag: str, nproc: int) -> None:
     """SFT from the base checkpoint (or RL from the SFT one), resumed when interrupted, skipped when done."""
     run_dir = run_dir_of(phase, tag)
     if chat_phase_done(run_dir):
-        log(f"{phase} finished earlier ({run_dir}), skipping")
+        skip(phase, f"{phase} finished earlier ({run_dir}), skipping")
         return
     module, source, extra = (("scripts.chat_sft", "base", p.sft_args) if phase == "sft" else
                              ("scripts.chat_rl", "sft", []))
@@ -298,7 +325,7 @@ def stage_chat_eval(p: Preset, tag: str, nproc: int, report: rc.Report, phases: 
     """scripts.chat_eval of each phase's last checkpoint (skipped when its JSON exists); the report's chat section."""
     from nanochat.checkpoint_manager import find_last_step, load_meta
 
-    evals, sft = {}, None
+    evals, sft, ran = {}, None, False
     for phase in phases:
         run_dir = run_dir_of(phase, tag)
         step = find_last_step(run_dir)
@@ -306,6 +333,7 @@ def stage_chat_eval(p: Preset, tag: str, nproc: int, report: rc.Report, phases: 
         if out.exists():
             log(f"chat evaluation of {phase} step {step} exists ({out}), skipping")
         else:
+            ran = True
             run(launcher(nproc, "scripts.chat_eval") + [f"--source={phase}", f"--model-tag={tag}", f"--step={step}",
                                                         f"--output={out}"] + p.chat_eval_args)
         evals[phase] = json.loads(out.read_text())
@@ -313,6 +341,8 @@ def stage_chat_eval(p: Preset, tag: str, nproc: int, report: rc.Report, phases: 
             meta = load_meta(run_dir, step)
             sft = dict(meta.get("sft_evals") or {}, steps=step)
     report.set("chat", rc.chat_section(evals, sft))
+    if not ran:
+        SKIPPED.add("chat_eval")
     return evals
 
 
@@ -387,7 +417,7 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         out = fn(*a)
         times[stage] = time.time() - t0
-        report.record_time(stage, times[stage])
+        report.record_time(stage, times[stage], skipped=stage in SKIPPED)
         return out
 
     background = timed("data", stage_data, p, base)
@@ -406,12 +436,16 @@ def main(argv: list[str] | None = None) -> int:
     elif args.rl:
         log(f"--rl is for the gpu preset (GSM8K from the hub); skipped on the {name} preset")
     chat = timed("chat_eval", stage_chat_eval, p, tag, nproc, report, chat_phases)
-    report.set("timing", rc.timing_section(report.state.get("stage_seconds", {}), gpus))
+    report.set("timing", rc.timing_section(report.state.get("stage_seconds", {}), gpus,
+                                           report.state.get("skipped_stages", [])))
     log(f"done. report: {report.path}")
     if result.get("val_bpb") is not None:
-        log(f"val bpb {result['val_bpb']:.4f}" + (f", CORE {result['core']:.4f}" if result.get("core") is not None else ""))
+        log(f"{rc.bpb_label(result, 'val bpb of the final checkpoint')} {result['val_bpb']:.4f}"
+            + (f", CORE {result['core']:.4f}" if result.get("core") is not None else ""))
     for phase, r in chat.items():
-        accs = ", ".join(f"{t} {v['accuracy']:.4f}" for t, v in r.get("tasks", {}).items())
+        accs = ", ".join(f"{t} {v['accuracy']:.4f}" + (f" (multi-turn {v['by_kind']['multiturn']:.4f})"
+                                                       if "multiturn" in (v.get("by_kind") or {}) else "")
+                         for t, v in r.get("tasks", {}).items())
         log(f"chat {phase}: {accs}" + (f", ChatCORE {r['chatcore']:.4f}" if r.get("chatcore") is not None else ""))
     return 0
 

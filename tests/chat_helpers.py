@@ -22,7 +22,11 @@ def chat_tokenizer(vocab_size: int = 400):
     from nanochat.tasks import EmbeddedChat
     from nanochat.tokenizer import Tokenizer
 
-    texts = [conversation_text(c) for c in EmbeddedChat("train", size=600)]
+    from nanochat.tasks.embedded import SINGLE_KINDS
+
+    # the single-exchange kinds only: the same 600 texts, hence the same merges, as before the mix gained
+    # multi-turn chats (tests that pack rows depend on exact token counts)
+    texts = [conversation_text(c) for c in EmbeddedChat("train", size=600, kinds=SINGLE_KINDS)]
     texts.append("0123456789 ABCDEFGHIJ abcdefghijklmnopqrstuvwxyz ()[]{}=+-*/%.,:;'\"#\n" * 5)
     return Tokenizer.train_from_iterator(texts, vocab_size=vocab_size)
 

@@ -148,12 +148,13 @@ def test_cli_writes_json_and_markdown(tok, base_dir, capsys):
     from scripts import chat_eval
 
     make_base_checkpoint(base_dir)
-    assert chat_eval.main(["--source", "base", "-a", "EmbeddedChat", "-x", "8", "-m", "8", "--device-type", "cpu"]) == 0
+    assert chat_eval.main(["--source", "base", "-a", "EmbeddedChat", "-x", "10", "-m", "8", "--device-type", "cpu"]) == 0
     out = json.loads((base_dir / "base_checkpoints" / "d2" / "chat_eval_000000.json").read_text())
     r = out["tasks"]["EmbeddedChat"]
-    assert r["n"] == 8 and 0.0 <= r["accuracy"] <= 1.0 and out["chatcore"] is None
-    assert set(r["by_kind"]) == {"verse", "arithmetic", "letters", "identity"}  # 8 problems: 2 of each kind
-    assert r["accuracy"] == pytest.approx(sum(r["by_kind"].values()) / 4)
+    assert r["n"] == 10 and 0.0 <= r["accuracy"] <= 1.0 and out["chatcore"] is None
+    # 10 problems: 2 of each kind, the held-out multi-turn chats among them
+    assert set(r["by_kind"]) == {"verse", "arithmetic", "letters", "identity", "multiturn"}
+    assert r["accuracy"] == pytest.approx(sum(r["by_kind"].values()) / 5)
     assert len(out["samples"]["EmbeddedChat"]) == 2
     assert chat_eval.main(["-a", "Nope"]) == 2
     assert "unknown task" in capsys.readouterr().err

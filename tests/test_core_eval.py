@@ -515,3 +515,112 @@ def test_shared_prefix_equals_unbatched(tmp_path):
     auto = ce.evaluate_core(model, tok, "cpu", bundle, verbose=False)
     off = ce.evaluate_core(model, tok, "cpu", bundle, verbose=False, share_prefix=False)
     assert auto["share_prefix"] is True and auto["core"] == off["core"]
+
+
+# ---------------------------------------------------------------------------------------------
+# base_eval on CPU: a CPU-sized default, overall progress, finished tasks kept when stopped
+
+
+def _checkpoint(base_dir, tag="t1", step=5):
+    from nanochat.checkpoint_manager import save_checkpoint
+
+    tok = byte_tokenizer()
+    tok.save(base_dir / "tokenizer")
+    model = small_gpt(tok.get_vocab_size(), seq_len=96)
+    save_checkpoint(base_dir / "base_checkpoints" / tag, step, model.state_dict(), None,
+                    {"model_config": model.config.to_dict()})
+    return model, tok
+
+
+def test_base_eval_cpu_default_says_what_it_chose(tmp_path, base_dir, monkeypatch, capsys):
+    from scripts import base_eval
+
+    model, tok = _checkpoint(base_dir)
+    bundle = make_bundle(tmp_path, n=30)
+    monkeypatch.setattr(base_eval, "CPU_MAX_PER_TASK", 12)
+    result = base_eval.main(["--eval", "core", "--eval-bundle", str(bundle), "--device-type", "cpu"])
+    out = capsys.readouterr().out
+    assert "on CPU, CORE runs at most 12 examples per task" in out and "--max-per-task -1" in out
+    assert result["core_eval"]["max_per_task"] == 12 and all(t["n"] == 12 for t in result["tasks"].values())
+    # the overall count: the total announced up front, each task's line says how far the whole run is
+    assert "CORE: 3 task(s) to run, 36 examples (12 per task at most)" in out
+    assert "[overall 12/36 examples]" in out and "[overall 36/36 examples]" in out
+    ref = ce.evaluate_core(model, tok, "cpu", bundle, 12, verbose=False)
+    assert result["core"] == pytest.approx(ref["core"])
+    # asked for explicitly, every example runs
+    everything = base_eval.main(["--eval", "core", "--eval-bundle", str(bundle), "--device-type", "cpu",
+                                 "--max-per-task", "-1", "--out", str(tmp_path / "all.json")])
+    assert all(t["n"] == 30 for t in everything["tasks"].values())
+
+
+def test_base_eval_keeps_finished_tasks_and_resumes(tmp_path, base_dir, monkeypatch, capsys):
+    from scripts import base_eval
+
+    model, tok = _checkpoint(base_dir)
+    bundle = make_bundle(tmp_path)
+    flags = ["--eval", "core", "--eval-bundle", str(bundle), "--device-type", "cpu", "--max-per-task", "-1"]
+    real = ce.evaluate_task
+    calls = []
+
+    def stop_at_second_task(*a, **k):
+        calls.append(a[4].label)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # what Ctrl-C (or SIGTERM, through base_eval's handler) raises
+        return real(*a, **k)
+
+    monkeypatch.setattr(ce, "evaluate_task", stop_at_second_task)
+    with pytest.raises(SystemExit) as stopped:
+        base_eval.main(flags)
+    err = capsys.readouterr().err
+    partial = base_dir / "base_checkpoints" / "t1" / "base_eval_000005.core_partial.json"
+    assert stopped.value.code == 130 and "1 finished CORE task(s) are kept in" in err and str(partial) in err
+    assert list(json.loads(partial.read_text())["tasks"]) == ["syn_mc"]
+
+    monkeypatch.setattr(ce, "evaluate_task", real)
+    calls.clear()
+    monkeypatch.setattr(ce, "evaluate_task", lambda *a, **k: calls.append(a[4].label) or real(*a, **k))
+    result = base_eval.main(flags)
+    out = capsys.readouterr().out
+    assert "resuming CORE: 1 task(s) finished by an earlier run are reused" in out and calls == ["syn_schema", "syn_lm"]
+    ref = ce.evaluate_core(model, tok, "cpu", bundle, verbose=False)
+    assert result["core"] == pytest.approx(ref["core"]) and set(result["tasks"]) == set(ref["tasks"])
+    assert not partial.exists()  # whole results written: nothing left to resume
+    # kept tasks of another setting (here: examples per task) are not reused
+    base_eval.FinishedTasks(partial, {"model": "other"}).add("syn_mc", {"accuracy": 1.0})
+    calls.clear()
+    base_eval.main(flags)
+    assert calls == ["syn_mc", "syn_schema", "syn_lm"]
+
+
+@pytest.mark.slow
+def test_base_eval_sigterm_keeps_finished_tasks(tmp_path, base_dir):
+    """A real SIGTERM to a running `python -m scripts.base_eval`: the exit says where the finished tasks are."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    _checkpoint(base_dir)
+    bundle = make_bundle(tmp_path)
+    partial = base_dir / "base_checkpoints" / "t1" / "base_eval_000005.core_partial.json"
+    # the second task waits (as a long task would) so that the signal lands mid-evaluation
+    code = ("import sys, time; from nanochat import core_eval as ce; real = ce.evaluate_task; n = []\n"
+            "def slow(*a, **k):\n"
+            "    n.append(1)\n"
+            "    if len(n) == 2: time.sleep(120)\n"
+            "    return real(*a, **k)\n"
+            "ce.evaluate_task = slow\n"
+            "from scripts import base_eval\n"
+            f"base_eval.main(['--eval', 'core', '--eval-bundle', {str(bundle)!r}, '--device-type', 'cpu'])\n")
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=repo, env=dict(os.environ, NANOCHAT_BASE_DIR=str(base_dir)),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not partial.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert partial.exists(), proc.communicate(timeout=60)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "1 finished CORE task(s) are kept in" in err and "run the same command again to resume" in err
+    assert list(json.loads(partial.read_text())["tasks"]) == ["syn_mc"]

@@ -211,9 +211,9 @@ def test_embedded_mix_is_deterministic_disjoint_and_self_consistent(embedded):
     val_q = {c["messages"][0]["content"] for c in val}
     assert not train_q & val_q
     assert {c["key"] for c in train if c["kind"] == "verse"}.isdisjoint({c["key"] for c in val if c["kind"] == "verse"})
-    assert {c["kind"] for c in val} == {"verse", "arithmetic", "letters", "identity"}
+    assert {c["kind"] for c in val} == {"verse", "arithmetic", "letters", "identity", "multiturn"}
     for conv in list(train[:120]) + list(val[:80]):
-        content = conv["messages"][1]["content"]
+        content = conv["messages"][-1]["content"]
         reply = content if isinstance(content, str) else "".join(p["text"] for p in content if p["type"] == "text")
         assert train.evaluate(conv, reply), conv
         assert not train.evaluate(conv, "I do not know.")
@@ -223,6 +223,35 @@ def test_embedded_mix_is_deterministic_disjoint_and_self_consistent(embedded):
             call = [p["text"] for p in content if p["type"] == "python"][0]
             output = [p["text"] for p in content if p["type"] == "python_output"][0]
             assert calculate(call) == output == conv["expected"], call
+
+
+def test_embedded_mix_holds_multi_turn_conversations_scored_on_the_last_reply(embedded):
+    from nanochat.tasks.embedded import MULTITURN_MAX_CHARS, is_val
+
+    train, val = embedded
+    for split, want_val in ((train, False), (val, True)):
+        multi = [c for c in split if c["kind"] == "multiturn"]
+        assert len(multi) == len(split) // 5  # one kind in five
+        assert {c["turns"] for c in multi} == {2, 3}
+        assert sum(c["final_kind"] == "verse" for c in multi) > len(multi) / 3  # the case a single-turn mix broke
+        for c in multi:
+            roles = [m["role"] for m in c["messages"]]
+            assert roles == ["user", "assistant"] * c["turns"]
+            assert sum(len(m["content"]) if isinstance(m["content"], str) else sum(len(p["text"]) for p in m["content"])
+                       for m in c["messages"]) <= MULTITURN_MAX_CHARS + 20  # + a follow-up prefix
+            assert is_val(c["key"]) == want_val
+            last = c["messages"][-1]["content"]
+            reply = last if isinstance(last, str) else "".join(p["text"] for p in last if p["type"] == "text")
+            assert split.evaluate(c, reply)
+            # the earlier replies answer other questions: replying with one of them scores wrong
+            first = c["messages"][1]["content"]
+            earlier = first if isinstance(first, str) else "".join(p["text"] for p in first if p["type"] == "text")
+            if earlier != reply:
+                assert not split.evaluate(c, earlier) or c["final_kind"] == "identity" or c["expected"] in earlier
+    # every question of a held-out multi-turn chat is held out: none of them appears in the train split
+    train_questions = {m["content"] for c in train for m in c["messages"] if m["role"] == "user"}
+    val_last = {c["messages"][-2]["content"] for c in val if c["kind"] == "multiturn" and c["final_kind"] == "verse"}
+    assert val_last and not val_last & train_questions
 
 
 def test_embedded_mix_renders_with_the_tokenizer_masks(embedded):

