@@ -58,6 +58,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # the figures computed here import nanochat, installed or not
+    sys.path.insert(0, str(REPO))
 SECTIONS = ("d20", "ref", "fp8", "tests", "backends", "auto", "head", "scope", "resume", "core")
 CALLS = {1: ("d20", "ref"), 2: ("fp8", "tests", "backends"), 3: ("auto", "head", "scope", "resume", "core")}
 CALL_COST = {1: "~5-7 min cold", 2: "~6-9 min warm", 3: "~7-9 min warm"}
@@ -277,10 +279,16 @@ def prepare_data(b: Bench, text: Path | None) -> bool:
 # sections
 
 
+def train_d20(b: Bench, tag: str, *extra: str) -> tuple[dict | None, dict | None]:
+    """A depth-20 bench run (record recipe, synthetic tokens, no final checkpoint) with `extra` flags: its
+    figures, and section 1's to compare with (None where missing)."""
+    rc = b.train(tag, ["--synthetic-data", *sizes(b.cpu)["d20"], *RECIPE, *BENCH_RUN, *extra])
+    return b.figures(tag, rc), b.results.get("d20")
+
+
 def section_d20(b: Bench, args) -> None:
     b.report.add("", "## 1. depth 20, --attention auto, bf16, whole-model compile, record recipe (synthetic tokens)")
-    rc = b.train("d20", ["--synthetic-data", *sizes(b.cpu)["d20"], *RECIPE, *BENCH_RUN, "--attention", "auto"])
-    fig = b.figures("d20", rc)
+    fig, _ = train_d20(b, "d20", "--attention", "auto")
     if fig:
         b.results["d20"] = fig
         if fig["mfu"] is not None:
@@ -457,9 +465,7 @@ def section_backends(b: Bench, args) -> None:
         if name == auto_name:
             b.report.add(f"- {name}: what auto chose (section 1)")
             continue
-        tag = f"d20_{name.replace('-', '_')}"
-        rc = b.train(tag, ["--synthetic-data", *sizes(b.cpu)["d20"], *RECIPE, *BENCH_RUN, "--attention", name])
-        b.figures(tag, rc)
+        train_d20(b, f"d20_{name.replace('-', '_')}", "--attention", name)
 
 
 def _resolved_attention(b: Bench, tag: str) -> str | None:
@@ -490,10 +496,8 @@ def section_auto(b: Bench, args) -> None:
 
 def section_head(b: Bench, args) -> None:
     b.report.add("", "## 7. LM head at depth 20: --fused-loss on (chunked, eager) vs section 1's auto (plain, compiled)")
-    rc = b.train("d20_fused", ["--synthetic-data", *sizes(b.cpu)["d20"], *RECIPE, *BENCH_RUN, "--fused-loss", "on"])
-    fig = b.figures("d20_fused", rc)
-    if fig and "d20" in b.results:
-        d20 = b.results["d20"]
+    fig, d20 = train_d20(b, "d20_fused", "--fused-loss", "on")
+    if fig and d20:
         b.report.add(f"- fused / plain tok/s {fig['tok_per_sec'] / d20['tok_per_sec']:.2f}x, peak memory "
                      f"{fig['peak_mem_mb'] / 1024:.1f} vs {d20['peak_mem_mb'] / 1024:.1f} GiB")
 
@@ -501,11 +505,8 @@ def section_head(b: Bench, args) -> None:
 def section_scope(b: Bench, args) -> None:
     b.report.add("", "## 8. depth 20, --compile-scope blocks vs section 1's whole-model compile")
     compile_flag = [] if b.cpu else ["--compile"]  # the CPU check stays eager: Inductor takes minutes there
-    rc = b.train("d20_blocks", ["--synthetic-data", *sizes(b.cpu)["d20"], *RECIPE, *BENCH_RUN, *compile_flag,
-                                "--compile-scope", "blocks"])
-    fig = b.figures("d20_blocks", rc)
-    if fig and "d20" in b.results:
-        d20 = b.results["d20"]
+    fig, d20 = train_d20(b, "d20_blocks", *compile_flag, "--compile-scope", "blocks")
+    if fig and d20:
         b.report.add(f"- blocks / model tok/s {fig['tok_per_sec'] / d20['tok_per_sec']:.2f}x, compile "
                      f"{fig['compile_s']:.0f} vs {d20['compile_s']:.0f} s")
 

@@ -134,3 +134,15 @@ def test_every_section_runs_at_toy_size_on_cpu(tmp_path, shared_data_optional):
     if shared_data_optional is not None:
         assert "resume check ok" in report and "CORE " in report
     assert (tmp_path / "out" / "logs.tar.gz").is_file()
+
+
+def test_runs_as_a_plain_script_from_anywhere(tmp_path):
+    """`python benchmarks/gpu_bench.py` without nanochat installed or on PYTHONPATH (as on the GPU machine when
+    run by hand): the sections that import nanochat in the bench process itself still work."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "NANOCHAT_BASE_DIR", "OUT")}
+    out = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_bench.py"), "--cpu", "--sections", "backends",
+                          "--budget", "300", "--base-dir", str(tmp_path / "base")], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    report = (tmp_path / "base" / "out" / "gpu.md").read_text()
+    assert "backends done" in report and "flex-fa4: not available" in report and "d20_flex: " in report
