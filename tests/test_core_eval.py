@@ -8,6 +8,7 @@ reference implementation, a bigram "model" whose losses are computed by hand, th
 import json
 import math
 import random
+import time
 from pathlib import Path
 
 import pytest
