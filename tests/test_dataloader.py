@@ -57,7 +57,9 @@ def reference_batches(tok, data_dir, B, T, buffer_size, n_batches, rank=0, world
     """Best-fit packing written the plain way: a list in read order, linear scans, `max`/`min` taking the
     first (earliest read) among equals. The stream is `iter_documents` looped over epochs. With
     keep_remainder, a cropped tail of at least that many tokens takes its document's place in the list.
-    Rank r of W: rows [r*B, (r+1)*B) of each batch of W*B rows of the one global stream."""
+    Rank r of W: rows [r*B, (r+1)*B) of each batch of W*B rows of the one global stream.
+    `texts`: a logical stream's (identity, text) pairs instead; the buffer then stops filling at a
+    document whose identity (unit, row) it still holds, until that copy has left it."""
     if world_size > 1:
         full = reference_batches(tok, data_dir, B * world_size, T, buffer_size, n_batches, split=split,
                                  keep_remainder=keep_remainder)
@@ -65,32 +67,37 @@ def reference_batches(tok, data_dir, B, T, buffer_size, n_batches, rank=0, world
 
     def looped():
         while True:
-            yield from dataset.iter_documents(split, data_dir)
+            for text in dataset.iter_documents(split, data_dir):
+                yield None, text
 
     def stream():
-        for text in texts if texts is not None else looped():
+        for ident, text in texts if texts is not None else looped():
             if text.strip():
-                yield tok.encode([text], prepend=tok.get_bos_token_id())[0]
+                yield ident, tok.encode([text], prepend=tok.get_bos_token_id())[0]
 
-    docs, buf, out = stream(), [], []
+    docs, buf, out, nxt = stream(), [], [], None  # buf: [identity, tokens] in read order
     for _ in range(n_batches):
         rows = []
         for _ in range(B):
             row = []
             while len(row) < T + 1:
                 while len(buf) < buffer_size:
-                    buf.append(next(docs))
+                    nxt = nxt or next(docs)
+                    if nxt[0] is not None and any(nxt[0] == ident for ident, _ in buf):
+                        break
+                    buf.append(list(nxt))
+                    nxt = None
                 room = T + 1 - len(row)
-                fits = [i for i, d in enumerate(buf) if len(d) <= room]
+                fits = [i for i, (_, d) in enumerate(buf) if len(d) <= room]
                 if fits:
-                    best = max(fits, key=lambda i: len(buf[i]))
-                    row += buf.pop(best)
+                    best = max(fits, key=lambda i: len(buf[i][1]))
+                    row += buf.pop(best)[1]
                 else:
-                    shortest = min(range(len(buf)), key=lambda i: len(buf[i]))
-                    doc = buf.pop(shortest)
+                    shortest = min(range(len(buf)), key=lambda i: len(buf[i][1]))
+                    ident, doc = buf.pop(shortest)
                     row += doc[:room]
                     if keep_remainder and len(doc) - room >= keep_remainder:
-                        buf.insert(shortest, doc[room:])
+                        buf.insert(shortest, [ident, doc[room:]])
             rows.append(row)
         t = torch.tensor(rows, dtype=torch.long)
         out.append((t[:, :-1], t[:, 1:]))
@@ -236,16 +243,19 @@ def test_resume_with_another_world_size_or_micro_batch_continues_exactly(data, w
 
 
 def stream_texts(data_dir, stream, streams):
-    """The documents of logical stream s of L, written from the rule: the split's units (row groups) in
-    order, looped; piece g is unit g // P, rows k = g mod P (mod P), P = ceil(L / units) when the split has
-    fewer units than streams, else 1; stream s reads pieces s, s + L, s + 2L, ..."""
+    """The documents of logical stream s of L as (identity, text), written from the rule: the split's units
+    (row groups) in order, looped; piece g is unit g // P, rows k = g mod P (mod P), P = ceil(L / units)
+    when the split has fewer units than streams, else 1; stream s reads pieces s, s + L, s + 2L, ...
+    A document's identity is (unit, row): the same in every epoch."""
     reader = dataset.ShardReader()
     units, _ = dataset.list_units("train", data_dir, reader)
     P = max(1, -(-streams // len(units)))
     g = stream
     while True:
-        texts = reader.read(units[(g // P) % len(units)])
-        yield from texts[g % P::P]
+        u = (g // P) % len(units)
+        texts = reader.read(units[u])
+        for k in range(g % P, len(texts), P):
+            yield (u, k), texts[k]
         g += streams
 
 
