@@ -29,20 +29,16 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from nanochat.common import cpu_name  # noqa: E402
+
 ISA_ENV = {"native": {},
            # AVX-512 without AMX and without AVX512-BF16 (Skylake to Ice Lake servers): oneDNN's bf16 loses both
            "avx512": {"ONEDNN_MAX_CPU_ISA": "AVX512_CORE"},
            "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}}
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def one_run(isa: str, base: Path, venv: str | None, bundle: str | None, log: Path) -> dict:

@@ -22,6 +22,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from nanochat import data_prep, dataset  # noqa: E402
+from nanochat.common import cpu_name  # noqa: E402
 from nanochat.dataloader import DataLoader  # noqa: E402
 
 SHARED_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "text"
@@ -314,15 +315,6 @@ def crop_main(argv=None) -> None:
             packer.close()
             print(f"buffer {buffer}: crop fraction per window of 16 batches: {' '.join(windows)}", flush=True)
 
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 if __name__ == "__main__":

@@ -427,14 +427,19 @@ def tune_cpu_allocator() -> bool:
     return _ALLOCATOR_TUNED
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo; elsewhere what `platform` knows)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    return "cpu: " + line.split(":", 1)[1].strip()
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     import platform
 
-    return "cpu: " + (platform.processor() or platform.machine())
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _cpu_name() -> str:
+    return "cpu: " + cpu_name()

@@ -54,3 +54,17 @@ def make_base_checkpoint(base_dir, depth: int = 2, seq_len: int = 256, n_embd: i
     ckpt.save_checkpoint(Path(base_dir) / "base_checkpoints" / tag, step, model.state_dict(), None,
                          {"model_config": model.config.to_dict()})
     return tok, model
+
+
+def penalized_greedy(model, prompt, steps, presence, frequency):
+    """Greedy decoding with OpenAI's penalties written out, one full forward per token (no cache): the
+    reference for the engine and the server. logits[j] - c[j] * frequency - (c[j] > 0) * presence, c =
+    counts of j in the reply so far."""
+    seq, counts = list(prompt), torch.zeros(model.config.vocab_size)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(torch.tensor([seq]))[0, -1].float()
+            t = int((logits - counts * frequency - (counts > 0).float() * presence).argmax())
+            counts[t] += 1
+            seq.append(t)
+    return seq[len(prompt):]

@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from tests.chat_fixtures import EMOJI_REPLY, REPO_ROOT, chat_base_dir, shared_server, subprocess_env
+from tests.chat_helpers import penalized_greedy
 
 pytestmark = pytest.mark.slow
 HI = [{"role": "user", "content": "hi"}]
@@ -200,28 +201,16 @@ def _text(tok, ids):
     return tok.decode([t for t in ids if t not in specials])
 
 
-def _greedy_with_penalties(model, prompt, steps, presence, frequency):
-    """OpenAI's definition: logits[j] - c[j] * frequency - (c[j] > 0) * presence, c = counts in the reply."""
-    seq, counts = list(prompt), torch.zeros(model.config.vocab_size)
-    with torch.no_grad():
-        for _ in range(steps):
-            logits = model(torch.tensor([seq]))[0, -1].float()
-            t = int((logits - counts * frequency - (counts > 0).float() * presence).argmax())
-            counts[t] += 1
-            seq.append(t)
-    return seq[len(prompt):]
-
-
 @pytest.mark.parametrize("presence,frequency", [(0.0, 0.0), (0.0, 1.5), (2.0, 0.0), (-1.0, 0.7)])
 def test_penalties_match_openais_definition(long_client, long_model, presence, frequency):
     model, tok = long_model
     prompt = tok.encode("Hello there, how are", prepend="<|bos|>")
-    expect = _greedy_with_penalties(model, prompt, 24, presence, frequency)
+    expect = penalized_greedy(model, prompt, 24, presence, frequency)
     r = long_client.completions.create(model="m", prompt=prompt, max_tokens=24, temperature=0,
                                        presence_penalty=presence, frequency_penalty=frequency)
     assert r.choices[0].text == _text(tok, expect)
     if presence or frequency:  # the penalty changed the reply (the test is not vacuous)
-        assert expect != _greedy_with_penalties(model, prompt, 24, 0.0, 0.0)
+        assert expect != penalized_greedy(model, prompt, 24, 0.0, 0.0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -277,7 +266,7 @@ def test_completions_text_prompts_list_n_stream_and_seed(long_client, long_model
     by = {c.index: c.text for c in r.choices}
     for p, text in enumerate(prompts):  # greedy: both choices of a prompt are the model's own continuation
         ids = tok.encode(text)
-        expect = _greedy_with_penalties(model, ids, 5, 0.0, 0.0)
+        expect = penalized_greedy(model, ids, 5, 0.0, 0.0)
         assert by[2 * p] == by[2 * p + 1] == _text(tok, expect)
     assert r.usage.completion_tokens == 20
     streamed = {}
@@ -295,7 +284,7 @@ def test_completions_text_prompts_list_n_stream_and_seed(long_client, long_model
 def test_completions_stop_and_echo(long_client, long_model, stream):
     model, tok = long_model
     ids = tok.encode("Hello there")
-    full = _text(tok, _greedy_with_penalties(model, ids, 12, 0.0, 0.0))
+    full = _text(tok, penalized_greedy(model, ids, 12, 0.0, 0.0))
     stop = full[4:7]
     kw = dict(model="m", prompt="Hello there", max_tokens=12, temperature=0, stop=stop, echo=True)
     if stream:

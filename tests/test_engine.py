@@ -7,6 +7,7 @@ import torch
 
 from nanochat.engine import Engine, KVCache, generate_naive
 from nanochat.gpt import GPT, GPTConfig
+from tests.chat_helpers import penalized_greedy
 
 
 def model_for(**kw):
@@ -580,23 +581,12 @@ def test_logprobs_are_the_raw_model_distribution_and_greedy_picks_the_argmax():
                 assert e.top is None
 
 
-def _reference_penalized_greedy(model, prompt, steps, presence, frequency):
-    seq, counts = list(prompt), torch.zeros(model.config.vocab_size)
-    with torch.no_grad():
-        for _ in range(steps):
-            logits = model(torch.tensor([seq]))[0, -1].float()
-            t = int((logits - counts * frequency - (counts > 0).float() * presence).argmax())
-            counts[t] += 1
-            seq.append(t)
-    return seq[len(prompt):]
-
-
 @pytest.mark.parametrize("presence,frequency", [(1.0, 0.0), (0.0, 0.8), (-0.5, 1.2)])
 def test_penalties_follow_openais_formula(presence, frequency):
     model = model_for(vocab_size=12)  # a small vocabulary: tokens repeat, so the penalties bite
     prompt = [1, 2, 3]
-    expect = _reference_penalized_greedy(model, prompt, 25, presence, frequency)
-    assert expect != _reference_penalized_greedy(model, prompt, 25, 0.0, 0.0)
+    expect = penalized_greedy(model, prompt, 25, presence, frequency)
+    assert expect != penalized_greedy(model, prompt, 25, 0.0, 0.0)
     got = [ids[0] for ids, _ in Engine(model).generate(prompt, max_tokens=25, temperature=0.0, stop_tokens=[],
                                                         presence_penalty=presence, frequency_penalty=frequency)]
     assert got == expect
